@@ -1,0 +1,39 @@
+"""Every error surgery raises derives from :class:`SurgeryError`.
+
+Messages name the key, the file or both shapes, and say what to do next.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "KeyCollisionError",
+    "LoadError",
+    "SelectorError",
+    "SurgeryError",
+    "UnsafeCheckpointError",
+]
+
+
+class SurgeryError(Exception):
+    """Base class of every error raised by surgery."""
+
+
+class CheckpointError(SurgeryError):
+    """A checkpoint could not be read: missing, corrupt, truncated or of an unknown layout."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The file holds pickled objects that ``weights_only=True`` refuses to load."""
+
+
+class KeyCollisionError(SurgeryError):
+    """Two checkpoint keys were renamed onto the same model key."""
+
+
+class LoadError(SurgeryError):
+    """``load_partial`` refused to load: strict failure, shape mismatch set to error, bad adapter."""
+
+
+class SelectorError(SurgeryError):
+    """A layer selector matched nothing or was malformed."""
