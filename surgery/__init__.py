@@ -12,6 +12,8 @@ Example:
 
 from __future__ import annotations
 
+# --- loading (issue 2 / 5) ---
+from .checkpoint import read_checkpoint
 from .errors import (
     CheckpointError,
     KeyCollisionError,
@@ -20,21 +22,46 @@ from .errors import (
     SurgeryError,
     UnsafeCheckpointError,
 )
-
-# --- loading (issue 2 / 5) ---
-# (filled in by the loader modules)
+from .load import load_partial
+from .meta import empty_init
+from .report import LoadReport, Mismatch
 
 # --- freezing and parameter groups (issue 3) ---
-# (filled in by freeze.py / optim.py)
+# isort: split
+from .errors import UsageError
+from .freeze import (
+    FreezeSummary,
+    TrainableSummary,
+    freeze,
+    freeze_except,
+    trainable_summary,
+    unfreeze,
+)
+from .optim import GroupTable, describe_groups, param_groups
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "FreezeSummary",
+    "GroupTable",
     "KeyCollisionError",
     "LoadError",
+    "LoadReport",
+    "Mismatch",
     "SelectorError",
     "SurgeryError",
+    "TrainableSummary",
     "UnsafeCheckpointError",
+    "UsageError",
     "__version__",
+    "describe_groups",
+    "empty_init",
+    "freeze",
+    "freeze_except",
+    "load_partial",
+    "param_groups",
+    "read_checkpoint",
+    "trainable_summary",
+    "unfreeze",
 ]

@@ -27,7 +27,9 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[object]], indent: 
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = []
     for k, r in enumerate(cells):
-        lines.append(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        lines.append(
+            indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        )
         if k == 0:
             lines.append(indent + "  ".join("-" * w for w in widths))
     return "\n".join(lines)

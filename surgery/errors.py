@@ -12,6 +12,7 @@ __all__ = [
     "SelectorError",
     "SurgeryError",
     "UnsafeCheckpointError",
+    "UsageError",
 ]
 
 
@@ -32,8 +33,12 @@ class KeyCollisionError(SurgeryError):
 
 
 class LoadError(SurgeryError):
-    """``load_partial`` refused to load: strict failure, shape mismatch set to error, bad adapter."""
+    """``load_partial`` refused: strict failure, shape mismatch set to error, bad adapter."""
 
 
 class SelectorError(SurgeryError):
     """A layer selector matched nothing or was malformed."""
+
+
+class UsageError(SurgeryError, ValueError):
+    """Invalid arguments: an unknown ``bn`` mode or option key, or nothing left to optimize."""

@@ -1,0 +1,201 @@
+"""Checkpoint-key rewriting: user ``remap`` rules and automatic prefix detection.
+
+Both run in time linear in the number of keys: the prefix search compares a handful of
+candidate prefixes (the most common leading components on each side) with set operations.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+from .errors import KeyCollisionError, LoadError
+
+Remap = Mapping[str, str] | Sequence[tuple[str, str | None]] | Callable[[str], str | None]
+
+_MAX_DEPTH = 3  # leading components considered for a prefix
+_CANDIDATES = 4  # most common prefixes tried on each side
+
+
+def apply_remap(
+    keys: Iterable[str], remap: Remap | None
+) -> tuple[dict[str, str], list[str], list[str]]:
+    """Rename checkpoint keys.
+
+    Returns ``(new -> old, dropped old keys, notes)``. A dict maps exact names; dict entries
+    that name no checkpoint key are used as regex rules (so ``{"^backbone\\.": ""}`` works).
+    A list holds ``(regex, replacement)`` rules applied in order (``None`` drops the key);
+    a callable returns the new name or ``None`` to drop it.
+    """
+    keys = list(keys)
+    notes: list[str] = []
+    if remap is None:
+        return {k: k for k in keys}, [], notes
+    if callable(remap) and not isinstance(remap, Mapping):
+        rename = remap
+    else:
+        exact: dict[str, str] = {}
+        rules: list[tuple[str, str | None]]
+        if isinstance(remap, Mapping):
+            present = set(keys)
+            exact = {k: v for k, v in remap.items() if k in present}
+            rules = [(k, v) for k, v in remap.items() if k not in present]
+        elif isinstance(remap, Sequence) and not isinstance(remap, str):
+            rules = []
+            for rule in remap:
+                if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
+                    raise LoadError(
+                        f"remap rule {rule!r} is not a (regex, replacement) pair; pass e.g. "
+                        "remap=[(r'^backbone\\.', '')]"
+                    )
+                rules.append((rule[0], rule[1]))
+        else:
+            raise LoadError(
+                f"remap must be a dict, a list of (regex, replacement) pairs or a callable, "
+                f"not {type(remap).__name__}"
+            )
+        compiled = []
+        for pattern, repl in rules:
+            try:
+                compiled.append((pattern, re.compile(pattern), repl))
+            except re.error as e:
+                raise LoadError(f"remap rule {pattern!r} is not a valid regex: {e}") from None
+        used: set[str] = set()
+
+        def rename(k: str) -> str | None:
+            if k in exact:
+                used.add(k)
+                return exact[k]
+            out: str | None = k
+            for pattern, rx, repl in compiled:
+                if rx.search(out):
+                    used.add(pattern)
+                    if repl is None:
+                        return None
+                    out = rx.sub(repl, out)
+            return out
+
+    new_to_old: dict[str, str] = {}
+    dropped: list[str] = []
+    for k in keys:
+        new = rename(k)
+        if new is None:
+            dropped.append(k)
+            continue
+        if not isinstance(new, str):
+            raise LoadError(f"remap returned {new!r} for '{k}'; it must return a str or None")
+        if new in new_to_old:
+            raise _collision(new_to_old[new], k, new, "remap")
+        new_to_old[new] = k
+    if not callable(remap) or isinstance(remap, Mapping):
+        unused = [p for p, _ in rules if p not in used] + [k for k in exact if k not in used]
+        for p in unused:
+            notes.append(f"remap rule {p!r} matched no checkpoint key")
+    return new_to_old, dropped, notes
+
+
+def _collision(a: str, b: str, new: str, how: str) -> KeyCollisionError:
+    return KeyCollisionError(
+        f"checkpoint keys '{a}' and '{b}' both map to model key '{new}' after {how}. "
+        "Only one can load: drop one with remap (e.g. remap=[(r'^"
+        + re.escape(b)
+        + "$', None)])"
+        + (" or pass prefix=None" if how == "prefix rewrite" else "")
+    )
+
+
+def _leading(key: str, depth: int) -> list[str]:
+    """Prefixes of the first 1..depth dotted components, each ending in '.'."""
+    out = []
+    i = -1
+    for _ in range(depth):
+        i = key.find(".", i + 1)
+        if i < 0:
+            break
+        out.append(key[: i + 1])
+    return out
+
+
+def _top_prefixes(keys: Iterable[str]) -> list[str]:
+    counts: Counter[str] = Counter()
+    for k in keys:
+        counts.update(_leading(k, _MAX_DEPTH))
+    return [p for p, _ in counts.most_common(_CANDIDATES)]
+
+
+def detect_prefix(ckpt_keys: Iterable[str], model_keys: set[str]) -> tuple[str, str] | None:
+    """The ``(strip, add)`` prefix rewrite that matches the most checkpoint keys to model keys.
+
+    ``None`` when no rewrite more than doubles the keys that already match.
+    """
+    ckpt_keys = list(ckpt_keys)
+    matched = [k for k in ckpt_keys if k in model_keys]
+    base = len(matched)
+    if base == len(ckpt_keys):
+        return None
+    hit = set(matched)
+    unmatched_ckpt = [k for k in ckpt_keys if k not in hit]
+    unmatched_model = [k for k in model_keys if k not in hit]
+    strip_cands = ["", *_top_prefixes(unmatched_ckpt)]
+    add_cands = ["", *_top_prefixes(unmatched_model)]
+
+    def rests(keys: Iterable[str], prefix: str) -> set[str]:
+        n = len(prefix)
+        return {k[n:] for k in keys if k.startswith(prefix)}
+
+    ckpt_rests = {cp: rests(ckpt_keys, cp) for cp in strip_cands}
+    model_rests = {mp: rests(model_keys, mp) for mp in add_cands}
+    best: tuple[int, int, tuple[str, str]] | None = None
+    for cp in strip_cands:
+        # Keys outside the stripped prefix keep their names (and their identity matches).
+        kept = base - sum(1 for k in matched if k.startswith(cp))
+        for mp in add_cands:
+            if cp == mp:
+                continue
+            n = len(ckpt_rests[cp] & model_rests[mp])
+            score = (n + kept, -(len(cp) + len(mp)), (cp, mp))
+            if best is None or score[:2] > best[:2]:
+                best = score
+    # A prefix describes the checkpoint as a whole (a wrapper, a backbone inside a bigger
+    # model): it must more than double the matches, not rename a few stray keys.
+    if best is None or best[0] <= 2 * base:
+        return None
+    return best[2]
+
+
+def apply_prefix(new_to_old: dict[str, str], rewrite: tuple[str, str]) -> dict[str, str]:
+    """Apply a ``(strip, add)`` rewrite to the keys of ``new -> old``; collisions raise."""
+    cp, mp = rewrite
+    n = len(cp)
+    out: dict[str, str] = {}
+    for new, old in new_to_old.items():
+        key = mp + new[n:] if new.startswith(cp) else new
+        if key in out:
+            raise _collision(out[key], old, key, "prefix rewrite")
+        out[key] = old
+    return out
+
+
+def describe_prefix(rewrite: tuple[str, str]) -> str:
+    cp, mp = rewrite
+    if cp and mp:
+        return f"replaced prefix '{cp}' with '{mp}'"
+    if cp:
+        return f"stripped prefix '{cp}'"
+    return f"added prefix '{mp}'"
+
+
+def prefix_hint(ckpt_keys: Sequence[str], model_keys: set[str]) -> str:
+    """A sentence suggesting the remap that would make the key sets line up."""
+    rewrite = detect_prefix(ckpt_keys, model_keys)
+    present = set(ckpt_keys)
+    unmatched = [k for k in ckpt_keys if k not in model_keys]
+    missing = sorted(k for k in model_keys if k not in present)
+    if not unmatched or not missing:
+        return ""
+    looks = f"Checkpoint keys look like '{unmatched[0]}', model keys like '{missing[0]}'."
+    if rewrite is None:
+        return looks
+    cp, mp = rewrite
+    return looks + f' Try remap=[(r"^{re.escape(cp)}", "{mp}")] (or prefix="auto").'

@@ -1,0 +1,73 @@
+"""Models on the ``meta`` device: build them without memory or init cost, materialise on load."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["empty_init"]
+
+
+@contextlib.contextmanager
+def empty_init(*, include_buffers: bool = False) -> Iterator[None]:
+    """Build models whose parameters live on the ``meta`` device: no memory, no init time.
+
+    Buffers stay real (on CPU) by default, because many modules compute buffers in
+    ``__init__`` (position indices, masks) that no checkpoint holds. ``load_partial`` then
+    materialises the model: loaded tensors are read straight into fresh memory, the rest are
+    initialised by their module's ``reset_parameters()``. Not thread-safe: it patches
+    ``nn.Module.register_parameter`` while the block runs.
+
+    Example:
+        >>> with surgery.empty_init():  # doctest: +SKIP
+        ...     model = timm.create_model("vit_large_patch16_224", num_classes=10)
+        >>> surgery.load_partial(model, "vit_large.safetensors")  # doctest: +SKIP
+    """
+    if include_buffers:
+        with torch.device("meta"):
+            yield
+        return
+    original = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            meta = param.to("meta")
+            new = type(param)(meta, requires_grad=param.requires_grad)
+            new.__dict__.update(param.__dict__)
+            module._parameters[name] = new
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
+    """id(tensor) -> every (module, attribute, is_parameter) holding it (ties included)."""
+    out: dict[int, list[tuple[nn.Module, str, bool]]] = {}
+    for mod in model.modules():
+        for name, t in mod._parameters.items():
+            if t is not None:
+                out.setdefault(id(t), []).append((mod, name, True))
+        for name, t in mod._buffers.items():
+            if t is not None:
+                out.setdefault(id(t), []).append((mod, name, False))
+    return out
+
+
+def replace(old: Tensor, new: Tensor, where: list[tuple[nn.Module, str, bool]]) -> Tensor:
+    """Put ``new`` in place of ``old`` in every holder; parameters stay parameters."""
+    if isinstance(old, nn.Parameter):
+        try:
+            new = type(old)(new, requires_grad=old.requires_grad)
+        except TypeError:
+            new = nn.Parameter(new, requires_grad=old.requires_grad)
+        new.__dict__.update(old.__dict__)
+    for mod, name, is_param in where:
+        (mod._parameters if is_param else mod._buffers)[name] = new
+    return new
