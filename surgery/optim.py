@@ -1,0 +1,415 @@
+"""Optimizer parameter groups: every trainable parameter exactly once, no decay on biases/norms.
+
+Example:
+    >>> import torch, torchvision, surgery
+    >>> model = torchvision.models.resnet18(num_classes=10)
+    >>> _ = surgery.freeze_except(model, "fc", "layer4")
+    >>> rules = [("fc", {"lr": 1e-3})]
+    >>> groups = surgery.param_groups(model, lr=1e-4, rules=rules, weight_decay=0.05)
+    >>> opt = torch.optim.AdamW(groups)
+    >>> print(surgery.describe_groups(groups))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._names import compile_pattern
+from ._select import ModelIndex, Selector, describe_selector, select
+from ._table import format_count, html_table, text_table
+from .errors import SelectorError, UsageError
+
+__all__ = ["GroupTable", "describe_groups", "param_groups"]
+
+RULE_KEYS = ("lr", "lr_scale", "weight_decay")
+_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def param_groups(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    rules: Sequence[tuple[Selector, Mapping[str, float]]]
+    | Mapping[Selector, Mapping[str, float]]
+    | None = None,
+    no_decay: str | Iterable[Selector] | None = "auto",
+    layer_decay: float | None = None,
+) -> list[dict[str, Any]]:
+    """Build optimizer parameter groups holding every trainable parameter exactly once.
+
+    Only parameters with ``requires_grad=True`` are included, shared ones once. Parameters with
+    identical options share a group; every group has a readable ``"name"`` and explicit ``"lr"``
+    and ``"weight_decay"``, so the list goes straight to any ``torch.optim`` optimizer.
+
+    Args:
+        model: the model, already frozen as wanted.
+        lr: base learning rate.
+        weight_decay: base weight decay.
+        rules: ordered ``(selector, overrides)``; the first rule matching a parameter sets its
+            options. Overrides: ``lr`` (final, no layer decay), ``lr_scale`` (multiplies the
+            lr), ``weight_decay`` (for the parameters that are decayed at all). A rule that
+            matches no trainable parameter, or only parameters an earlier rule took, is an error.
+        no_decay: ``"auto"``: no weight decay for biases, normalisation weights, 1-D parameters
+            and the names listed by a (timm) ``no_weight_decay()`` of the model or of a
+            submodule. ``None``: decay everything. Or selectors naming exactly the parameters
+            not to decay.
+        layer_decay: layer-wise lr decay, e.g. ``0.75``: a parameter of layer ``i`` of ``n``
+            gets ``lr * layer_decay ** (n - 1 - i)``, so the head keeps the full lr. Layer ids
+            come from timm's ``model.group_matcher(coarse=False)`` when the model has one, else
+            from the order of its top-level children that hold parameters (parameters of the
+            model itself, like a ViT's ``cls_token``, form layer 0).
+
+    The returned lrs already include every scale; the groups carry no ``lr_scale`` key (timm's
+    schedulers would apply it a second time).
+
+    Example:
+        >>> import torch, torchvision
+        >>> model = torchvision.models.resnet18(num_classes=10)
+        >>> groups = param_groups(model, lr=1e-4, weight_decay=0.05, rules=[("fc", {"lr": 1e-3})])
+        >>> [g["name"] for g in groups]
+        ['default', 'default no_decay', 'fc', 'fc no_decay']
+        >>> opt = torch.optim.AdamW(groups)
+    """
+    check_number("lr", lr, positive=True)
+    check_number("weight_decay", weight_decay)
+    if layer_decay is not None:
+        check_number("layer_decay", layer_decay, positive=True)
+        if layer_decay > 1:
+            raise UsageError(
+                f"layer_decay={layer_decay} would give earlier layers a higher lr than the head; "
+                "pass a value in (0, 1], such as 0.75."
+            )
+    rule_list = _normalise_rules(rules)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        total = sum(1 for _ in model.parameters())
+        raise UsageError(
+            f"param_groups found no trainable parameter in {type(model).__name__}: all {total} "
+            "parameter tensors have requires_grad=False. Unfreeze what should train first, "
+            "e.g. surgery.unfreeze(model, 'fc')."
+        )
+    return build_groups(
+        model,
+        named,
+        lr=lr,
+        weight_decay=weight_decay,
+        rules=rule_list,
+        no_decay=no_decay,
+        layer_decay=layer_decay,
+    )
+
+
+def build_groups(
+    model: nn.Module,
+    named: list[tuple[str, nn.Parameter]],
+    *,
+    lr: float,
+    weight_decay: float,
+    rules: Sequence[tuple[Selector, dict[str, float]]] = (),
+    no_decay: str | Iterable[Selector] | None = "auto",
+    layer_decay: float | None = None,
+    default_label: str = "default",
+    index: ModelIndex | None = None,
+) -> list[dict[str, Any]]:
+    """Groups for ``(name, parameter)`` pairs (unique, trainable); unfreeze uses it too."""
+    index = index or ModelIndex(model)
+    rule_ids = _resolve_rules(index, rules, named)
+    no_decay_names = _no_decay_names(model, index, named, no_decay)
+    if layer_decay is not None:
+        layer_of, num_layers = _layer_ids(model)
+    groups: dict[tuple[float, float], dict[str, Any]] = {}
+    labels: dict[tuple[float, float], list[str]] = {}
+    for name, p in named:
+        matching = (r for r, ids in zip(rules, rule_ids, strict=True) if id(p) in ids)
+        rule = next(matching, None)
+        opts = rule[1] if rule else {}
+        parts = [describe_selector(rule[0])] if rule else []
+        if "lr" in opts:
+            group_lr = float(opts["lr"])
+        elif layer_decay is not None:
+            layer = layer_of.get(name, num_layers - 1)
+            group_lr = lr * layer_decay ** (num_layers - 1 - layer)
+            parts.append(f"layer {layer}")
+        else:
+            group_lr = float(lr)
+        group_lr *= float(opts.get("lr_scale", 1.0))
+        wd = float(opts.get("weight_decay", weight_decay))
+        if wd > 0 and name in no_decay_names:
+            wd = 0.0
+            parts.append("no_decay")
+        if not parts or parts[0] == "no_decay":
+            parts.insert(0, default_label)
+        label = " ".join(parts)
+        key = (group_lr, wd)
+        if key not in groups:
+            groups[key] = {"name": "", "params": [], "lr": group_lr, "weight_decay": wd}
+            labels[key] = []
+        groups[key]["params"].append(p)
+        if label not in labels[key]:
+            labels[key].append(label)
+    seen: dict[str, int] = {}
+    for key, g in groups.items():
+        name = " + ".join(labels[key])
+        seen[name] = seen.get(name, 0) + 1
+        g["name"] = name if seen[name] == 1 else f"{name} #{seen[name]}"
+    return list(groups.values())
+
+
+def check_number(what: str, value: object, positive: bool = False) -> None:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (positive and value == 0):
+        need = "a positive number" if positive else "a number >= 0"
+        raise UsageError(f"{what} must be {need}, got {value!r}.")
+
+
+def _normalise_rules(rules: object) -> list[tuple[Selector, dict[str, float]]]:
+    if rules is None:
+        return []
+    if isinstance(rules, Mapping):
+        rules = list(rules.items())
+    if isinstance(rules, (str, bytes)) or not isinstance(rules, Iterable):
+        raise UsageError(
+            f"rules must be a list of (selector, overrides) pairs, got {type(rules).__name__}; "
+            'e.g. rules=[("fc", {"lr": 1e-3})].'
+        )
+    out = []
+    for i, rule in enumerate(rules):
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
+            raise UsageError(
+                f"rules[{i}] must be a (selector, overrides) pair, got {rule!r}; "
+                'e.g. ("fc", {"lr": 1e-3}).'
+            )
+        sel, overrides = rule
+        if not isinstance(overrides, Mapping):
+            raise UsageError(
+                f"rules[{i}] overrides must be a dict such as {{'lr': 1e-3}}, got {overrides!r}."
+            )
+        bad = [k for k in overrides if k not in RULE_KEYS]
+        if bad:
+            raise UsageError(
+                f"rules[{i}] ({describe_selector(sel)!r}) has unknown option(s) "
+                f"{', '.join(map(repr, bad))}; allowed: {', '.join(RULE_KEYS)}."
+            )
+        for k, v in overrides.items():
+            check_number(f"rules[{i}] {k}", v, positive=(k == "lr"))
+        out.append((sel, dict(overrides)))
+    return out
+
+
+def _resolve_rules(
+    index: ModelIndex,
+    rules: Sequence[tuple[Selector, dict[str, float]]],
+    named: list[tuple[str, nn.Parameter]],
+) -> list[set[int]]:
+    """Per rule, the ids of the parameters it matches; errors for useless rules, raised once."""
+    action = "param_groups rule"
+    trainable = {id(p) for _, p in named}
+    all_ids: list[set[int]] = []
+    problems: list[str] = []
+    claimed: dict[int, str] = {}  # parameter id -> label of the first rule matching it
+    taken_by: list[str] = []  # labels of the rules so far, in order
+    for sel, _ in rules:
+        hit = index.match(sel, action)
+        ids = {id(p) for n, p in index.params if n in hit.params}
+        all_ids.append(ids)
+        label = describe_selector(sel)
+        if not hit:
+            problems.append(index.nothing_matched(sel, action, with_top=False))
+            continue
+        live = ids & trainable
+        if not live:
+            what = f"{len(ids)} parameter tensors, all frozen" if ids else "no parameter"
+            trainable_top = sorted({n.split(".", 1)[0] for n, _ in named})
+            problems.append(
+                f"{action} {label!r} matched {what} in {index.model_name}; frozen parameters "
+                f"are never put in a group. Trainable: {', '.join(trainable_top)}."
+            )
+            continue
+        if live <= claimed.keys():
+            takers = {claimed[i] for i in live}
+            earlier = ", ".join(repr(x) for x in dict.fromkeys(taken_by) if x in takers)
+            problems.append(
+                f"{action} {label!r} never applies: every parameter it matches was taken by "
+                f"the earlier rule(s) {earlier}. Put the more specific rule first."
+            )
+        for i in live:
+            claimed.setdefault(i, label)
+        taken_by.append(label)
+    if problems:
+        raise SelectorError("\n".join([*problems, index.top_level_hint()]))
+    return all_ids
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, _NORM_TYPES) or "norm" in type(module).__name__.lower()
+
+
+def _no_decay_names(
+    model: nn.Module,
+    index: ModelIndex,
+    named: list[tuple[str, nn.Parameter]],
+    no_decay: str | Iterable[Selector] | None,
+) -> set[str]:
+    if no_decay is None or no_decay is False:
+        return set()
+    if isinstance(no_decay, str) and no_decay != "auto":
+        no_decay = [no_decay]
+    if no_decay != "auto":
+        if not isinstance(no_decay, Iterable):
+            raise UsageError(
+                f"no_decay must be 'auto', None or a list of selectors, got {no_decay!r}."
+            )
+        sel = select(model, list(no_decay), action="no_decay", index=index)
+        return {n for n, p in named if id(p) in sel.ids}
+    owners = dict(index.modules)
+    owners[""] = model
+    patterns = []
+    for prefix, m in [("", model), *index.modules]:
+        listed = getattr(m, "no_weight_decay", None)
+        if callable(listed):
+            patterns += [compile_pattern(f"{prefix}.{n}" if prefix else n) for n in listed()]
+    out = set()
+    for n, p in named:
+        owner = owners.get(n.rpartition(".")[0])
+        if (
+            p.ndim <= 1
+            or n == "bias"
+            or n.endswith(".bias")
+            or (owner is not None and _is_norm(owner))
+            or any(rx.fullmatch(n) for rx in patterns)
+        ):
+            out.add(n)
+    return out
+
+
+def _layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
+    """Map parameter name -> layer id, and the number of layers (the head is the last)."""
+    matcher = getattr(model, "group_matcher", None)
+    if callable(matcher):
+        from timm.models import group_parameters
+
+        layer_of = group_parameters(model, matcher(coarse=False), reverse=True)
+        return layer_of, max(layer_of.values(), default=0) + 1
+
+    def top(name: str) -> str:  # "" for the model's own parameters
+        return name.split(".", 1)[0] if "." in name else ""
+
+    names = [n for n, _ in model.named_parameters()]
+    tops = {top(n) for n in names}
+    order = [""] if "" in tops else []
+    order += [c for c, _ in model.named_children() if c in tops]
+    rank = {c: i for i, c in enumerate(order)}
+    layer_of = {n: rank[top(n)] for n in names}
+    return layer_of, len(order)
+
+
+@dataclass
+class GroupRow:
+    name: str
+    tensors: int
+    params: int
+    lr: float | None
+    weight_decay: float | None
+
+
+@dataclass
+class GroupTable:
+    """What :func:`describe_groups` returns: one row per group, printable and notebook-friendly."""
+
+    rows: list[GroupRow]
+    notes: list[str] = field(default_factory=list)
+
+    HEADER = ("group", "tensors", "params", "lr", "weight decay")
+
+    @property
+    def total_params(self) -> int:
+        return sum(r.params for r in self.rows)
+
+    def _cells(self) -> list[list[object]]:
+        def num(x: float | None) -> str:
+            return "default" if x is None else f"{x:.4g}"
+
+        return [
+            [r.name, r.tensors, format_count(r.params), num(r.lr), num(r.weight_decay)]
+            for r in self.rows
+        ]
+
+    def _caption(self) -> str:
+        tensors = sum(r.tensors for r in self.rows)
+        return (
+            f"{len(self.rows)} parameter groups, {tensors} tensors, "
+            f"{format_count(self.total_params)} params"
+        )
+
+    def __str__(self) -> str:
+        lines = [self._caption(), text_table(self.HEADER, self._cells(), indent="  ")]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        notes = "".join(f"<p>note: {_escape(n)}</p>" for n in self.notes)
+        return html_table(self.HEADER, self._cells(), caption=self._caption()) + notes
+
+    def __repr__(self) -> str:
+        return f"GroupTable({self._caption()})"
+
+
+def _escape(s: str) -> str:
+    import html
+
+    return html.escape(s)
+
+
+def describe_groups(groups: Sequence[Mapping[str, Any]] | torch.optim.Optimizer) -> GroupTable:
+    """A table of group name, tensors, params, lr and weight decay, for groups or an optimizer.
+
+    Notes flag frozen parameters inside a group and a parameter held by two groups.
+
+    Example:
+        >>> import torchvision
+        >>> groups = param_groups(torchvision.models.resnet18(), lr=0.1, weight_decay=1e-4)
+        >>> print(describe_groups(groups))  # doctest: +NORMALIZE_WHITESPACE
+        2 parameter groups, 62 tensors, 11.7M params
+          group             tensors  params  lr   weight decay
+          ----------------  -------  ------  ---  ------------
+          default           21       11.7M   0.1  0.0001
+          default no_decay  41       10.6K   0.1  0
+    """
+    if isinstance(groups, torch.optim.Optimizer):
+        groups = groups.param_groups
+    rows, notes = [], []
+    owner: dict[int, str] = {}
+    for i, g in enumerate(groups):
+        name = str(g.get("name", f"group {i}"))
+        params = g["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        rows.append(
+            GroupRow(
+                name,
+                len(params),
+                sum(p.numel() for p in params),
+                g.get("lr"),
+                g.get("weight_decay"),
+            )
+        )
+        frozen = sum(1 for p in params if not p.requires_grad)
+        if frozen:
+            notes.append(f"group {name!r} holds {frozen} frozen tensor(s) (requires_grad=False).")
+        for p in params:
+            if id(p) in owner and owner[id(p)] != name:
+                notes.append(f"a parameter is in both group {owner[id(p)]!r} and {name!r}.")
+            owner.setdefault(id(p), name)
+    return GroupTable(rows, list(dict.fromkeys(notes)))
