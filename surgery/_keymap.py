@@ -16,6 +16,7 @@ Remap = Mapping[str, str] | Sequence[tuple[str, str | None]] | Callable[[str], s
 
 _MAX_DEPTH = 3  # leading components considered for a prefix
 _CANDIDATES = 4  # most common prefixes tried on each side
+_SAMPLE = 4096  # keys scored per candidate
 
 
 def apply_remap(
@@ -124,37 +125,40 @@ def _top_prefixes(keys: Iterable[str]) -> list[str]:
     return [p for p, _ in counts.most_common(_CANDIDATES)]
 
 
+def _sample(keys: Sequence[str], n: int = _SAMPLE) -> Sequence[str]:
+    """Evenly spaced keys: a prefix that describes a key set shows in any spread sample."""
+    if len(keys) <= n:
+        return keys
+    step = len(keys) / n
+    return [keys[int(i * step)] for i in range(n)]
+
+
 def detect_prefix(ckpt_keys: Iterable[str], model_keys: set[str]) -> tuple[str, str] | None:
     """The ``(strip, add)`` prefix rewrite that matches the most checkpoint keys to model keys.
 
-    ``None`` when no rewrite more than doubles the keys that already match.
+    ``None`` when no rewrite more than doubles the keys that already match. Candidates are
+    the most common leading components on each side; they are scored on an evenly spaced
+    sample of the checkpoint keys (exact below 4096 keys), so 100k keys take milliseconds.
     """
-    ckpt_keys = list(ckpt_keys)
-    matched = [k for k in ckpt_keys if k in model_keys]
-    base = len(matched)
-    if base == len(ckpt_keys):
+    ckpt = _sample(list(ckpt_keys))
+    matched = [k in model_keys for k in ckpt]
+    base = sum(matched)
+    if base == len(ckpt):
         return None
-    hit = set(matched)
-    unmatched_ckpt = [k for k in ckpt_keys if k not in hit]
-    unmatched_model = [k for k in model_keys if k not in hit]
-    strip_cands = ["", *_top_prefixes(unmatched_ckpt)]
-    add_cands = ["", *_top_prefixes(unmatched_model)]
-
-    def rests(keys: Iterable[str], prefix: str) -> set[str]:
-        n = len(prefix)
-        return {k[n:] for k in keys if k.startswith(prefix)}
-
-    ckpt_rests = {cp: rests(ckpt_keys, cp) for cp in strip_cands}
-    model_rests = {mp: rests(model_keys, mp) for mp in add_cands}
+    strip_cands = ["", *_top_prefixes(k for k, hit in zip(ckpt, matched, strict=True) if not hit)]
+    hit_set = {k for k, hit in zip(ckpt, matched, strict=True) if hit}
+    model_sample = _sample([k for k in model_keys if k not in hit_set])
+    add_cands = ["", *_top_prefixes(model_sample)]
     best: tuple[int, int, tuple[str, str]] | None = None
     for cp in strip_cands:
+        n = len(cp)
+        rests = [k[n:] for k in ckpt if k.startswith(cp)]
         # Keys outside the stripped prefix keep their names (and their identity matches).
-        kept = base - sum(1 for k in matched if k.startswith(cp))
+        kept = sum(1 for k in hit_set if not k.startswith(cp))
         for mp in add_cands:
             if cp == mp:
                 continue
-            n = len(ckpt_rests[cp] & model_rests[mp])
-            score = (n + kept, -(len(cp) + len(mp)), (cp, mp))
+            score = (sum(1 for r in rests if mp + r in model_keys) + kept, -(n + len(mp)), (cp, mp))
             if best is None or score[:2] > best[:2]:
                 best = score
     # A prefix describes the checkpoint as a whole (a wrapper, a backbone inside a bigger

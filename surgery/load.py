@@ -144,7 +144,7 @@ def _plan(
             report.skipped.append(mkey)
             continue
         cshape, cdtype = source.specs[ckey]
-        if tuple(cshape) != tuple(target.shape):
+        if cshape != target.shape:
             mm = Mismatch(mkey, tuple(cshape), tuple(target.shape))
             if on_mismatch == "skip":
                 report.mismatched.append(mm)
@@ -178,35 +178,33 @@ def _plan(
             "a replaced head, or an adapter callable."
         )
 
-    # 3. model keys that got nothing
+    # 3. one pass over the model: keys that got nothing, counts (tied tensors count once)
     loaded_keys = [m for m, _ in plan.loads] + list(plan.adapted)
     report.loaded = loaded_keys
     loaded_ids = {id(state[k]) for k in loaded_keys}
-    provided = set(new_to_old)
-    for mkey, t in state.items():
-        if mkey in provided or id(t) in loaded_ids:
-            continue
-        if skip_rx and first_match(skip_rx, mkey) is not None:
-            report.skipped.append(mkey)
-        elif mkey.rsplit(".", 1)[-1] == "num_batches_tracked":
-            report.defaulted.append(mkey)
-        else:
-            report.missing.append(mkey)
-
-    # 4. counts (unique tensors: tied parameters count once)
-    param_ids = {id(p) for p in model.parameters()}
     seen: set[int] = set()
-    for t in state.values():
-        if id(t) in seen:
+    any_meta = False
+    for mkey, t in state.items():
+        tid = id(t)
+        hit = tid in loaded_ids
+        if not hit and mkey not in new_to_old:
+            if skip_rx and first_match(skip_rx, mkey) is not None:
+                report.skipped.append(mkey)
+            elif mkey.endswith("num_batches_tracked"):
+                report.defaulted.append(mkey)
+            else:
+                report.missing.append(mkey)
+        if tid in seen:
             continue
-        seen.add(id(t))
-        is_param = id(t) in param_ids
-        hit = id(t) in loaded_ids
-        if is_param:
+        seen.add(tid)
+        any_meta = any_meta or t.is_meta
+        if isinstance(t, nn.Parameter):
+            n = t.numel()
             report.tensors_total += 1
-            report.params_total += t.numel()
-            report.tensors_loaded += hit
-            report.params_loaded += t.numel() if hit else 0
+            report.params_total += n
+            if hit:
+                report.tensors_loaded += 1
+                report.params_loaded += n
         else:
             report.buffers_total += 1
             report.buffers_loaded += hit
@@ -223,7 +221,8 @@ def _plan(
             )
             + " Nothing was loaded."
         )
-    plan.init_modules = _meta_modules_to_init(model, loaded_ids, report)
+    if any_meta:
+        plan.init_modules = _meta_modules_to_init(model, loaded_ids, report)
     return plan, report
 
 
