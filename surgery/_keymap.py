@@ -10,7 +10,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from .errors import KeyCollisionError, LoadError
+from .errors import KeyCollisionError, UsageError
 
 Remap = Mapping[str, str] | Sequence[tuple[str, str | None]] | Callable[[str], str | None]
 
@@ -46,13 +46,13 @@ def apply_remap(
             rules = []
             for rule in remap:
                 if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
-                    raise LoadError(
+                    raise UsageError(
                         f"remap rule {rule!r} is not a (regex, replacement) pair; pass e.g. "
                         "remap=[(r'^backbone\\.', '')]"
                     )
                 rules.append((rule[0], rule[1]))
         else:
-            raise LoadError(
+            raise UsageError(
                 f"remap must be a dict, a list of (regex, replacement) pairs or a callable, "
                 f"not {type(remap).__name__}"
             )
@@ -61,7 +61,7 @@ def apply_remap(
             try:
                 compiled.append((pattern, re.compile(pattern), repl))
             except re.error as e:
-                raise LoadError(f"remap rule {pattern!r} is not a valid regex: {e}") from None
+                raise UsageError(f"remap rule {pattern!r} is not a valid regex: {e}") from None
         used: set[str] = set()
 
         def rename(k: str) -> str | None:
@@ -85,7 +85,7 @@ def apply_remap(
             dropped.append(k)
             continue
         if not isinstance(new, str):
-            raise LoadError(f"remap returned {new!r} for '{k}'; it must return a str or None")
+            raise UsageError(f"remap returned {new!r} for '{k}'; it must return a str or None")
         if new in new_to_old:
             raise _collision(new_to_old[new], k, new, "remap")
         new_to_old[new] = k

@@ -81,6 +81,10 @@ class CheckpointSource:
         # key -> (file path, byte offset) for tensors stored contiguously in a plain file.
         self._offsets: dict[str, tuple[str, int]] = {}
         self._files: dict[str, Any] = {}
+        # Where the state dict sat inside the file (e.g. ['state_dict']) and the other
+        # top-level entries beside it (e.g. ['epoch', 'optimizer']).
+        self.container: list[str] = []
+        self.other_entries: list[str] = []
 
     def read(self, key: str) -> Tensor:
         raise NotImplementedError
@@ -124,8 +128,10 @@ class _TorchFileSource(_MemorySource):
 
     def __init__(self, path: Path, *, key: str | None, trust_pickle: bool, mmap: bool) -> None:
         obj, used_mmap, notes = _torch_load(path, trust_pickle=trust_pickle, mmap=mmap)
-        tensors, where = _unwrap(obj, key, str(path))
-        super().__init__(tensors, str(path) + where)
+        tensors, container = _unwrap(obj, key, str(path))
+        super().__init__(tensors, str(path) + _suffix(container))
+        self.container = container
+        self.other_entries = _others(obj, container)
         self.notes.extend(notes)
         if used_mmap:
             offsets = _storage_file_offsets(path, tensors)
@@ -231,8 +237,11 @@ def open_source(
         sd = src.state_dict(keep_vars=False)
         return _MemorySource(sd, f"<{type(src).__name__} module>")
     if isinstance(src, Mapping):
-        tensors, where = _unwrap(src, key, "<dict>")
-        return _MemorySource(tensors, "<dict>" + where)
+        tensors, container = _unwrap(src, key, "<dict>")
+        source = _MemorySource(tensors, "<dict>" + _suffix(container))
+        source.container = container
+        source.other_entries = _others(src, container)
+        return source
     if isinstance(src, (str, os.PathLike)):
         path = Path(src).expanduser()
         if path.is_dir():
@@ -358,8 +367,13 @@ def _torch_load(path: Path, *, trust_pickle: bool, mmap: bool) -> tuple[Any, boo
 
 def _load_error(path: Path, e: Exception, trust_pickle: bool) -> CheckpointError:
     msg = str(e)
-    if isinstance(e, pickle.UnpicklingError) and "weights_only" in msg.replace(" ", "_"):
-        return _unsafe_error(path, msg)
+    if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in msg:
+        # torch words every weights-only failure alike; only named globals mean "unsafe".
+        names = _unsafe_globals(path, msg)
+        if names:
+            return _unsafe_error(path, names)
+        detail = re.search(r"WeightsUnpickler error: \s*(.+)", msg)
+        msg = detail.group(1).strip() if detail else "not a pickle torch can read"
     if trust_pickle and isinstance(e, (AttributeError, ImportError)):
         # A whole pickled model whose class cannot be found.
         return CheckpointError(
@@ -377,17 +391,19 @@ def _load_error(path: Path, e: Exception, trust_pickle: bool) -> CheckpointError
     )
 
 
-def _unsafe_error(path: Path, msg: str) -> UnsafeCheckpointError:
-    names: list[str] = []
+def _unsafe_globals(path: Path, msg: str) -> list[str]:
+    names = _UNSAFE_GLOBAL.findall(msg)
     getter = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
-    if getter is not None:
+    if getter is not None and zipfile.is_zipfile(path):
         try:
-            names = list(getter(str(path)))
+            names = list(getter(str(path))) or names
         except Exception:
-            names = []
-    if not names:
-        names = _UNSAFE_GLOBAL.findall(msg)
-    what = ", ".join(names) if names else "objects other than tensors"
+            pass
+    return names
+
+
+def _unsafe_error(path: Path, names: list[str]) -> UnsafeCheckpointError:
+    what = ", ".join(names)
     return UnsafeCheckpointError(
         f"'{path}' contains pickled Python objects ({what}) that weights_only loading refuses: "
         "unpickling them can run arbitrary code. If you trust this file, pass "
@@ -417,15 +433,24 @@ def _describe(v: Any) -> str:
     return type(v).__name__
 
 
-def _unwrap(obj: Any, key: str | None, where: str) -> tuple[dict[str, Tensor], str]:
-    """Find the state dict inside a loaded object; returns it and a '[path]' suffix."""
+def _suffix(container: list[str]) -> str:
+    return "".join(f"[{p!r}]" for p in container)
+
+
+def _others(obj: Any, container: list[str]) -> list[str]:
+    if not container or not isinstance(obj, Mapping):
+        return []
+    return [str(k) for k in obj if str(k) != container[0]]
+
+
+def _unwrap(obj: Any, key: str | None, where: str) -> tuple[dict[str, Tensor], list[str]]:
+    """Find the state dict inside a loaded object; returns it and the entry path to it."""
     path: list[str] = []
     if key is not None:
         obj, path = _pick(obj, key, where)
     found, inner = _find_state_dict(obj, where, explicit=key is not None)
     path += inner
-    suffix = "".join(f"[{p!r}]" for p in path)
-    return dict(found), suffix
+    return dict(found), path
 
 
 def _pick(obj: Any, key: str, where: str) -> tuple[Any, list[str]]:

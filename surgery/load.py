@@ -20,7 +20,7 @@ from ._keymap import Remap, apply_prefix, apply_remap, detect_prefix, prefix_hin
 from ._names import compile_patterns, first_match
 from ._table import format_shape
 from .checkpoint import CheckpointLike, CheckpointSource, open_source
-from .errors import LoadError
+from .errors import LoadError, UsageError
 from .report import LoadReport, Mismatch
 
 __all__ = ["load_partial"]
@@ -70,11 +70,11 @@ def load_partial(
         >>> print(report)  # fc.weight, fc.bias reported as mismatched  # doctest: +SKIP
     """
     if not isinstance(model, nn.Module):
-        raise LoadError(f"load_partial needs an nn.Module, got {type(model).__name__}")
+        raise UsageError(f"load_partial needs an nn.Module, got {type(model).__name__}")
     if prefix not in ("auto", None):
-        raise LoadError(f"prefix must be 'auto' or None, not {prefix!r}")
+        raise UsageError(f"prefix must be 'auto' or None, not {prefix!r}")
     if not (on_mismatch in ("skip", "error") or callable(on_mismatch)):
-        raise LoadError(
+        raise UsageError(
             f"on_mismatch must be 'skip', 'error' or a callable (name, ckpt, model) -> Tensor, "
             f"not {on_mismatch!r}"
         )

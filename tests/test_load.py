@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import surgery
-from surgery import KeyCollisionError, LoadError
+from surgery import KeyCollisionError, LoadError, UsageError
 
 HEAD = ("fc.weight", "fc.bias")
 
@@ -397,13 +397,13 @@ def test_views_and_non_contiguous_tensors_load_exactly(tmp_path):
 
 def test_bad_arguments_are_clear_errors():
     model = SmallCNN()
-    with pytest.raises(LoadError, match="on_mismatch"):
+    with pytest.raises(UsageError, match="on_mismatch"):
         surgery.load_partial(model, model, on_mismatch="pad")
-    with pytest.raises(LoadError, match="prefix"):
+    with pytest.raises(UsageError, match="prefix"):
         surgery.load_partial(model, model, prefix="module.")
-    with pytest.raises(LoadError, match="regex"):
+    with pytest.raises(UsageError, match="regex"):
         surgery.load_partial(model, model, remap=[("(", "")])
-    with pytest.raises(LoadError, match="remap must be"):
+    with pytest.raises(UsageError, match="remap must be"):
         surgery.load_partial(model, model, remap=42)
 
 

@@ -1,0 +1,322 @@
+"""The ``surgery`` command: look inside a checkpoint, or dry-run loading it into a model.
+
+    surgery inspect CKPT [--key K] [--depth D] [--json]
+    surgery diff CKPT --model SPEC [--num-classes N] [--remap REGEX=REPL] [--skip GLOB] [--json]
+
+``diff`` exits 0 when every model tensor that was not skipped would load, 1 otherwise, and 2
+on bad input (missing or corrupt file, unknown model spec). Nothing is downloaded: models are
+built on the meta device with random-free, memory-free ``empty_init``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
+import json
+import re
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._table import format_count, format_shape
+from .checkpoint import CheckpointSource, open_source
+from .errors import SurgeryError, UsageError
+from .load import load_partial
+from .meta import empty_init
+
+__all__ = ["build_model", "main"]
+
+
+# --------------------------------------------------------------------------- model specs
+
+
+def build_model(spec: str, num_classes: int | None = None) -> nn.Module:
+    """Build a model from ``torchvision:NAME``, ``timm:NAME`` or ``module.path:factory``.
+
+    Never downloads weights. ``num_classes`` is passed on when given.
+
+    Example:
+        >>> model = build_model("torchvision:resnet18", num_classes=10)
+    """
+    kind, _, name = spec.partition(":")
+    if not name:
+        raise UsageError(
+            f"unknown model spec {spec!r}: use torchvision:NAME, timm:NAME or module.path:factory"
+        )
+    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+    if kind == "torchvision":
+        import torchvision
+
+        names = torchvision.models.list_models()
+        if name not in names:
+            raise UsageError(_unknown(spec, name, names, "torchvision.models.list_models()"))
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    if kind == "timm":
+        import timm
+
+        if not timm.is_model(name):
+            raise UsageError(_unknown(spec, name, timm.list_models(), "timm.list_models()"))
+        return timm.create_model(name, pretrained=False, **kwargs)
+    try:
+        module = importlib.import_module(kind)
+    except ImportError as e:
+        raise UsageError(
+            f"unknown model spec {spec!r}: cannot import module '{kind}' ({e}); use "
+            "torchvision:NAME, timm:NAME or module.path:factory"
+        ) from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise UsageError(f"unknown model spec {spec!r}: '{kind}' has no callable '{name}'")
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"{spec} returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _unknown(spec: str, name: str, names: Sequence[str], where: str) -> str:
+    close = difflib.get_close_matches(name, names, n=3)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return f"unknown model {spec!r}.{hint} See {where} for the names."
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def _tree(keys: dict[str, tuple[torch.Size, torch.dtype]]) -> dict:
+    root: dict = {}
+    for key, spec in keys.items():
+        node = root
+        parts = key.split(".")
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):  # a key that is also a prefix of others
+                nxt = node[p] = {"": nxt}
+            node = nxt
+        if isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]][""] = spec
+        else:
+            node[parts[-1]] = spec
+    return root
+
+
+def _signature(node: Any) -> Any:
+    if isinstance(node, dict):
+        return tuple((k, _signature(v)) for k, v in node.items())
+    return (tuple(node[0]), str(node[1]))
+
+
+def _stats(node: Any) -> tuple[int, int]:
+    if isinstance(node, dict):
+        n = p = 0
+        for v in node.values():
+            a, b = _stats(v)
+            n, p = n + a, p + b
+        return n, p
+    return 1, node[0].numel()
+
+
+def _render(node: dict, depth: int, indent: str = "  ") -> list[str]:
+    lines: list[str] = []
+    items = list(node.items())
+    i = 0
+    while i < len(items):
+        name, child = items[i]
+        # Collapse a run of numbered siblings with identical structure: blocks.{0..11}.
+        j = i
+        if name.isdigit() and isinstance(child, dict):
+            sig = _signature(child)
+            while (
+                j + 1 < len(items)
+                and items[j + 1][0].isdigit()
+                and isinstance(items[j + 1][1], dict)
+                and _signature(items[j + 1][1]) == sig
+            ):
+                j += 1
+        label = name if j == i else _run_label([int(k) for k, _ in items[i : j + 1]])
+        if isinstance(child, dict):
+            n, p = _stats(child)
+            lines.append(f"{indent}{label}  [{n} tensor{'s' * (n != 1)}, {format_count(p)} params]")
+            if depth > 1:
+                lines += _render(child, depth - 1, indent + "  ")
+        else:
+            shape, dtype = child
+            shown = label or "(itself)"
+            lines.append(
+                f"{indent}{shown}  {format_shape(shape)} {str(dtype).removeprefix('torch.')}"
+            )
+        i = j + 1
+    return lines
+
+
+def _run_label(numbers: list[int]) -> str:
+    lo, hi = min(numbers), max(numbers)
+    span = f"{lo}..{hi}" if hi - lo + 1 == len(numbers) else ",".join(map(str, sorted(numbers)))
+    return f"{{{span}}} ×{len(numbers)} identical"
+
+
+def _inspect(source: CheckpointSource, depth: int) -> dict:
+    specs = source.specs
+    dtypes = Counter(str(d).removeprefix("torch.") for _, d in specs.values())
+    numel = sum(s.numel() for s, _ in specs.values())
+    nbytes = sum(s.numel() * d.itemsize for s, d in specs.values())
+    return {
+        "source": source.description,
+        "nesting": source.container,
+        "other_entries": source.other_entries,
+        "tensors": len(specs),
+        "elements": numel,
+        "bytes": nbytes,
+        "dtypes": dict(dtypes),
+        "notes": source.notes,
+        "keys": {
+            k: {"shape": list(s), "dtype": str(d).removeprefix("torch.")}
+            for k, (s, d) in specs.items()
+        },
+        "_tree": _render(_tree(specs), depth),
+    }
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    source = open_source(args.checkpoint, key=args.key, trust_pickle=args.trust_pickle)
+    try:
+        info = _inspect(source, args.depth)
+    finally:
+        source.close()
+    tree = info.pop("_tree")
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    where = " -> ".join(repr(c) for c in info["nesting"]) or "top level"
+    print(f"checkpoint: {args.checkpoint}")
+    print(
+        f"state dict: {where}"
+        + (f" (other entries: {', '.join(info['other_entries'])})" if info["other_entries"] else "")
+    )
+    print(
+        f"tensors:    {info['tensors']}, {format_count(info['elements'])} elements, "
+        f"{info['bytes'] / 2**20:.1f} MiB"
+    )
+    print("dtypes:     " + ", ".join(f"{d} ({n})" for d, n in info["dtypes"].items()))
+    for n in info["notes"]:
+        print(f"note:       {n}")
+    print("keys:")
+    print("\n".join(tree))
+    return 0
+
+
+# --------------------------------------------------------------------------- diff
+
+
+def _parse_remap(rules: list[str] | None) -> list[tuple[str, str | None]] | None:
+    if not rules:
+        return None
+    out: list[tuple[str, str | None]] = []
+    for rule in rules:
+        if "=" not in rule:
+            raise UsageError(
+                f"--remap {rule!r} must look like REGEX=REPLACEMENT (e.g. '^backbone\\.=')"
+            )
+        pattern, repl = rule.split("=", 1)
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise UsageError(f"--remap {rule!r}: {pattern!r} is not a valid regex ({e})") from None
+        out.append((pattern, repl))
+    return out
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    remap = _parse_remap(args.remap)
+    try:
+        with empty_init():
+            model = build_model(args.model, args.num_classes)
+    except SurgeryError:
+        raise
+    except Exception as e:  # a factory of the user's failing: no traceback, say what failed
+        raise UsageError(f"building {args.model} failed: {type(e).__name__}: {e}") from None
+    report = load_partial(
+        model,
+        args.checkpoint,
+        key=args.key,
+        remap=remap,
+        prefix=None if args.no_prefix else "auto",
+        skip=args.skip,
+        dry_run=True,
+        trust_pickle=args.trust_pickle,
+    )
+    report.initialised = []  # the meta model is a planning device here, not a result
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report)
+        print(
+            "ok: everything not skipped would load"
+            if report.ok
+            else f"not ok: {len(report.not_loaded())} model tensors would get no value"
+        )
+    return 0 if report.ok else 1
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="surgery", description="Look inside checkpoints and dry-run loading them."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("checkpoint", help="file, folder, or sharded *.index.json")
+    common.add_argument("--key", help="entry holding the state dict, e.g. 'ema' (dotted nests)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow arbitrary pickled objects (only for files you trust)",
+    )
+    pi = sub.add_parser("inspect", parents=[common], help="what a checkpoint holds")
+    pi.add_argument("--depth", type=int, default=3, help="levels of the key tree to show")
+    pd = sub.add_parser("diff", parents=[common], help="dry-run load into a model")
+    pd.add_argument(
+        "--model", required=True, help="torchvision:NAME, timm:NAME or module.path:factory"
+    )
+    pd.add_argument("--num-classes", type=int, help="passed to the model factory")
+    pd.add_argument(
+        "--remap",
+        action="append",
+        metavar="REGEX=REPL",
+        help="rename checkpoint keys (repeatable), e.g. '^backbone\\.='",
+    )
+    pd.add_argument(
+        "--skip",
+        action="append",
+        metavar="GLOB",
+        help="model keys not to load (repeatable), e.g. 'fc.*'",
+    )
+    pd.add_argument("--no-prefix", action="store_true", help="turn off prefix detection")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``surgery`` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {
+        "inspect": _cmd_inspect,
+        "diff": _cmd_diff,
+    }
+    try:
+        return commands[args.command](args)
+    except SurgeryError as e:
+        print(f"surgery {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
