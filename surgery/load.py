@@ -65,6 +65,7 @@ def load_partial(
     :func:`empty_init`) is materialised on CPU.
 
     Example:
+        >>> import torchvision, surgery
         >>> model = torchvision.models.resnet18(num_classes=10)
         >>> report = surgery.load_partial(model, "resnet18.pth")  # doctest: +SKIP
         >>> print(report)  # fc.weight, fc.bias reported as mismatched  # doctest: +SKIP

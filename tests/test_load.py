@@ -413,3 +413,12 @@ def test_module_and_dict_sources():
     assert surgery.load_partial(model, src, strict=True).ok
     assert torch.equal(model.conv1.weight, src.conv1.weight)
     assert surgery.load_partial(SmallCNN(), {"model": src.state_dict(), "step": 3}).ok
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_loads_onto_the_models_own_cuda_device(r18_path, r18_imagenet):
+    model = torchvision.models.resnet18(num_classes=10).cuda().half()
+    report = surgery.load_partial(model, r18_path)
+    assert model.conv1.weight.device.type == "cuda"
+    assert torch.equal(model.conv1.weight.cpu(), r18_imagenet["conv1.weight"].half())
+    assert ("conv1.weight", "float32", "float16") in report.cast
