@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 # --- loading (issue 2 / 5) ---
+from .adapters import adapt_shapes
 from .checkpoint import read_checkpoint
 from .errors import (
     CheckpointError,
@@ -55,6 +56,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "UsageError",
     "__version__",
+    "adapt_shapes",
     "describe_groups",
     "empty_init",
     "freeze",
