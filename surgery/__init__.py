@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-# --- loading (issue 2 / 5) ---
 from .adapters import adapt_shapes
 from .checkpoint import read_checkpoint
 from .errors import (
@@ -22,14 +21,8 @@ from .errors import (
     SelectorError,
     SurgeryError,
     UnsafeCheckpointError,
+    UsageError,
 )
-from .load import load_partial
-from .meta import empty_init
-from .report import LoadReport, Mismatch
-
-# --- freezing and parameter groups (issue 3) ---
-# isort: split
-from .errors import UsageError
 from .freeze import (
     FreezeSummary,
     TrainableSummary,
@@ -38,7 +31,10 @@ from .freeze import (
     trainable_summary,
     unfreeze,
 )
+from .load import load_partial
+from .meta import empty_init
 from .optim import GroupTable, describe_groups, param_groups
+from .report import LoadReport, Mismatch
 
 __version__ = "0.1.0"
 
