@@ -25,6 +25,16 @@ class SmallCNN(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class Tied(nn.Module):
+    """An embedding whose weight the output layer shares (tied parameters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 4)
+        self.out = nn.Linear(4, 11, bias=False)
+        self.out.weight = self.embed.weight
+
+
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     """A deep copy of every tensor of the model's state."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import SmallCNN, assert_same_state, snapshot
+from conftest import SmallCNN, Tied, assert_same_state, snapshot
 from safetensors.torch import save_file
 from torch import nn
 
@@ -293,13 +293,6 @@ def test_on_mismatch_error_and_adapter(r18_path, r18_imagenet):
 
 
 def test_tied_parameters_count_once_and_as_loaded():
-    class Tied(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = nn.Embedding(11, 4)
-            self.out = nn.Linear(4, 11, bias=False)
-            self.out.weight = self.embed.weight
-
     src = Tied()
     model = Tied()
     report = surgery.load_partial(model, {"embed.weight": src.embed.weight.detach()})

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import SmallCNN
+from conftest import SmallCNN, Tied
 from safetensors.torch import save_file
 from torch import nn
 
@@ -64,13 +64,6 @@ def test_meta_timm_vit_with_tied_and_new_head(tmp_path):
 
 
 def test_meta_tied_parameters_stay_tied():
-    class Tied(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = nn.Embedding(11, 4)
-            self.out = nn.Linear(4, 11, bias=False)
-            self.out.weight = self.embed.weight
-
     src = Tied()
     with surgery.empty_init():
         model = Tied()

@@ -148,12 +148,22 @@ def _prepare(model_key: str, folder: Path) -> dict[str, str]:
     return {"pth": str(pth), "safetensors": str(st)}
 
 
-def _run_case(model_key: str, fmt: str, way: str, path: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", model_key, fmt, way, path]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+def _subprocess(*args: str) -> dict:
+    """Run this script with ``args`` in a fresh interpreter; its last stdout line is JSON.
+
+    The parent never imports torch or holds weights: Linux carries ``ru_maxrss`` across
+    ``exec``, so a big parent would inflate every child's peak.
+    """
+    out = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, check=False
+    )
     if out.returncode != 0:
-        raise RuntimeError(f"{model_key}/{fmt}/{way} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"{' '.join(args)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _run_case(model_key: str, fmt: str, way: str, path: str) -> dict:
+    return _subprocess("--child", model_key, fmt, way, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -162,15 +172,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default="load_bench.json", help="where to write results")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--planning", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         _child(*args.child)
+        return {}
+    if args.prepare:
+        print(json.dumps(_prepare(args.prepare[0], Path(args.prepare[1]))))
+        return {}
+    if args.planning:
+        print(json.dumps(_planning()))
         return {}
     print(f"args: {vars(args)}")
     results: dict = {"cases": [], "ratios": {}, "planning": None}
     with tempfile.TemporaryDirectory() as tmp:
         for model_key in args.models:
-            paths = _prepare(model_key, Path(tmp))
+            paths = _subprocess("--prepare", model_key, tmp)
             for fmt in ("pth", "safetensors"):
                 rows = {}
                 for way, fmts in WAYS:
@@ -208,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "meta_speedup_vs_best_plain": best_t["time_s"] / sm["time_s"],
                     "meta_peak_vs_plain": sm["peak_mb"] / base["peak_mb"],
                 }
-    results["planning"] = _planning()
+    results["planning"] = _subprocess("--planning")
     _print(results)
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.json}")
