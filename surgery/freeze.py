@@ -224,6 +224,8 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
     if own in params:
         rows.append(TrainableRow(own, type(model).__name__, params[own], trainable[own], 0))
     for name, child in children.items():
+        if not params[name]:
+            continue  # relu, pooling: nothing to train or freeze
         fixed = sum(1 for m in child.modules() if _is_fixed_bn(m))
         rows.append(TrainableRow(name, type(child).__name__, params[name], trainable[name], fixed))
     return TrainableSummary(type(model).__name__, rows)

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 from ._names import compile_patterns, first_match
-from ._table import format_count, format_shape, html_table, text_table
+from ._table import format_shape, html_table, text_table
 from .errors import LoadError
 
 __all__ = ["LoadReport", "Mismatch"]
@@ -41,6 +41,10 @@ class LoadReport:
     Example:
         >>> report = surgery.load_partial(model, "ckpt.pth")  # doctest: +SKIP
         >>> report.assert_loaded(allow_missing=["fc.*"])  # doctest: +SKIP
+
+    ``tensors_*`` and ``params_*`` count parameters (tensors and elements, tied ones once);
+    buffers (BatchNorm statistics) are counted apart in ``buffers_*``. ``loaded`` lists
+    every model key that got a value, buffers included.
     """
 
     source: str = ""
@@ -79,7 +83,7 @@ class LoadReport:
 
         Example:
             >>> report = surgery.load_partial(model, ckpt)  # doctest: +SKIP
-            >>> report.assert_loaded(allow_missing=["fc"])  # doctest: +SKIP
+            >>> report.assert_loaded(allow_missing=["fc.*"])  # doctest: +SKIP
         """
         allowed = compile_patterns(allow_missing)
         bad = [k for k in self.not_loaded() if first_match(allowed, k) is None]
@@ -122,11 +126,11 @@ class LoadReport:
     # ------------------------------------------------------------------ rendering
 
     def summary(self) -> str:
-        """One line: ``loaded 60/62 tensors (11.2M/11.7M params), buffers 60/60``."""
+        """One line: ``loaded 60/62 parameter tensors (11,176,512/11,181,642 params), ...``."""
         s = (
             f"{'would load' if self.dry_run else 'loaded'} {self.tensors_loaded}/"
-            f"{self.tensors_total} tensors ({format_count(self.params_loaded)}/"
-            f"{format_count(self.params_total)} params)"
+            f"{self.tensors_total} parameter tensors ({self.params_loaded:,}/"
+            f"{self.params_total:,} params)"
         )
         if self.buffers_total:
             s += f", buffers {self.buffers_loaded}/{self.buffers_total}"
@@ -146,7 +150,7 @@ class LoadReport:
 
         if self.prefix:
             n = len(self.renamed)
-            rows.append(("prefix", f"{n} keys", describe_prefix(self.prefix)))
+            rows.append(("prefix", "", f"{describe_prefix(self.prefix)} ({n} keys)"))
         add(
             "mismatched",
             [

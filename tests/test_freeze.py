@@ -401,6 +401,7 @@ def test_summaries_render(resnet):
     assert rows["layer1"].params == sum(p.numel() for p in resnet.layer1.parameters())
     assert rows["layer2"].trainable == rows["layer2"].params
     assert rows["layer1"].bn_fixed == 4 and rows["bn1"].bn_fixed == 1
+    assert "relu" not in rows and "avgpool" not in rows  # nothing to train there
     assert t.total_params == sum(p.numel() for p in resnet.parameters())
     lines = str(t).splitlines()
     assert lines[0].startswith("ResNet: ")
