@@ -33,6 +33,7 @@ _LIST = 12  # keys listed per category in an error message
 
 @dataclass
 class _Plan:
+    state: dict[str, Tensor]  # the model's state_dict(keep_vars=True) at planning time
     loads: list[tuple[str, str]] = field(default_factory=list)  # (model key, checkpoint key)
     adapted: dict[str, Tensor] = field(default_factory=dict)  # model key -> value to copy
     init_modules: list[nn.Module] = field(default_factory=list)  # meta modules to reset
@@ -121,7 +122,7 @@ def _plan(
     report = LoadReport(source=source.description, model=model_name, dry_run=dry_run)
     report.notes.extend(source.notes)
     skip_rx = compile_patterns(skip)
-    plan = _Plan()
+    plan = _Plan(state)
 
     # 1. checkpoint key -> model key
     new_to_old, dropped, notes = apply_remap(source.specs, remap)
@@ -306,7 +307,7 @@ def _meta_modules_to_init(
 
 @torch.no_grad()
 def _write(model: nn.Module, source: CheckpointSource, plan: _Plan) -> None:
-    state = model.state_dict(keep_vars=True)
+    state = plan.state
     owners = meta.holders(model) if any(t.is_meta for t in state.values()) else {}
     replaced: dict[int, Tensor] = {}
 
