@@ -198,7 +198,14 @@ def prefix_hint(ckpt_keys: Sequence[str], model_keys: set[str]) -> str:
     missing = sorted(k for k in model_keys if k not in present)
     if not unmatched or not missing:
         return ""
-    looks = f"Checkpoint keys look like '{unmatched[0]}', model keys like '{missing[0]}'."
+    example, counterpart = unmatched[0], missing[0]
+    if rewrite is not None:  # show a pair the rewrite lines up
+        cp, mp = rewrite
+        for k in unmatched:
+            if k.startswith(cp) and mp + k[len(cp) :] in model_keys:
+                example, counterpart = k, mp + k[len(cp) :]
+                break
+    looks = f"Checkpoint keys look like '{example}', model keys like '{counterpart}'."
     if rewrite is None:
         return looks
     cp, mp = rewrite

@@ -155,6 +155,7 @@ def test_prefix_none_turns_detection_off(tmp_path, r18_imagenet):
     with pytest.raises(LoadError, match=r"0 of 122 checkpoint tensors match ResNet") as e:
         surgery.load_partial(model, path, prefix=None)
     assert 'remap=[(r"^module\\.", "")]' in str(e.value)
+    assert "look like 'module.conv1.weight', model keys like 'conv1.weight'" in str(e.value)
     assert_same_state(model, snap)
 
 
