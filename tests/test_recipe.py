@@ -1,0 +1,232 @@
+"""recipes/resnet18_head.py, run as a script: the demo (reduced and full) and the --data path."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "resnet18_head.py"
+RESULT = re.compile(r"^RESULT (.*)$", re.MULTILINE)
+METHODS = ("from scratch", "new head only", "full fine-tune, param groups")
+
+
+def run_recipe(*args: str, timeout: float = 600) -> str:
+    """Run the recipe in a fresh interpreter; return its stdout (fail with its stderr)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    # One thread: on a small shared CPU, competing OpenMP threads make runs many times slower.
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(
+        [sys.executable, str(RECIPE), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, f"recipe failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def result(out: str) -> dict[str, str]:
+    found = RESULT.findall(out)
+    assert len(found) == 1, f"expected one RESULT line in:\n{out}"
+    return dict(item.split("=", 1) for item in found[0].split())
+
+
+def table_row(out: str, method: str) -> tuple[float, float]:
+    """(test accuracy, seconds) from the final table's row for ``method``."""
+    m = re.search(rf"^{re.escape(method)}\s+([0-9.]+)\s+([0-9.]+)s$", out, re.MULTILINE)
+    assert m, f"no table row for {method!r} in:\n{out}"
+    return float(m.group(1)), float(m.group(2))
+
+
+def quick_demo(workdir: Path, seed: int = 0) -> str:
+    return run_recipe(
+        "--quick",
+        "--seed",
+        str(seed),
+        "--workdir",
+        str(workdir),
+        "--out",
+        str(workdir / "finetuned.safetensors"),
+    )
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> tuple[Path, str]:
+    workdir = tmp_path_factory.mktemp("demo")
+    return workdir, quick_demo(workdir)
+
+
+def test_demo_prints_resolved_arguments_first(quick):
+    _, out = quick
+    first = out.splitlines()[0]
+    assert first.startswith("resnet18_head: ")
+    for arg in ("--quick=True", "--epochs=2", "--pretrain-epochs=1", "--seed=0", "--device=cpu"):
+        assert arg in first
+
+
+def test_demo_saves_a_ddp_style_pretraining_checkpoint(quick):
+    workdir, _ = quick
+    ckpt = torch.load(workdir / "resnet18_digits0-4.pth", weights_only=True)
+    assert set(ckpt) == {"epoch", "state_dict", "optimizer"}
+    assert all(k.startswith("module.") for k in ckpt["state_dict"])
+    assert ckpt["state_dict"]["module.fc.weight"].shape == (5, 512)
+
+
+def test_demo_prints_load_report_freeze_summary_and_groups(quick):
+    _, out = quick
+    # the two transfer rows load the checkpoint: container unwrapped, prefix stripped, old head
+    # left out and said so, everything else loaded
+    assert out.count("LoadReport: ") == 2
+    assert "resnet18_digits0-4.pth['state_dict'] -> ResNet" in out
+    assert out.count("stripped prefix 'module.' (122 keys)") == 2
+    assert len(re.findall(r"^\s+skipped\s+fc\.weight\s", out, re.MULTILINE)) == 2
+    assert len(re.findall(r"^\s+skipped\s+fc\.bias\s", out, re.MULTILINE)) == 2
+    assert out.count("loaded 60/62 parameter tensors") == 2
+    assert "missing" not in out
+    # head only: everything but fc frozen, BatchNorm statistics held
+    assert "freeze_except ResNet: 60 tensors" in out
+    assert "BatchNorm: 20 held in eval mode" in out
+    # one describe_groups table per row; the fine-tune row has layer-wise learning rates
+    assert len(re.findall(r"^\d+ parameter groups, ", out, re.MULTILINE)) == 3
+    assert "12 parameter groups, 62 tensors" in out
+    assert "2 parameter groups, 2 tensors" in out  # the head only
+
+
+def test_demo_prints_the_table_and_result_line(quick):
+    _, out = quick
+    values = result(out)
+    assert set(values) == {"scratch_acc", "head_acc", "finetune_acc", "total_time"}
+    for key, method in zip(("scratch_acc", "head_acc", "finetune_acc"), METHODS, strict=True):
+        acc, seconds = table_row(out, method)
+        assert 0.0 <= acc <= 1.0
+        assert seconds > 0
+        assert float(values[key]) == pytest.approx(acc, abs=1e-3)
+    assert re.fullmatch(r"\d+s", values["total_time"])
+
+
+def test_demo_fine_tuned_weights_load_into_a_fresh_model(quick):
+    workdir, _ = quick
+    path = workdir / "finetuned.safetensors"
+    model = torchvision.models.resnet18(num_classes=5)
+    model.load_state_dict(load_file(path))  # strict: every key, every shape
+    with safe_open(path, "pt") as f:
+        assert json.loads(f.metadata()["classes"]) == ["5", "6", "7", "8", "9"]
+    pretrained = torch.load(workdir / "resnet18_digits0-4.pth", weights_only=True)["state_dict"]
+    # fine-tuned from the checkpoint, not a fresh init, and really trained
+    assert not torch.equal(model.layer4[1].conv2.weight, pretrained["module.layer4.1.conv2.weight"])
+    drift = (model.conv1.weight - pretrained["module.conv1.weight"]).abs().max()
+    assert 0 < drift < 1e-2  # conv1 trains with the smallest layer-decayed lr
+
+
+def test_demo_is_deterministic_under_seed(quick, tmp_path):
+    workdir, out = quick
+    again = quick_demo(tmp_path)
+    assert {k: v for k, v in result(again).items() if k != "total_time"} == {
+        k: v for k, v in result(out).items() if k != "total_time"
+    }
+    first, second = (
+        load_file(workdir / "finetuned.safetensors"),
+        load_file(tmp_path / "finetuned.safetensors"),
+    )
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.slow
+def test_full_demo_transfer_beats_scratch(tmp_path):
+    out = run_recipe("--workdir", str(tmp_path), "--out", str(tmp_path / "ft.safetensors"))
+    scratch, head, finetune = (table_row(out, m)[0] for m in METHODS)
+    assert "held-out accuracy 0.9" in out or "held-out accuracy 1.000" in out
+    assert head > scratch + 0.05, out
+    assert finetune > scratch + 0.05, out
+
+
+# --------------------------------------------------------------------------- --data
+
+
+def make_image_folder(root: Path, per_class: int = 8) -> list[str]:
+    """A tiny ImageFolder of real digits (0, 1, 2) as 24x24 RGB PNGs."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    classes = ["one", "two", "zero"]  # ImageFolder sorts class folders by name
+    for name, digit in zip(classes, (1, 2, 0), strict=True):
+        (root / name).mkdir(parents=True)
+        images = digits.images[digits.target == digit][:per_class]
+        for i, img in enumerate(images):
+            grey = Image.fromarray((img * 255 / 16).astype("uint8"))
+            grey.resize((24, 24), Image.BILINEAR).convert("RGB").save(root / name / f"{i}.png")
+    return classes
+
+
+def test_data_path_fine_tunes_from_a_checkpoint_and_saves_safetensors(tmp_path):
+    classes = make_image_folder(tmp_path / "data")
+    torch.manual_seed(0)
+    pretrained = torchvision.models.resnet18(num_classes=10).state_dict()
+    ckpt = tmp_path / "resnet18_10class.safetensors"
+    save_file(pretrained, ckpt)
+    out_path = tmp_path / "out" / "ft.safetensors"
+    out = run_recipe(
+        "--weights",
+        str(ckpt),
+        "--data",
+        str(tmp_path / "data"),
+        "--freeze",
+        "conv1, bn1,layer1",
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--val-fraction",
+        "0.25",
+        "--out",
+        str(out_path),
+    )
+    assert out.splitlines()[0].startswith("resnet18_head: --weights=")
+    assert "data: 18 train / 6 val images, 3 classes" in out
+    assert "old head {'fc.weight': (10, 512)}" in out
+    assert re.search(r"^\s+skipped\s+fc\.weight\s", out, re.MULTILINE)
+    assert "freeze ResNet: 15 tensors" in out  # conv1, bn1 and layer1's 4 convs and 4 BNs
+    assert "BatchNorm: 5 held in eval mode" in out
+    assert re.search(r"^\d+ parameter groups, 47 tensors", out, re.MULTILINE)
+    val_acc = float(re.search(r"^RESULT val_acc=([0-9.]+) ", out, re.MULTILINE).group(1))
+    assert 0.0 <= val_acc <= 1.0
+
+    state = load_file(out_path)
+    model = torchvision.models.resnet18(num_classes=3)
+    model.load_state_dict(state)
+    with safe_open(out_path, "pt") as f:
+        assert json.loads(f.metadata()["classes"]) == classes
+    # frozen layers (and their BatchNorm statistics) are exactly the checkpoint's
+    for key in ("conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight"):
+        assert torch.equal(state[key], pretrained[key]), key
+    assert not torch.equal(state["layer4.1.conv2.weight"], pretrained["layer4.1.conv2.weight"])
+
+
+def test_weights_and_data_go_together(capsys):
+    spec = importlib.util.spec_from_file_location("resnet18_head", RECIPE)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.main(["--weights", "x.pth"])  # an argument error: exits before doing anything
+    assert exit_info.value.code == 2
+    assert "--weights and --data go together" in capsys.readouterr().err
