@@ -8,7 +8,9 @@ the peak stays near one copy of the weights and skipped tensors are never read.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import gc
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -80,23 +82,38 @@ def load_partial(
             f"on_mismatch must be 'skip', 'error' or a callable (name, ckpt, model) -> Tensor, "
             f"not {on_mismatch!r}"
         )
-    source = open_source(ckpt, key=key, trust_pickle=trust_pickle)
-    try:
-        plan, report = _plan(
-            model,
-            source,
-            remap=remap,
-            prefix=prefix,
-            skip=skip,
-            on_mismatch=on_mismatch,
-            strict=strict,
-            dry_run=dry_run,
-        )
-        if not dry_run:
-            _write(model, source, plan)
-    finally:
-        source.close()
+    with _gc_paused():
+        source = open_source(ckpt, key=key, trust_pickle=trust_pickle)
+        try:
+            plan, report = _plan(
+                model,
+                source,
+                remap=remap,
+                prefix=prefix,
+                skip=skip,
+                on_mismatch=on_mismatch,
+                strict=strict,
+                dry_run=dry_run,
+            )
+            if not dry_run:
+                _write(model, source, plan)
+        finally:
+            source.close()
     return report
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector: a load makes many short-lived acyclic objects, and
+    on a model with tens of thousands of modules each full collection walks them all (it
+    doubled the time to plan 100k keys). The previous state is restored."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 # --------------------------------------------------------------------------- planning

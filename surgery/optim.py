@@ -130,6 +130,7 @@ def build_groups(
     no_decay_names = _no_decay_names(model, index, named, no_decay)
     if layer_decay is not None:
         layer_of, num_layers = _layer_ids(model)
+        layer_labels = _layer_labels(layer_of)
     groups: dict[tuple[float, float], dict[str, Any]] = {}
     labels: dict[tuple[float, float], list[str]] = {}
     for name, p in named:
@@ -142,7 +143,9 @@ def build_groups(
         elif layer_decay is not None:
             layer = layer_of.get(name, num_layers - 1)
             group_lr = lr * layer_decay ** (num_layers - 1 - layer)
-            parts.append(f"layer {layer}")
+            label = layer_labels.get(layer, f"layer {layer}")
+            if label not in parts:
+                parts.append(label)
         else:
             group_lr = float(lr)
         group_lr *= float(opts.get("lr_scale", 1.0))
@@ -314,6 +317,33 @@ def _layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
     rank = {c: i for i, c in enumerate(order)}
     layer_of = {n: rank[top(n)] for n in names}
     return layer_of, len(order)
+
+
+def _layer_labels(layer_of: dict[str, int]) -> dict[int, str]:
+    """A readable name per layer id: the module path its parameters share ('layer4',
+    'blocks.3', 'head'), else the blocks it spans ('blocks.11+norm')."""
+
+    def unit(name: str) -> str:  # 'blocks.3.attn.qkv.weight' -> 'blocks.3'; 'fc.bias' -> 'fc'
+        parts = name.split(".")
+        return ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
+
+    members: dict[int, list[str]] = {}
+    for name, layer in layer_of.items():
+        members.setdefault(layer, []).append(name)
+    labels = {}
+    for layer, names in members.items():
+        paths = [n.split(".")[:-1] for n in names]  # module path of each parameter
+        common = []
+        for parts in zip(*paths, strict=False):
+            if len(set(parts)) != 1:
+                break
+            common.append(parts[0])
+        if common:
+            labels[layer] = ".".join(common)
+        else:
+            units = list(dict.fromkeys(unit(n) for n in names))
+            labels[layer] = "+".join(units[:3]) + ("+..." if len(units) > 3 else "")
+    return labels
 
 
 @dataclass

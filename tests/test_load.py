@@ -416,3 +416,20 @@ def test_loads_onto_the_models_own_cuda_device(r18_path, r18_imagenet):
     assert model.conv1.weight.device.type == "cuda"
     assert torch.equal(model.conv1.weight.cpu(), r18_imagenet["conv1.weight"].half())
     assert ("conv1.weight", "float32", "float16") in report.cast
+
+
+def test_garbage_collector_state_is_restored(r18_path):
+    import gc
+
+    assert gc.isenabled()
+    surgery.load_partial(torchvision.models.resnet18(num_classes=10), r18_path)
+    assert gc.isenabled()
+    with pytest.raises(LoadError):
+        surgery.load_partial(torchvision.models.resnet18(num_classes=10), r18_path, strict=True)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        surgery.load_partial(torchvision.models.resnet18(num_classes=10), r18_path)
+        assert not gc.isenabled()  # a caller's choice is kept
+    finally:
+        gc.enable()

@@ -104,8 +104,9 @@ def test_resnet_layer_decay_follows_top_level_children(resnet):
         lrs = [g["lr"] for n, g in by_name.items() if n.split(".")[0] == top]
         assert lrs and lrs == pytest.approx([expected] * len(lrs)), top
     assert by_name["fc.weight"]["lr"] == LR
-    assert by_name["layer4.1.conv2.weight"]["name"] == "layer 5"
-    assert by_name["layer4.1.bn2.weight"]["name"] == "layer 5 no_decay"
+    assert by_name["layer4.1.conv2.weight"]["name"] == "layer4"
+    assert by_name["layer4.1.bn2.weight"]["name"] == "layer4 no_decay"
+    assert by_name["conv1.weight"]["name"] == "conv1"
 
 
 def test_first_matching_rule_wins_and_lr_scale(resnet):
@@ -132,7 +133,7 @@ def test_rule_lr_scale_combines_with_layer_decay(resnet):
     )
     by_name = _check_partition(resnet, groups)
     assert by_name["layer4.0.conv1.weight"]["lr"] == pytest.approx(LR * 0.5 * 0.1)
-    assert by_name["layer4.0.conv1.weight"]["name"] == "layer4 layer 5"
+    assert by_name["layer4.0.conv1.weight"]["name"] == "layer4"  # rule and layer agree
 
 
 def test_identical_options_share_a_group(resnet):
@@ -200,8 +201,10 @@ def test_vit_layer_decay_without_rules_gives_head_full_lr(vit):
     groups = surgery.param_groups(vit, lr=LR, weight_decay=WD, layer_decay=0.75)
     by_name = _check_partition(vit, groups)
     assert by_name["head.weight"]["lr"] == LR
-    assert by_name["head.weight"]["name"] == "layer 13"
-    assert by_name["blocks.3.norm2.bias"]["name"] == "layer 4 no_decay"
+    assert by_name["head.weight"]["name"] == "head"
+    assert by_name["blocks.3.norm2.bias"]["name"] == "blocks.3 no_decay"
+    assert by_name["norm.weight"]["name"] == "blocks.11+norm no_decay"
+    assert by_name["cls_token"]["name"].startswith("cls_token+pos_embed")
 
 
 def test_wrapped_timm_backbone_no_weight_decay():
