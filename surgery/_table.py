@@ -15,6 +15,14 @@ def format_count(n: int | float) -> str:
     return f"{int(n)}"
 
 
+def format_percent(part: float, whole: float) -> str:
+    """'23.4', or two decimals below 1 so a small trainable head does not read as '0.0'."""
+    if not whole:
+        return "-"
+    pct = 100.0 * part / whole
+    return f"{pct:.2f}" if 0 < pct < 1 else f"{pct:.1f}"
+
+
 def format_shape(shape: Sequence[int] | None) -> str:
     if shape is None:
         return "-"

@@ -34,7 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ._select import ModelIndex, Selection, Selector, describe_selector, select
-from ._table import format_count, html_table, text_table
+from ._table import format_count, format_percent, html_table, text_table
 from .errors import UsageError
 from .optim import build_groups, check_number
 
@@ -82,7 +82,6 @@ class FreezeSummary:
     optimizer_skipped: int = 0
 
     def _lines(self) -> list[str]:
-        pct = 100.0 * self.trainable_params / self.total_params if self.total_params else 0.0
         changed = []
         if self.frozen_tensors or self.action != "unfreeze":
             changed.append(
@@ -96,7 +95,7 @@ class FreezeSummary:
         lines = [
             f"{self.action} {self.model_name}: {', '.join(changed)}; trainable "
             f"{format_count(self.trainable_params)} of {format_count(self.total_params)} params "
-            f"({pct:.1f}%)."
+            f"({format_percent(self.trainable_params, self.total_params)}%)."
         ]
         bn = []
         if self.bn_eval:
@@ -165,17 +164,23 @@ class TrainableSummary:
         return sum(r.trainable for r in self.rows)
 
     def _cells(self) -> list[list[object]]:
-        def pct(a: int, b: int) -> str:
-            return f"{100.0 * a / b:.1f}" if b else "-"
-
         cells: list[list[object]] = []
         for r in self.rows:
             n, t = format_count(r.params), format_count(r.trainable)
-            cells.append([r.module, r.type, n, t, pct(r.trainable, r.params), r.bn_fixed or ""])
+            cells.append(
+                [r.module, r.type, n, t, format_percent(r.trainable, r.params), r.bn_fixed or ""]
+            )
         total, train = self.total_params, self.trainable_params
         fixed = sum(r.bn_fixed for r in self.rows)
         cells.append(
-            ["total", "", format_count(total), format_count(train), pct(train, total), fixed or ""]
+            [
+                "total",
+                "",
+                format_count(total),
+                format_count(train),
+                format_percent(train, total),
+                fixed or "",
+            ]
         )
         return cells
 

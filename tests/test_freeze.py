@@ -407,3 +407,11 @@ def test_summaries_render(resnet):
     assert lines[0].startswith("ResNet: ")
     assert any(line.split()[:1] == ["layer1"] for line in lines)
     assert "<table>" in t._repr_html_() and "layer4" in t._repr_html_()
+
+
+def test_small_trainable_share_does_not_read_as_zero():
+    model = torchvision.models.resnet18(num_classes=5)
+    s = surgery.freeze_except(model, "fc")
+    assert "trainable 2.6K of 11.2M params (0.02%)" in str(s)
+    total = str(surgery.trainable_summary(model)).splitlines()[-1].split()
+    assert total[0] == "total" and total[-2] == "0.02"
