@@ -8,27 +8,12 @@ import io
 import pytest
 import torch
 import torchvision
-from conftest import Tied
+from conftest import SmallCNN, Tied, snapshot
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import surgery
 from surgery import SelectorError, SurgeryError, UsageError
-
-
-class SmallCNN(nn.Module):
-    def __init__(self, classes: int = 3) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.head = nn.Linear(8, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
-        return self.head(x.mean((2, 3)))
 
 
 def _batch(n: int = 4, size: int = 16, classes: int = 3, seed: int = 0):
@@ -43,10 +28,6 @@ def _train_steps(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 2, s
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-
-
-def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _ids(params) -> set[int]:
@@ -75,7 +56,7 @@ def test_issue_example_step_changes_only_trainable_and_bn_stats_stay(resnet):
     assert sorted(summary.bn_eval) == sorted(frozen_bns)
     assert summary.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    before = _snapshot(model)
+    before = snapshot(model)
     # deliberately hand *every* parameter to a decaying optimizer: frozen ones must not move
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     _train_steps(model, opt, steps=2, size=32)
@@ -97,7 +78,7 @@ def test_issue_example_step_changes_only_trainable_and_bn_stats_stay(resnet):
 
 
 def test_freeze_drops_stale_grads():
-    model = SmallCNN()
+    model = SmallCNN(num_classes=3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
     _train_steps(model, opt, steps=1)  # momentum buffers and grads exist now
     x, y = _batch(seed=5)
@@ -110,7 +91,7 @@ def test_freeze_drops_stale_grads():
 
 
 def test_bn_eval_survives_train_deepcopy_and_pickle():
-    model = SmallCNN()
+    model = SmallCNN(num_classes=3)
     surgery.freeze(model, "conv1", "bn1")
     for m in (model, copy.deepcopy(model)):
         buf = io.BytesIO()
@@ -128,7 +109,7 @@ def test_bn_eval_survives_train_deepcopy_and_pickle():
 
 
 def test_frozen_bn_uses_running_stats_in_train_mode():
-    model = SmallCNN().eval()
+    model = SmallCNN(num_classes=3).eval()
     with torch.no_grad():
         model.bn1.running_mean.uniform_(-1, 1)
         model.bn1.running_var.uniform_(0.5, 2)
@@ -140,7 +121,7 @@ def test_frozen_bn_uses_running_stats_in_train_mode():
 
 
 def test_unfreeze_releases_bn_and_restores_training():
-    model = SmallCNN()
+    model = SmallCNN(num_classes=3)
     surgery.freeze(model, "conv1", "bn1")
     summary = surgery.unfreeze(model, "bn1")
     assert summary.bn_released == ["bn1"]
@@ -154,7 +135,7 @@ def test_unfreeze_releases_bn_and_restores_training():
 
 
 def test_unfreeze_bn_eval_trains_affine_but_keeps_stats():
-    model = SmallCNN()
+    model = SmallCNN(num_classes=3)
     summary = surgery.unfreeze(model, "bn2", bn="eval")
     assert summary.bn_eval == ["bn2"]
     model.train()
@@ -165,7 +146,7 @@ def test_unfreeze_bn_eval_trains_affine_but_keeps_stats():
 
 
 def test_bn_train_leaves_statistics_moving():
-    model = SmallCNN()
+    model = SmallCNN(num_classes=3)
     summary = surgery.freeze(model, "bn1", bn="train")
     assert summary.bn_eval == [] and summary.bn_frozen == []
     model.train()
@@ -175,7 +156,7 @@ def test_bn_train_leaves_statistics_moving():
 
 
 def test_bn_frozen_swaps_to_frozenbatchnorm_and_back():
-    model = SmallCNN().eval()
+    model = SmallCNN(num_classes=3).eval()
     with torch.no_grad():
         model.bn1.running_mean.uniform_(-1, 1)
         model.bn1.weight.uniform_(0.5, 2)
@@ -220,7 +201,7 @@ def test_affine_false_bn_under_frozen_selector_is_held():
 
 
 def test_partly_frozen_bn_is_not_held():
-    model = SmallCNN()
+    model = SmallCNN(num_classes=3)
     summary = surgery.freeze(model, "bn1.weight")
     assert summary.bn_eval == []
     assert model.bn1.bias.requires_grad
@@ -301,11 +282,11 @@ def test_every_bad_selector_reported_at_once(resnet):
 @pytest.mark.parametrize("bad", [3, None, nn.Linear(2, 2), dict])
 def test_bad_selector_type(bad):
     with pytest.raises(SelectorError, match="not"):
-        surgery.freeze(SmallCNN(), bad)
+        surgery.freeze(SmallCNN(num_classes=3), bad)
 
 
 def test_bad_arguments():
-    model = SmallCNN()
+    model = SmallCNN(num_classes=3)
     with pytest.raises(UsageError, match="bn='off'"):
         surgery.freeze(model, "bn1", bn="off")
     with pytest.raises(UsageError, match="'frozen'"):
@@ -366,7 +347,7 @@ def test_gradual_unfreezing_adds_a_group_once(resnet):
 
 
 def test_unfreeze_frozen_batchnorm_adds_its_new_parameters():
-    model = SmallCNN()
+    model = SmallCNN(num_classes=3)
     surgery.freeze(model, "conv1", "bn1", bn="frozen")
     opt = torch.optim.SGD(surgery.param_groups(model, lr=0.1), lr=0.1)
     surgery.unfreeze(model, "bn1", optimizer=opt, lr=0.1)
@@ -374,7 +355,7 @@ def test_unfreeze_frozen_batchnorm_adds_its_new_parameters():
 
 
 def test_unfreeze_keeps_named_optimizer_groups_consistent():
-    model = SmallCNN()
+    model = SmallCNN(num_classes=3)
     surgery.freeze(model, "conv1")
     opt = torch.optim.SGD(
         [p for p in model.named_parameters() if p[1].requires_grad], lr=0.1
