@@ -24,6 +24,7 @@ too) whose parameters are all frozen by the call:
 
 from __future__ import annotations
 
+import html
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,7 +135,7 @@ class FreezeSummary:
             ["total", self.total_tensors, format_count(self.total_params)],
         ]
         table = html_table(("", "tensors", "params"), rows, caption=first)
-        return table + "".join(f"<p>{_esc(line)}</p>" for line in rest)
+        return table + "".join(f"<p>{html.escape(line)}</p>" for line in rest)
 
 
 @dataclass
@@ -198,12 +199,6 @@ class TrainableSummary:
 
     def _repr_html_(self) -> str:
         return html_table(self.HEADER, self._cells(), caption=self._caption())
-
-
-def _esc(s: str) -> str:
-    import html
-
-    return html.escape(s)
 
 
 def trainable_summary(model: nn.Module) -> TrainableSummary:

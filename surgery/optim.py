@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import html
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
@@ -390,17 +391,11 @@ class GroupTable:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        notes = "".join(f"<p>note: {_escape(n)}</p>" for n in self.notes)
+        notes = "".join(f"<p>note: {html.escape(n)}</p>" for n in self.notes)
         return html_table(self.HEADER, self._cells(), caption=self._caption()) + notes
 
     def __repr__(self) -> str:
         return f"GroupTable({self._caption()})"
-
-
-def _escape(s: str) -> str:
-    import html
-
-    return html.escape(s)
 
 
 def describe_groups(groups: Sequence[Mapping[str, Any]] | torch.optim.Optimizer) -> GroupTable:
