@@ -1,5 +1,5 @@
 # `make demo` and `make test` do all the set-up on a fresh clone: a virtualenv in .venv with the
-# pinned CPU builds of torch/torchvision (constraints.txt) and surgery installed in editable mode.
+# pinned torch/torchvision (constraints.txt) and surgery installed in editable mode.
 PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
