@@ -261,20 +261,16 @@ def _strict_message(
         f"({len(report.missing)} missing, {len(report.unexpected)} unexpected, "
         f"{len(report.mismatched)} mismatched):"
     ]
-    if report.missing:
-        parts.append("  missing from checkpoint:")
-        parts += [f"    {k}" for k in report.missing[:_LIST]]
-        parts.append(_more(report.missing).lstrip("\n")) if len(report.missing) > _LIST else None
-    if report.unexpected:
-        parts.append("  unexpected (not in model):")
-        parts += [f"    {k}" for k in report.unexpected[:_LIST]]
-        if len(report.unexpected) > _LIST:
-            parts.append(_more(report.unexpected).lstrip("\n"))
-    if report.mismatched:
-        parts.append("  size mismatch:")
-        parts += [f"    {m}" for m in report.mismatched[:_LIST]]
-        if len(report.mismatched) > _LIST:
-            parts.append(_more(report.mismatched).lstrip("\n"))
+    sections = (
+        ("missing from checkpoint", report.missing),
+        ("unexpected (not in model)", report.unexpected),
+        ("size mismatch", report.mismatched),
+    )
+    for title, items in sections:
+        if items:
+            parts.append(f"  {title}:")
+            parts += [f"    {item}" for item in items[:_LIST]]
+            parts.append(_more(items).lstrip("\n"))  # "" (dropped below) when all are shown
     hint = prefix_hint(list(new_to_old), set(state)) if report.missing else ""
     if hint:
         parts.append(hint if prefix is None else hint.replace(' (or prefix="auto")', ""))

@@ -23,6 +23,13 @@ class Mismatch:
     checkpoint_shape: tuple[int, ...]
     model_shape: tuple[int, ...]
 
+    def to_dict(self) -> dict:
+        return {
+            "key": self.key,
+            "checkpoint_shape": list(self.checkpoint_shape),
+            "model_shape": list(self.model_shape),
+        }
+
     def __str__(self) -> str:
         return (
             f"{self.key}: checkpoint {format_shape(self.checkpoint_shape)} vs "
@@ -102,22 +109,8 @@ class LoadReport:
     def to_dict(self) -> dict:
         """Everything in plain Python types (JSON-serialisable)."""
         out = asdict(self)
-        out["mismatched"] = [
-            {
-                "key": m.key,
-                "checkpoint_shape": list(m.checkpoint_shape),
-                "model_shape": list(m.model_shape),
-            }
-            for m in self.mismatched
-        ]
-        out["adapted"] = [
-            {
-                "key": m.key,
-                "checkpoint_shape": list(m.checkpoint_shape),
-                "model_shape": list(m.model_shape),
-            }
-            for m in self.adapted
-        ]
+        out["mismatched"] = [m.to_dict() for m in self.mismatched]
+        out["adapted"] = [m.to_dict() for m in self.adapted]
         out["cast"] = [list(c) for c in self.cast]
         out["prefix"] = list(self.prefix) if self.prefix else None
         out["ok"] = self.ok
