@@ -184,3 +184,78 @@ def select(
     # a shared parameter selected under one alias is selected under all of them
     names |= {n for n, p in index.params if id(p) in seen}
     return Selection(index, modules, names, params, seen)
+
+
+def match_keys(
+    selectors: Selector | Iterable[Selector] | None,
+    keys: Iterable[str],
+    *,
+    action: str,
+    model: nn.Module | None = None,
+    owner: str = "the model",
+) -> set[str]:
+    """The ``keys`` (dotted state-dict or parameter names) that ``selectors`` select.
+
+    The same vocabulary as the model selectors above: a glob or ``"re:"`` pattern over the key
+    (a key also matches when one of its dotted parents does), an ``nn.Module`` subclass or a
+    callable ``(module_name, module) -> bool`` (these need ``model``: a key is selected when
+    its owning module, or one of that module's parents, is). Every selector must match at
+    least one key; one :class:`SelectorError` names each that matched nothing, with the
+    closest keys. ``None`` selects nothing.
+
+    Example:
+        >>> sorted(match_keys("fc", ["conv.weight", "fc.weight", "fc.bias"], action="skip"))
+        ['fc.bias', 'fc.weight']
+    """
+    if selectors is None:
+        return set()
+    if isinstance(selectors, (str, type)) or (
+        callable(selectors) and not isinstance(selectors, nn.Module)
+    ):
+        selectors = [selectors]  # type: ignore[list-item]
+    elif not isinstance(selectors, Iterable):
+        raise SelectorError(
+            f"{action} takes a name pattern ('fc.*', 're:...'), an nn.Module subclass, a "
+            f"callable (name, module) -> bool, or a list of these; got {selectors!r} "
+            f"({type(selectors).__name__})."
+        )
+    keys = list(keys)
+    modules = dict(model.named_modules(remove_duplicate=False)) if model is not None else None
+    out: set[str] = set()
+    missed: list[str] = []
+    for sel in selectors:
+        _check(sel, action)
+        if isinstance(sel, str):
+            rx = compile_pattern(sel)
+            hit = {k for k in keys if rx.fullmatch(k)}
+        else:
+            if modules is None:
+                raise SelectorError(
+                    f"{action} selector {describe_selector(sel)} selects modules, which needs "
+                    "the model; pass a name pattern instead (e.g. 'fc.*')."
+                )
+            roots = {n for n, m in modules.items() if n and _selects(sel, n, m)}
+            hit = {
+                k
+                for k in keys
+                if (o := k.rpartition(".")[0]) in roots or any(p in roots for p in parents(o))
+            }
+        if not hit:
+            label = describe_selector(sel)
+            if isinstance(sel, str):
+                word = sel[3:] if sel.startswith("re:") else sel
+                near = closest(word, keys)
+                hint = f" Closest names: {', '.join(near)}." if near else ""
+            else:
+                hint = ""
+            missed.append(f"{action} selector {label!r} matched no key of {owner}.{hint}")
+        out |= hit
+    if missed:
+        raise SelectorError("\n".join(missed))
+    return out
+
+
+def _selects(sel: Selector, name: str, module: nn.Module) -> bool:
+    if isinstance(sel, type):
+        return isinstance(module, sel)
+    return bool(sel(name, module))  # type: ignore[operator]

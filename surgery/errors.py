@@ -36,9 +36,9 @@ class LoadError(SurgeryError):
     """``load_partial`` refused: strict failure, shape mismatch set to error, bad adapter."""
 
 
-class SelectorError(SurgeryError):
-    """A layer selector matched nothing or was malformed."""
-
-
 class UsageError(SurgeryError, ValueError):
     """Invalid arguments: an unknown ``bn`` mode or option key, or nothing left to optimize."""
+
+
+class SelectorError(UsageError):
+    """A selector (module or key name pattern, type, callable) matched nothing or was malformed."""
