@@ -80,7 +80,12 @@ def apply_remap(
     new_to_old: dict[str, str] = {}
     dropped: list[str] = []
     for k in keys:
-        new = rename(k)
+        try:
+            new = rename(k)
+        except Exception as e:  # a user callable or replacement string failing
+            raise UsageError(
+                f"remap failed on checkpoint key '{k}': {type(e).__name__}: {e}"
+            ) from e
         if new is None:
             dropped.append(k)
             continue
