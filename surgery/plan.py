@@ -658,58 +658,50 @@ def make_plan(
             )
         )
     writer: dict[int, PlanEntry] = {}  # id(model tensor) -> the entry that writes it
+    at: dict[str, int] = {}  # model key -> index of its entry
+    names = _DTYPE_NAMES
     for mkey, ckey in new_to_old.items():
         cshape, cdtype = specs[ckey]
-        cshape_t, cdtype_s = tuple(cshape), dtype_name(cdtype)
+        cshape_t = tuple(cshape)
+        cdtype_s = names.get(cdtype) or dtype_name(cdtype)
         target = state.get(mkey)
         if target is None:
             entries.append(
                 PlanEntry("unexpected", mkey, ckey, None, cshape_t, None, cdtype_s, "not in model")
             )
             continue
-        mshape, mdtype = tuple(target.shape), dtype_name(target.dtype)
-        if mkey in skipped:
-            action, reason = "skip", "skipped as asked"
-        elif cshape_t != mshape:
-            action, reason = ("adapt" if adapter else "mismatch"), ""
-        else:
+        mdtype = names.get(target.dtype) or dtype_name(target.dtype)
+        if cshape == target.shape:
+            mshape = cshape_t
             action, reason = ("load" if cdtype_s == mdtype else "cast"), ""
+        else:
+            mshape = tuple(target.shape)
+            action, reason = ("adapt" if adapter else "mismatch"), ""
+        if skipped and mkey in skipped:
+            action, reason = "skip", "skipped as asked"
         e = PlanEntry(action, mkey, ckey, mshape, cshape_t, mdtype, cdtype_s, reason)
+        at[mkey] = len(entries)
         entries.append(e)
         if action in WRITES:
             writer.setdefault(id(target), e)
 
-    # 3. model keys with no checkpoint key: tie aliases, skipped, or without a value
-    for mkey, t in state.items():
-        if mkey in new_to_old:
-            continue
-        w = writer.get(id(t))
-        if w is not None:
-            entries.append(_alias(w, mkey))
-        elif mkey in skipped:
-            entries.append(
-                PlanEntry(
-                    "skip",
-                    mkey,
-                    None,
-                    tuple(t.shape),
-                    None,
-                    dtype_name(t.dtype),
-                    reason="skipped as asked",
+    # 3. model keys with no checkpoint key that skip= names (tie aliases and keys without a
+    #    value are planned by validate(), as for any plan)
+    if skipped:
+        for mkey, t in state.items():
+            if mkey in skipped and mkey not in new_to_old and id(t) not in writer:
+                at[mkey] = len(entries)
+                entries.append(
+                    PlanEntry(
+                        "skip",
+                        mkey,
+                        None,
+                        tuple(t.shape),
+                        None,
+                        dtype_name(t.dtype),
+                        reason="skipped as asked",
+                    )
                 )
-            )
-        else:
-            entries.append(
-                PlanEntry(
-                    "missing",
-                    mkey,
-                    None,
-                    tuple(t.shape),
-                    None,
-                    dtype_name(t.dtype),
-                    reason="not in checkpoint",
-                )
-            )
 
     plan = LoadPlan(
         entries=entries,
@@ -726,7 +718,7 @@ def make_plan(
         checkpoint=ckpt,
         adapter=adapter,
     )
-    return validate(plan, model, state, refuse_empty=refuse_empty)
+    return validate(plan, model, state, refuse_empty=refuse_empty, index=(entries, at, writer))
 
 
 def _alias(writer: PlanEntry, mkey: str) -> PlanEntry:
@@ -747,61 +739,25 @@ def _alias(writer: PlanEntry, mkey: str) -> PlanEntry:
 
 
 def validate(
-    plan: LoadPlan, model: nn.Module, state: dict[str, Tensor], *, refuse_empty: bool
+    plan: LoadPlan,
+    model: nn.Module,
+    state: dict[str, Tensor],
+    *,
+    refuse_empty: bool,
+    index: tuple[list, dict[str, int], dict[int, PlanEntry]] | None = None,
 ) -> LoadPlan:
-    """Validate ``plan`` against the model's current state; return the normalised plan."""
-    entries: list[PlanEntry | None] = []
-    at: dict[str, int] = {}  # model key -> index in entries
-    writer: dict[int, PlanEntry] = {}
+    """Validate ``plan`` against the model's current state; return the normalised plan.
+
+    ``index`` is ``(entries, model key -> position, id(tensor) -> writing entry)`` from
+    :func:`make_plan`, which has just classified the entries against ``state``; without it
+    every entry is checked and refreshed.
+    """
     unknown: list[str] = []
     misfit: list[str] = []
-    ckpt_uses: dict[str, list[str]] = {}  # checkpoint key -> actions naming it
-    for e in plan.entries:
-        if not isinstance(e, PlanEntry) or e.action not in ACTIONS:
-            raise UsageError(
-                f"plan entry {e!r} is not a PlanEntry with an action among {', '.join(ACTIONS)}"
-            )
-        if e.ckpt_key is not None and not e.tied_to:
-            ckpt_uses.setdefault(e.ckpt_key, []).append(e.action)
-        if e.tied_to:  # aliases are re-derived from the model below
-            continue
-        if e.action == "unexpected" or (e.action == "skip" and e.model_key is None):
-            if e.ckpt_key is None:
-                raise UsageError(f"plan entry {e!r} names no checkpoint key")
-            entries.append(e)
-            continue
-        mkey = e.model_key
-        if mkey is None:
-            raise UsageError(f"plan entry {e!r} ({e.action}) names no model key")
-        t = state.get(mkey)
-        if t is None:
-            unknown.append(mkey)
-            continue
-        if mkey in at:
-            first = entries[at[mkey]]
-            raise KeyCollisionError(
-                f"the plan has two entries for model key '{mkey}': {first.action} "
-                f"(from {first.ckpt_key!r}) and {e.action} (from {e.ckpt_key!r}). Only one can "
-                "give it a value: drop one with plan.drop() or edit plan.entries."
-            )
-        mshape, mdtype = tuple(t.shape), dtype_name(t.dtype)
-        action = e.action
-        if action in WRITES or action == "mismatch":
-            if e.ckpt_key is None or e.ckpt_shape is None:
-                raise UsageError(f"plan entry {e!r} ({action}) needs ckpt_key and ckpt_shape")
-        if action in ("load", "cast"):
-            if e.ckpt_shape != mshape:
-                misfit.append(
-                    f"    {mkey}: checkpoint '{e.ckpt_key}' {format_shape(e.ckpt_shape)} vs "
-                    f"model {format_shape(mshape)}"
-                )
-            action = "load" if e.ckpt_dtype == mdtype else "cast"
-        if action != e.action or mshape != e.model_shape or mdtype != e.model_dtype:
-            e = dataclasses.replace(e, action=action, model_shape=mshape, model_dtype=mdtype)
-        at[mkey] = len(entries)
-        entries.append(e)
-        if action in WRITES:
-            writer.setdefault(id(t), e)
+    if index is not None:
+        entries, at, writer = index
+    else:
+        entries, at, writer, unknown, misfit = _index_edited(plan, state)
     if unknown:
         near = closest(unknown[0], state)
         raise LoadError(
@@ -821,15 +777,6 @@ def validate(
             + "\nNothing was loaded. Mark them 'mismatch' or drop them (plan.drop(...)), or "
             "plan again with surgery.plan_load()."
         )
-    shared = [k for k, acts in ckpt_uses.items() if len(acts) > 1 and not set(acts) <= WRITES]
-    if shared:
-        k = shared[0]
-        raise KeyCollisionError(
-            f"checkpoint key '{k}' appears in {len(ckpt_uses[k])} plan entries "
-            f"({', '.join(ckpt_uses[k])}); a key that is skipped, mismatched or unexpected "
-            "cannot also be loaded. Use plan.rename(ckpt_key, model_key), which keeps one."
-        )
-
     # Every model key gets exactly one entry; keys without a value are refined by the model.
     any_meta = False
     for mkey, t in state.items():
@@ -888,6 +835,74 @@ def validate(
     if any_meta:
         meta_to_initialise(model, {id(state[e.model_key]) for e in checked.entries if _writes(e)})
     return checked
+
+
+def _index_edited(
+    plan: LoadPlan, state: dict[str, Tensor]
+) -> tuple[list[PlanEntry | None], dict[str, int], dict[int, PlanEntry], list[str], list[str]]:
+    """Index a plan that may have been edited or read back: check and refresh every entry."""
+    entries: list[PlanEntry | None] = []
+    at: dict[str, int] = {}  # model key -> index in entries
+    writer: dict[int, PlanEntry] = {}
+    unknown: list[str] = []
+    misfit: list[str] = []
+    ckpt_uses: dict[str, list[str]] = {}  # checkpoint key -> actions naming it
+    for e in plan.entries:
+        if not isinstance(e, PlanEntry) or e.action not in ACTIONS:
+            raise UsageError(
+                f"plan entry {e!r} is not a PlanEntry with an action among {', '.join(ACTIONS)}"
+            )
+        if e.ckpt_key is not None and not e.tied_to:
+            ckpt_uses.setdefault(e.ckpt_key, []).append(e.action)
+        if e.tied_to:  # aliases are re-derived from the model below
+            continue
+        if e.action == "unexpected" or (e.action == "skip" and e.model_key is None):
+            if e.ckpt_key is None:
+                raise UsageError(f"plan entry {e!r} names no checkpoint key")
+            entries.append(e)
+            continue
+        mkey = e.model_key
+        if mkey is None:
+            raise UsageError(f"plan entry {e!r} ({e.action}) names no model key")
+        t = state.get(mkey)
+        if t is None:
+            unknown.append(mkey)
+            continue
+        if mkey in at:
+            first = entries[at[mkey]]
+            raise KeyCollisionError(
+                f"the plan has two entries for model key '{mkey}': {first.action} "
+                f"(from {first.ckpt_key!r}) and {e.action} (from {e.ckpt_key!r}). Only one can "
+                "give it a value: drop one with plan.drop() or edit plan.entries."
+            )
+        mshape, mdtype = tuple(t.shape), dtype_name(t.dtype)
+        action = e.action
+        if action in WRITES or action == "mismatch":
+            if e.ckpt_key is None or e.ckpt_shape is None:
+                raise UsageError(f"plan entry {e!r} ({action}) needs ckpt_key and ckpt_shape")
+        if action in ("load", "cast"):
+            if e.ckpt_shape != mshape:
+                misfit.append(
+                    f"    {mkey}: checkpoint '{e.ckpt_key}' {format_shape(e.ckpt_shape)} vs "
+                    f"model {format_shape(mshape)}"
+                )
+            action = "load" if e.ckpt_dtype == mdtype else "cast"
+        if action != e.action or mshape != e.model_shape or mdtype != e.model_dtype:
+            e = dataclasses.replace(e, action=action, model_shape=mshape, model_dtype=mdtype)
+        at[mkey] = len(entries)
+        entries.append(e)
+        if action in WRITES:
+            writer.setdefault(id(t), e)
+    shared = [k for k, acts in ckpt_uses.items() if len(acts) > 1 and not set(acts) <= WRITES]
+    if shared:
+        k = shared[0]
+        raise KeyCollisionError(
+            f"checkpoint key '{k}' appears in {len(ckpt_uses[k])} plan entries "
+            f"({', '.join(ckpt_uses[k])}); a key that is skipped, mismatched or unexpected "
+            "cannot also be loaded. Use plan.rename(ckpt_key, model_key), which keeps one."
+        )
+
+    return entries, at, writer, unknown, misfit
 
 
 def _writes(e: PlanEntry) -> bool:
