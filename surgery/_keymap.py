@@ -60,7 +60,7 @@ def apply_remap(
         for pattern, repl in rules:
             try:
                 compiled.append((pattern, re.compile(pattern), repl))
-            except re.error as e:
+            except (re.error, TypeError) as e:
                 raise UsageError(f"remap rule {pattern!r} is not a valid regex: {e}") from None
         used: set[str] = set()
 
