@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 from .adapters import adapt_shapes
+from .apply import apply_plan
 from .checkpoint import read_checkpoint
 from .errors import (
     CheckpointError,
@@ -34,6 +35,7 @@ from .freeze import (
 from .load import load_partial
 from .meta import empty_init
 from .optim import GroupTable, describe_groups, param_groups
+from .plan import LoadPlan, PlanEntry, plan_load
 from .report import LoadReport, Mismatch
 
 __version__ = "0.1.0"
@@ -44,8 +46,10 @@ __all__ = [
     "GroupTable",
     "KeyCollisionError",
     "LoadError",
+    "LoadPlan",
     "LoadReport",
     "Mismatch",
+    "PlanEntry",
     "SelectorError",
     "SurgeryError",
     "TrainableSummary",
@@ -53,12 +57,14 @@ __all__ = [
     "UsageError",
     "__version__",
     "adapt_shapes",
+    "apply_plan",
     "describe_groups",
     "empty_init",
     "freeze",
     "freeze_except",
     "load_partial",
     "param_groups",
+    "plan_load",
     "read_checkpoint",
     "trainable_summary",
     "unfreeze",

@@ -60,7 +60,7 @@ def apply_remap(
         for pattern, repl in rules:
             try:
                 compiled.append((pattern, re.compile(pattern), repl))
-            except re.error as e:
+            except (re.error, TypeError) as e:
                 raise UsageError(f"remap rule {pattern!r} is not a valid regex: {e}") from None
         used: set[str] = set()
 
@@ -80,7 +80,12 @@ def apply_remap(
     new_to_old: dict[str, str] = {}
     dropped: list[str] = []
     for k in keys:
-        new = rename(k)
+        try:
+            new = rename(k)
+        except Exception as e:  # a user callable or replacement string failing
+            raise UsageError(
+                f"remap failed on checkpoint key '{k}': {type(e).__name__}: {e}"
+            ) from e
         if new is None:
             dropped.append(k)
             continue

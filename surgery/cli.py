@@ -3,9 +3,10 @@
     surgery inspect CKPT [--key K] [--depth D] [--json]
     surgery diff CKPT --model SPEC [--num-classes N] [--remap REGEX=REPL] [--skip GLOB] [--json]
 
-``diff`` exits 0 when every model tensor that was not skipped would load, 1 otherwise, and 2
+``diff`` exits 0 when the load would pass ``strict=True`` (nothing missing, unexpected or
+mismatched; skipped keys are fine), 1 otherwise, and 2
 on bad input (missing or corrupt file, unknown model spec). Nothing is downloaded: models are
-built on the meta device with random-free, memory-free ``empty_init``.
+built with ``empty_init`` (no random init) and given untouched, unfilled memory.
 """
 
 from __future__ import annotations
@@ -239,25 +240,28 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         raise
     except Exception as e:  # a factory of the user's failing: no traceback, say what failed
         raise UsageError(f"building {args.model} failed: {type(e).__name__}: {e}") from None
+    # The meta model is a planning device here, not a result: give it untouched, unfilled
+    # memory so the report says what loading into a real model would do (nothing is
+    # "initialised" by the meta machinery, missing keys read as missing).
+    model.to_empty(device="cpu")
     report = load_partial(
         model,
         args.checkpoint,
-        key=args.key,
+        entry=args.key,
         remap=remap,
         prefix=None if args.no_prefix else "auto",
         skip=args.skip,
         dry_run=True,
         trust_pickle=args.trust_pickle,
     )
-    report.initialised = []  # the meta model is a planning device here, not a result
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print(report)
         print(
-            "ok: everything not skipped would load"
+            "ok: strict=True would load this checkpoint"
             if report.ok
-            else f"not ok: {len(report.not_loaded())} model tensors would get no value"
+            else f"not ok: {report.why_not_ok()}"
         )
     return 0 if report.ok else 1
 

@@ -28,12 +28,14 @@ class UnsafeCheckpointError(CheckpointError):
     """The file holds pickled objects that ``weights_only=True`` refuses to load."""
 
 
-class KeyCollisionError(SurgeryError):
-    """Two checkpoint keys were renamed onto the same model key."""
+class LoadError(SurgeryError, RuntimeError):
+    """A load or a plan was refused: strict failure, shape mismatch set to error, bad adapter,
+    a plan that does not fit the model. A ``RuntimeError``, as torch's ``load_state_dict``
+    raises, so code catching that keeps working."""
 
 
-class LoadError(SurgeryError):
-    """``load_partial`` refused: strict failure, shape mismatch set to error, bad adapter."""
+class KeyCollisionError(LoadError):
+    """Two checkpoint keys map onto the same model key (after remap, prefix or plan edits)."""
 
 
 class UsageError(SurgeryError, ValueError):

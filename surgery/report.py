@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
-from ._names import compile_patterns, first_match
+from ._select import Selector, match_keys
 from ._table import format_shape, html_table, text_table
 from .errors import LoadError
 
@@ -39,11 +40,13 @@ class Mismatch:
 
 @dataclass
 class LoadReport:
-    """What a load did (or, with ``dry_run=True``, would do).
+    """What a load did (or, with ``dry_run=True``, would do), derived from its plan.
 
     Model keys are the model's ``state_dict()`` names; checkpoint keys are the names in the
-    file after unwrapping. ``ok`` is true when every model tensor the caller did not ``skip``
-    got a value from the checkpoint (``defaulted`` counters aside).
+    file after unwrapping. ``ok`` is true exactly when ``strict=True`` would not have raised:
+    nothing missing, unexpected or mismatched (skipped keys and ``defaulted`` counters are
+    fine). ``missing_keys`` / ``unexpected_keys`` read as torch's ``_IncompatibleKeys``,
+    ``incorrect_shapes`` as fvcore's ``(key, checkpoint shape, model shape)`` list.
 
     Example:
         >>> report = surgery.load_partial(model, "ckpt.pth")  # doctest: +SKIP
@@ -51,7 +54,8 @@ class LoadReport:
 
     ``tensors_*`` and ``params_*`` count parameters (tensors and elements, tied ones once);
     buffers (BatchNorm statistics) are counted apart in ``buffers_*``. ``loaded`` lists
-    every model key that got a value, buffers included.
+    every model key that got a value, buffers included (every alias of a tied tensor).
+    ``missing`` includes keys a meta model ``initialised`` from their module's init.
     """
 
     source: str = ""
@@ -78,22 +82,47 @@ class LoadReport:
 
     @property
     def ok(self) -> bool:
-        """True when nothing the caller did not skip is missing or mismatched."""
-        return not self.missing and not self.mismatched
+        """True exactly when ``strict=True`` would not have raised: nothing missing,
+        unexpected or mismatched. Skipped keys and defaulted counters are fine."""
+        return not self.missing and not self.unexpected and not self.mismatched
+
+    @property
+    def missing_keys(self) -> list[str]:
+        """Model keys the checkpoint had no tensor for (as torch's ``_IncompatibleKeys``)."""
+        return self.missing
+
+    @property
+    def unexpected_keys(self) -> list[str]:
+        """Checkpoint keys (after renaming) the model has no tensor for (as torch's)."""
+        return self.unexpected
+
+    @property
+    def incorrect_shapes(self) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
+        """``(key, checkpoint shape, model shape)`` of every mismatched key, as fvcore."""
+        return [(m.key, m.checkpoint_shape, m.model_shape) for m in self.mismatched]
 
     def not_loaded(self) -> list[str]:
         """Model keys that did not get a value: missing plus mismatched (not adapted)."""
         return sorted({*self.missing, *(m.key for m in self.mismatched)})
 
-    def assert_loaded(self, allow_missing: Iterable[str] | str = ()) -> LoadReport:
-        """Raise ``LoadError`` if any model key outside ``allow_missing`` (globs) got no value.
+    def assert_loaded(self, allow_missing: Selector | Iterable[Selector] = ()) -> LoadReport:
+        """Raise ``LoadError`` if any model key outside ``allow_missing`` got no value.
+
+        ``allow_missing`` holds name patterns (``"fc.*"``, ``"fc"``, ``"re:..."``) resolved
+        like every selector in surgery. It lists keys that *may* go without a value, so a
+        pattern matching keys that did load is fine; one that matches no key of the model at
+        all is a typo and raises ``SelectorError`` with the closest names.
 
         Example:
             >>> report = surgery.load_partial(model, ckpt)  # doctest: +SKIP
             >>> report.assert_loaded(allow_missing=["fc.*"])  # doctest: +SKIP
         """
-        allowed = compile_patterns(allow_missing)
-        bad = [k for k in self.not_loaded() if first_match(allowed, k) is None]
+        not_loaded = self.not_loaded()
+        known = [*self.loaded, *not_loaded, *self.skipped, *self.defaulted]
+        allowed = match_keys(
+            allow_missing or None, known, action="allow_missing", owner=self.model or "the model"
+        )
+        bad = [k for k in not_loaded if k not in allowed]
         if bad:
             lines = [f"    {k}" for k in bad[:20]] + (
                 [f"    ... and {len(bad) - 20} more"] if len(bad) > 20 else []
@@ -105,6 +134,31 @@ class LoadReport:
                 "intended."
             )
         return self
+
+    def why_not_ok(self) -> str:
+        """One line saying why ``ok`` is false, and the fix if it was intended (``""`` if ok).
+
+        Example:
+            >>> report.why_not_ok()  # doctest: +SKIP
+            "2 tensors not loaded: fc.weight, fc.bias (mismatched); pass skip='fc.*' if intended"
+        """
+        parts: list[str] = []
+        for keys, what in (
+            ([m.key for m in self.mismatched], "mismatched"),
+            (self.missing, "missing from the checkpoint"),
+        ):
+            if keys:
+                parts.append(
+                    f"{len(keys)} tensor{'s' * (len(keys) != 1)} not loaded: "
+                    f"{_first(keys)} ({what}); pass skip={_pattern(keys)} if intended"
+                )
+        if self.unexpected:
+            n = len(self.unexpected)
+            parts.append(
+                f"{n} unexpected checkpoint key{'s' * (n != 1)}: {_first(self.unexpected)}; "
+                f"drop with remap=[(r'{_regex(self.unexpected)}', None)] if intended"
+            )
+        return "; ".join(parts)
 
     def to_dict(self) -> dict:
         """Everything in plain Python types (JSON-serialisable)."""
@@ -195,11 +249,50 @@ class LoadReport:
         return "\n".join(parts)
 
     def __repr__(self) -> str:
-        return f"<LoadReport {self.summary()}; ok={self.ok}>"
+        why = "" if self.ok else f" ({self.why_not_ok()})"
+        return f"<LoadReport {self.summary()}; ok={self.ok}{why}>"
 
     def _repr_html_(self) -> str:
         rows = self._rows(50)
         caption = f"{self.source} -> {self.model}: {self.summary()}"
         table = html_table(("status", "key", "detail"), rows, caption=caption)
+        why = "" if self.ok else f"<div>not ok: {html.escape(self.why_not_ok())}</div>"
         notes = "".join(f"<div>note: {html.escape(n)}</div>" for n in self.notes)
-        return table + notes
+        return table + why + notes
+
+
+def _first(keys: list[str], n: int = 3) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def _common_parent(keys: list[str]) -> str:
+    """The longest dotted module prefix every key shares (``""`` when none)."""
+    parts = [k.split(".")[:-1] for k in keys]
+    common: list[str] = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def _pattern(keys: list[str]) -> str:
+    """A ``skip=`` value naming ``keys``: ``'fc.*'`` for one module, else a short list."""
+    parent = _common_parent(keys)
+    if parent:
+        return repr(parent + ".*")
+    if len(keys) == 1:
+        return repr(keys[0])
+    return "[" + ", ".join(repr(k) for k in keys[:3]) + (", ...]" if len(keys) > 3 else "]")
+
+
+def _regex(keys: list[str]) -> str:
+    parent = _common_parent(keys)
+    if parent:
+        return "^" + re.escape(parent + ".")
+    return (
+        "^" + re.escape(keys[0]) + "$"
+        if len(keys) == 1
+        else "^(" + "|".join(re.escape(k) for k in keys[:3]) + ")$"
+    )

@@ -1,0 +1,349 @@
+"""Carry out a :class:`~surgery.plan.LoadPlan`: the only step that writes into a model.
+
+The plan is checked against the model first. Adapters (``adapt`` entries) then run, reading
+only their own checkpoint tensors; any failure is raised before the first write, so the model
+is unchanged. Then meta modules are materialised and tensors stream one at a time from the
+file straight into the model's memory (peak near one copy; skipped tensors are never read).
+The :class:`~surgery.report.LoadReport` is derived from the plan and what apply did, here only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from . import meta
+from ._table import format_shape
+from .checkpoint import CheckpointLike, CheckpointSource, open_source
+from .errors import LoadError, SurgeryError, UsageError
+from .plan import (
+    WRITES,
+    Adapter,
+    LoadPlan,
+    dtype_name,
+    gc_paused,
+    meta_to_initialise,
+    require_module,
+    strict_failure,
+    validate,
+)
+from .report import LoadReport, Mismatch
+
+__all__ = ["apply_plan"]
+
+_LIST = 12
+
+
+def apply_plan(
+    model: nn.Module,
+    plan: LoadPlan,
+    ckpt: CheckpointLike | None = None,
+    *,
+    on_mismatch: Adapter | None = None,
+    dry_run: bool = False,
+) -> LoadReport:
+    """Check ``plan`` against ``model``, load what it says, and report what happened.
+
+    ``ckpt`` defaults to what the plan was made from (the object passed to ``plan_load``, or
+    ``plan.path`` for a plan read back from JSON). ``on_mismatch`` is the adapter for
+    ``adapt`` entries, needed when the plan came from JSON. Whatever error is raised (the plan
+    does not fit, an adapter fails or returns a wrong shape, the checkpoint changed since
+    planning), the model is left as it was. ``dry_run=True`` checks and reports without
+    reading a tensor (adapters are not run: ``adapt`` entries are reported as adapted).
+
+    Example:
+        >>> plan = surgery.plan_load(model, "resnet18.pth")  # doctest: +SKIP
+        >>> report = surgery.apply_plan(model, plan)  # doctest: +SKIP
+    """
+    require_module(model, "apply_plan")
+    if not isinstance(plan, LoadPlan):
+        raise UsageError(
+            f"apply_plan needs a LoadPlan (from surgery.plan_load or LoadPlan.from_dict), got "
+            f"{type(plan).__name__}"
+        )
+    if on_mismatch is not None and (not callable(on_mismatch) or isinstance(on_mismatch, type)):
+        raise UsageError(
+            f"on_mismatch must be an adapter callable (name, ckpt, model) -> Tensor | None, "
+            f"not {on_mismatch!r}"
+        )
+    if not isinstance(dry_run, bool):
+        raise UsageError(f"dry_run must be True or False, not {dry_run!r}")
+    with gc_paused():
+        state = model.state_dict(keep_vars=True)
+        checked = validate(plan, model, state, refuse_empty=not dry_run)
+        if dry_run:
+            return preview(checked, model, state)
+        adapter = on_mismatch or plan.adapter
+        n_adapt = sum(1 for e in checked.entries if e.action == "adapt")
+        if n_adapt and adapter is None:
+            raise UsageError(
+                f"the plan adapts {n_adapt} tensor(s) with {plan.on_mismatch!r}, which a saved "
+                f"plan does not hold; pass it again: apply(model, on_mismatch={plan.on_mismatch})"
+            )
+        if ckpt is None:
+            ckpt = plan.checkpoint if plan.checkpoint is not None else plan.path
+        if ckpt is None:
+            raise UsageError(
+                f"the plan for {plan.source} has no checkpoint to read (it was made from an "
+                "in-memory dict or module and saved); pass ckpt= to apply"
+            )
+        source = open_source(ckpt, key=plan.entry, trust_pickle=plan.trust_pickle)
+        try:
+            return run(checked, model, state, source, adapter)
+        finally:
+            source.close()
+
+
+# --------------------------------------------------------------------------- outcome
+
+
+@dataclass
+class Outcome:
+    """What apply did (or, for a dry run, would do): the facts a report adds to its plan."""
+
+    loaded: list[str] = field(default_factory=list)  # model keys given a value, ties included
+    declined: set[str] = field(default_factory=set)  # adapt entries whose adapter said None
+    initialised: list[str] = field(default_factory=list)
+    tensors_loaded: int = 0
+    tensors_total: int = 0
+    params_loaded: int = 0
+    params_total: int = 0
+    buffers_loaded: int = 0
+    buffers_total: int = 0
+
+
+def _outcome(
+    state: Mapping[str, Tensor], written: set[int], initialised: list[str], declined: set[str]
+) -> Outcome:
+    out = Outcome(declined=declined, initialised=initialised)
+    seen: set[int] = set()
+    for mkey, t in state.items():
+        tid = id(t)
+        hit = tid in written
+        if hit:
+            out.loaded.append(mkey)
+        if tid in seen:
+            continue
+        seen.add(tid)
+        if isinstance(t, nn.Parameter):
+            n = t.numel()
+            out.tensors_total += 1
+            out.params_total += n
+            if hit:
+                out.tensors_loaded += 1
+                out.params_loaded += n
+        else:
+            out.buffers_total += 1
+            out.buffers_loaded += hit
+    return out
+
+
+def _written(plan: LoadPlan, state: Mapping[str, Tensor], declined: set[str]) -> set[int]:
+    return {
+        id(state[e.model_key])  # type: ignore[index]
+        for e in plan.entries
+        if e.action in WRITES and e.model_key not in declined
+    }
+
+
+def preview(plan: LoadPlan, model: nn.Module, state: Mapping[str, Tensor]) -> LoadReport:
+    """The report of a checked plan, without applying it (``dry_run``)."""
+    written = _written(plan, state, set())
+    initialised: list[str] = []
+    if any(t.is_meta for t in state.values()):
+        initialised = meta_to_initialise(model, written)[1]
+    return report_of(plan, _outcome(state, written, initialised, set()), dry_run=True)
+
+
+def report_of(plan: LoadPlan, outcome: Outcome, *, dry_run: bool) -> LoadReport:
+    """The one place a :class:`LoadReport` is assembled: from a plan and its outcome."""
+    report = LoadReport(
+        source=plan.source,
+        model=plan.model,
+        prefix=plan.prefix,
+        notes=list(plan.notes),
+        loaded=outcome.loaded,
+        initialised=outcome.initialised,
+        tensors_loaded=outcome.tensors_loaded,
+        tensors_total=outcome.tensors_total,
+        params_loaded=outcome.params_loaded,
+        params_total=outcome.params_total,
+        buffers_loaded=outcome.buffers_loaded,
+        buffers_total=outcome.buffers_total,
+        dry_run=dry_run,
+    )
+    for e in plan.entries:
+        a = e.action
+        if e.ckpt_key is not None and e.model_key is not None and not e.tied_to:
+            if e.ckpt_key != e.model_key:
+                report.renamed[e.ckpt_key] = e.model_key
+        if a == "load":
+            continue
+        if a == "cast":
+            report.cast.append((e.model_key, e.ckpt_dtype, e.model_dtype))  # type: ignore[arg-type]
+        elif a in ("adapt", "mismatch"):
+            m = Mismatch(str(e.model_key), tuple(e.ckpt_shape or ()), tuple(e.model_shape or ()))
+            if a == "adapt" and e.model_key not in outcome.declined:
+                report.adapted.append(m)
+            else:
+                report.mismatched.append(m)
+        elif a == "skip":
+            report.skipped.append(e.key)
+        elif a in ("missing", "initialise"):
+            report.missing.append(e.key)
+        elif a == "unexpected":
+            report.unexpected.append(e.key)
+        elif a == "defaulted":
+            report.defaulted.append(e.key)
+    return report
+
+
+# --------------------------------------------------------------------------- applying
+
+
+def run(
+    plan: LoadPlan,
+    model: nn.Module,
+    state: dict[str, Tensor],
+    source: CheckpointSource,
+    adapter: Adapter | None,
+) -> LoadReport:
+    """Apply a checked plan: verify the source, run adapters, then write. Errors come first."""
+    _verify_source(plan, source)
+    values, declined = _run_adapters(plan, state, source, adapter)
+    if plan.strict and declined:
+        raise LoadError(strict_failure(plan, state, declined))
+    written = _written(plan, state, declined)
+    init_modules: list[nn.Module] = []
+    initialised: list[str] = []
+    if any(t.is_meta for t in state.values()):
+        init_modules, initialised = meta_to_initialise(model, written)
+    outcome = _outcome(state, written, initialised, declined)
+    _write(model, plan, state, source, values, init_modules)
+    return report_of(plan, outcome, dry_run=False)
+
+
+def _verify_source(plan: LoadPlan, source: CheckpointSource) -> None:
+    """Every tensor the plan reads is in the checkpoint with the planned shape and dtype."""
+    specs = source.specs
+    bad: list[str] = []
+    for e in plan.entries:
+        if e.action not in WRITES:
+            continue
+        spec = specs.get(e.ckpt_key)  # type: ignore[arg-type]
+        if spec is None:
+            bad.append(f"    '{e.ckpt_key}': not in the checkpoint")
+        elif tuple(spec[0]) != e.ckpt_shape or dtype_name(spec[1]) != e.ckpt_dtype:
+            bad.append(
+                f"    '{e.ckpt_key}': planned {format_shape(e.ckpt_shape)} {e.ckpt_dtype}, "
+                f"checkpoint has {format_shape(spec[0])} {dtype_name(spec[1])}"
+            )
+    if bad:
+        raise LoadError(
+            f"{source.description} does not hold what the plan reads ({len(bad)} tensors):\n"
+            + "\n".join(bad[:_LIST])
+            + (f"\n    ... and {len(bad) - _LIST} more" if len(bad) > _LIST else "")
+            + "\nNothing was loaded. Pass the checkpoint the plan was made from (ckpt=...), "
+            "or plan again with surgery.plan_load()."
+        )
+
+
+def _run_adapters(
+    plan: LoadPlan,
+    state: dict[str, Tensor],
+    source: CheckpointSource,
+    adapter: Adapter | None,
+) -> tuple[dict[tuple[int, str], Tensor], set[str]]:
+    """Adapted values by (id(model tensor), checkpoint key), and the model keys declined."""
+    values: dict[tuple[int, str], Tensor] = {}
+    declined_ids: set[tuple[int, str]] = set()
+    declined: set[str] = set()
+    name = plan.on_mismatch
+    for e in plan.entries:
+        if e.action != "adapt":
+            continue
+        mkey, ckey = str(e.model_key), str(e.ckpt_key)
+        target = state[mkey]
+        k = (id(target), ckey)
+        if k in declined_ids:
+            declined.add(mkey)
+            continue
+        if k in values:
+            continue
+        try:
+            value = adapter(mkey, source.read(ckey), target)  # type: ignore[misc]
+        except SurgeryError:
+            raise
+        except Exception as ex:
+            raise LoadError(
+                f"on_mismatch adapter raised {type(ex).__name__} for '{mkey}' ({name}) "
+                f"(checkpoint {format_shape(e.ckpt_shape)} into model "
+                f"{format_shape(target.shape)}): {ex}. Nothing was loaded."
+            ) from ex
+        if value is None:
+            declined_ids.add(k)
+            declined.add(mkey)
+            continue
+        if not isinstance(value, Tensor) or tuple(value.shape) != tuple(target.shape):
+            got = format_shape(value.shape) if isinstance(value, Tensor) else repr(value)
+            raise LoadError(
+                f"on_mismatch adapter returned {got} for '{mkey}' ({name}), but the model "
+                f"expects {format_shape(target.shape)}; return a tensor of that shape "
+                "or None to skip it. Nothing was loaded."
+            )
+        values[k] = value.detach()
+    return values, declined
+
+
+@torch.no_grad()
+def _write(
+    model: nn.Module,
+    plan: LoadPlan,
+    state: dict[str, Tensor],
+    source: CheckpointSource,
+    adapted: dict[tuple[int, str], Tensor],
+    init_modules: list[nn.Module],
+) -> None:
+    owners = meta.holders(model) if any(t.is_meta for t in state.values()) else {}
+    replaced: dict[int, Tensor] = {}
+
+    def current(t: Tensor) -> Tensor:
+        return replaced.get(id(t), t)
+
+    # Modules with tensors the checkpoint lacks: materialise (zeros) and reset them first, so
+    # the loads below land on real memory and are not overwritten by the reset.
+    for mod in init_modules:
+        for t in [*mod._parameters.values(), *mod._buffers.values()]:
+            if t is not None and t.is_meta and id(t) not in replaced:
+                new = torch.zeros(t.shape, dtype=t.dtype)
+                replaced[id(t)] = meta.replace(t, new, owners[id(t)])
+        mod.reset_parameters()
+
+    done: set[tuple[int, str]] = set()  # a tied tensor is written once per checkpoint key
+    for e in plan.entries:
+        if e.action not in WRITES:
+            continue
+        orig = state[e.model_key]  # type: ignore[index]
+        k = (id(orig), str(e.ckpt_key))
+        if k in done:
+            continue
+        done.add(k)
+        if e.action == "adapt":
+            value = adapted.get(k)
+            if value is None:  # declined by the adapter
+                continue
+        target = current(orig)
+        if target.is_meta:
+            new = torch.empty(target.shape, dtype=target.dtype)
+            if e.action == "adapt":
+                new.copy_(value)
+            else:
+                source.read_into(k[1], new)
+            replaced[id(orig)] = meta.replace(target, new, owners[id(orig)])
+        elif e.action == "adapt":
+            target.copy_(value)
+        else:
+            source.read_into(k[1], target)
