@@ -31,6 +31,8 @@ from .freeze import (
     trainable_summary,
     unfreeze,
 )
+from .heads import Chain, HeadRows, chain, head_rows
+from .hub import hub_file
 from .load import load_partial
 from .meta import empty_init
 from .optim import GroupTable, describe_groups, param_groups
@@ -39,9 +41,11 @@ from .report import LoadReport, Mismatch
 __version__ = "0.1.0"
 
 __all__ = [
+    "Chain",
     "CheckpointError",
     "FreezeSummary",
     "GroupTable",
+    "HeadRows",
     "KeyCollisionError",
     "LoadError",
     "LoadReport",
@@ -53,10 +57,13 @@ __all__ = [
     "UsageError",
     "__version__",
     "adapt_shapes",
+    "chain",
     "describe_groups",
     "empty_init",
     "freeze",
     "freeze_except",
+    "head_rows",
+    "hub_file",
     "load_partial",
     "param_groups",
     "read_checkpoint",
