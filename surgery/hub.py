@@ -204,13 +204,15 @@ def _timm_file(name: str, spec: str) -> Path:
         detail = ""
     if cfg is None:
         arch = name.partition(".")[0]
-        close = difflib.get_close_matches(name, timm.list_pretrained(f"{arch}*") or [], n=5)
-        close = close or difflib.get_close_matches(name, timm.list_pretrained(), n=5)
+        close = timm.list_pretrained(f"{arch}.*")[:8]  # the tags of a known architecture
+        if not close:
+            archs = sorted({n.partition(".")[0] for n in timm.list_pretrained()})
+            close = difflib.get_close_matches(arch, archs, n=5)
         raise CheckpointError(
             f"timm has no pretrained weights named {name!r}"
             + (f" ({detail})" if detail else "")
             + (f"; close names: {', '.join(close)}" if close else "")
-            + ". timm.list_pretrained('resnet*') lists them."
+            + f". timm.list_pretrained('{arch[:4]}*') lists them."
         )
     if cfg.hf_hub_id:
         return _hf_download_spec(cfg.hf_hub_id, cfg.hf_hub_filename, spec)
