@@ -65,7 +65,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--weights",
         default=None,
         help="a checkpoint path (.pth/.pt/.safetensors/...), 'torchvision' for "
-        "ResNet18_Weights.IMAGENET1K_V1, or 'timm:NAME' for a timm pretrained tag",
+        "ResNet18_Weights.IMAGENET1K_V1, or a hub name: 'timm:NAME', 'hf-hub:ORG/NAME', "
+        "'torchvision:ENUM' (cached; HF_HUB_OFFLINE=1 never downloads)",
     )
     parser.add_argument(
         "--data",
@@ -212,18 +213,12 @@ def save_weights(model: nn.Module, path: str | Path, classes: list[str]) -> None
 
 
 def load_weights(spec: str):
-    """--weights -> what load_partial takes. 'torchvision' and 'timm:NAME' download once."""
+    """--weights -> what load_partial takes. Hub names download once into their cache."""
     if spec == "torchvision":
-        weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-        state = source = torchvision.models.resnet18(weights=weights).state_dict()
-    elif spec.startswith("timm:"):
-        import timm
-
-        model = timm.create_model(spec.removeprefix("timm:"), pretrained=True)
-        state = source = model.state_dict()
-    else:
-        state = surgery.read_checkpoint(spec)  # lazy (memory-mapped); any checkpoint form
-        source = spec  # load_partial streams from the file and names it in its report
+        spec = "torchvision:ResNet18_Weights.IMAGENET1K_V1"
+    # Lazy (memory-mapped), any checkpoint form; hub names resolve to their cached file.
+    state = surgery.read_checkpoint(spec)
+    source = spec  # load_partial streams from the file and names it in its report
     heads = {k: tuple(v.shape) for k, v in state.items() if re.search(r"(^|\.)fc\.weight$", k)}
     print(f"read {spec}: {len(state)} tensors, old head {heads or 'none'}")
     return source

@@ -32,6 +32,8 @@ from .freeze import (
     trainable_summary,
     unfreeze,
 )
+from .heads import Chain, HeadRows, chain, head_rows
+from .hub import hub_file
 from .load import load_partial
 from .meta import empty_init
 from .optim import GroupTable, describe_groups, param_groups
@@ -41,9 +43,11 @@ from .report import LoadReport, Mismatch
 __version__ = "0.1.0"
 
 __all__ = [
+    "Chain",
     "CheckpointError",
     "FreezeSummary",
     "GroupTable",
+    "HeadRows",
     "KeyCollisionError",
     "LoadError",
     "LoadPlan",
@@ -58,10 +62,13 @@ __all__ = [
     "__version__",
     "adapt_shapes",
     "apply_plan",
+    "chain",
     "describe_groups",
     "empty_init",
     "freeze",
     "freeze_except",
+    "head_rows",
+    "hub_file",
     "load_partial",
     "param_groups",
     "plan_load",

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import CheckpointError, UnsafeCheckpointError
+from .hub import hub_file, is_hub_name
 
 __all__ = ["CheckpointSource", "read_checkpoint"]
 
@@ -242,6 +243,9 @@ def open_source(
         source.container = container
         source.other_entries = _others(src, container)
         return source
+    if isinstance(src, str) and is_hub_name(src) and not os.path.exists(src):
+        # Hub names (hf-hub:, timm:, torchvision:) -> a cached local file; see surgery/hub.py.
+        src = hub_file(src)
     if isinstance(src, (str, os.PathLike)):
         path = Path(src).expanduser()
         if path.is_dir():
@@ -265,7 +269,9 @@ def read_checkpoint(
     """Read a checkpoint into a flat ``{name: tensor}`` state dict.
 
     Accepts ``.pt/.pth/.bin/.ckpt/.tar`` (``torch.load(weights_only=True)``), ``.safetensors``,
-    a sharded ``*.index.json``, a folder holding one of these, a mapping or an ``nn.Module``.
+    a sharded ``*.index.json``, a folder holding one of these, a hub name
+    (``hf-hub:org/name``, ``timm:NAME``, ``torchvision:WEIGHTS``; see :func:`hub_file`), a
+    mapping or an ``nn.Module``.
     Training checkpoints are unwrapped (``state_dict``, ``model``, ``module``, ...); ``key``
     picks an entry explicitly (dotted for nesting, e.g. ``key="ema"``). Arbitrary pickled
     objects are refused unless ``trust_pickle=True``. With ``mmap=True`` tensors are lazy views
