@@ -106,6 +106,7 @@ class Outcome:
 
     loaded: list[str] = field(default_factory=list)  # model keys given a value, ties included
     declined: set[str] = field(default_factory=set)  # adapt entries whose adapter said None
+    notes: list[str] = field(default_factory=list)  # what the adapter said it did
     initialised: list[str] = field(default_factory=list)
     tensors_loaded: int = 0
     tensors_total: int = 0
@@ -164,7 +165,7 @@ def report_of(plan: LoadPlan, outcome: Outcome, *, dry_run: bool) -> LoadReport:
         source=plan.source,
         model=plan.model,
         prefix=plan.prefix,
-        notes=list(plan.notes),
+        notes=[*plan.notes, *outcome.notes],
         loaded=outcome.loaded,
         initialised=outcome.initialised,
         tensors_loaded=outcome.tensors_loaded,
@@ -222,8 +223,20 @@ def run(
     if any(t.is_meta for t in state.values()):
         init_modules, initialised = meta_to_initialise(model, written)
     outcome = _outcome(state, written, initialised, declined)
+    outcome.notes = _adapter_notes(adapter)
     _write(model, plan, state, source, values, init_modules)
     return report_of(plan, outcome, dry_run=False)
+
+
+def _adapter_notes(adapter: Adapter | None) -> list[str]:
+    """Lines an adapter offers about what it did (``head_rows`` lists rows kept and new labels)."""
+    notes = getattr(adapter, "notes", None)
+    if not callable(notes):
+        return []
+    try:
+        return [str(n) for n in notes()]
+    except Exception:  # an adapter's report must never fail a load that succeeded
+        return []
 
 
 def _verify_source(plan: LoadPlan, source: CheckpointSource) -> None:
@@ -262,9 +275,13 @@ def _run_adapters(
     declined_ids: set[tuple[int, str]] = set()
     declined: set[str] = set()
     name = plan.on_mismatch
-    for e in plan.entries:
-        if e.action != "adapt":
-            continue
+    # A layer's weight before its bias (safetensors files sort 'fc.bias' first): an adapter
+    # that initialises new rows needs the weight's fan-in before it sees the bias.
+    adapt = sorted(
+        (e for e in plan.entries if e.action == "adapt"),
+        key=lambda e: (str(e.model_key).rpartition(".")[0], -len(e.model_shape or ())),
+    )
+    for e in adapt:
         mkey, ckey = str(e.model_key), str(e.ckpt_key)
         target = state[mkey]
         k = (id(target), ckey)

@@ -53,12 +53,14 @@ def head_rows(
     with one label a line (blank lines ignored). Lists of equal length give equal shapes, which
     are not a mismatch: the adapter only runs when the class count changes.
 
-    A bias is initialised with its weight's fan-in. When the checkpoint lists the bias first
-    (safetensors files sort keys, so ``fc.bias`` precedes ``fc.weight``) pass ``model=`` so the
-    layer's shape can be looked up; without it that case raises :class:`LoadError`.
+    A bias is initialised with its weight's fan-in; ``load_partial`` hands a layer's weight to
+    adapters before its bias, whatever the file's order. Only when the checkpoint's weight is
+    absent or fits already does the bias need ``model=`` to look the layer's shape up; without
+    it that case raises :class:`LoadError`.
 
     After a load, ``adapter.summary`` maps each head tensor to what was kept and initialised;
-    ``adapter.notes()`` (and ``str(adapter)``) says it in words.
+    ``adapter.notes()`` (and ``str(adapter)``) says it in words, and the load report carries
+    those lines among its notes.
 
     Example:
         >>> import torch, surgery

@@ -142,26 +142,36 @@ def test_meta_model_from_empty_init(r18_imagenet):
     assert "fc.weight" not in report.initialised
 
 
-def test_bias_before_weight_needs_the_model(tmp_path):
-    """safetensors sorts keys, so the adapter sees fc.bias before fc.weight."""
+def test_bias_before_weight_in_the_file(tmp_path):
+    """safetensors sorts keys (fc.bias first); apply hands a layer's weight to the adapter first,
+    so the bias's new rows come from the same fresh layer, and the notes reach the report."""
     torch.manual_seed(0)
     src = SmallCNN(num_classes=5)
     path = tmp_path / "small.safetensors"
     save_file(src.state_dict(), path)
     model = SmallCNN(num_classes=6)
-    before = snapshot(model)
-    with pytest.raises(surgery.LoadError, match=r"'fc.bias'.*Pass model=") as e:
-        surgery.load_partial(model, path, on_mismatch=surgery.head_rows(range(5), range(6)))
-    assert "Nothing was loaded" in str(e.value)
-    assert_same_state(model, before)
-
-    rows = surgery.head_rows(range(5), range(6), model=model)
     torch.manual_seed(9)
-    surgery.load_partial(model, path, on_mismatch=rows)
+    report = surgery.load_partial(model, path, on_mismatch=surgery.head_rows(range(5), range(6)))
     expected = fresh_linear(9, 16, 6)
     assert torch.equal(model.fc.bias[5], expected.bias[5])
     assert torch.equal(model.fc.weight[5], expected.weight[5])
     assert torch.equal(model.fc.weight[:5], src.fc.weight)
+    assert any("fc.weight: kept 5 of 6 rows" in n for n in report.notes), report.notes
+
+
+def test_bias_alone_needs_the_model():
+    """A checkpoint whose head bias mismatches but whose weight is absent: no fan-in known."""
+    torch.manual_seed(0)
+    src = SmallCNN(num_classes=5)
+    sd = {k: v for k, v in src.state_dict().items() if k != "fc.weight"}
+    model = SmallCNN(num_classes=6)
+    before = snapshot(model)
+    with pytest.raises(surgery.LoadError, match=r"'fc.bias'.*Pass model=") as e:
+        surgery.load_partial(model, sd, on_mismatch=surgery.head_rows(range(5), range(6)))
+    assert "Nothing was loaded" in str(e.value)
+    assert_same_state(model, before)
+    surgery.load_partial(model, sd, on_mismatch=surgery.head_rows(range(5), range(6), model=model))
+    assert torch.equal(model.fc.bias[:5], src.fc.bias)
 
 
 def test_conv_classifier_and_other_mismatches_pass_through():
