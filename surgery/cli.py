@@ -182,7 +182,7 @@ def _inspect(source: CheckpointSource, depth: int) -> dict:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    source = open_source(args.checkpoint, key=args.key, trust_pickle=args.trust_pickle)
+    source = open_source(args.checkpoint, entry=args.key, trust_pickle=args.trust_pickle)
     try:
         info = _inspect(source, args.depth)
     finally:
