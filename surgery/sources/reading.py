@@ -119,8 +119,7 @@ def resolve_entry(entry: str | None, key: str | None, *, stacklevel: int = 3) ->
         return entry
     if entry is not None:
         raise UsageError(
-            f"pass entry= only: key= is its deprecated old name (got entry={entry!r}, "
-            f"key={key!r})"
+            f"pass entry= only: key= is its deprecated old name (got entry={entry!r}, key={key!r})"
         )
     warnings.warn(
         "key= is renamed entry= (it names the checkpoint's container entry, e.g. "

@@ -118,7 +118,9 @@ def find_state_dict(obj: Any, where: str, *, explicit: bool) -> tuple[Mapping, l
     if _is_tensor_dict(obj):
         return obj, []
     if is_optimizer_state(obj):
-        raise CheckpointError(f"{where} is an optimizer state, not model weights. {_OPTIMIZER_HINT}")
+        raise CheckpointError(
+            f"{where} is an optimizer state, not model weights. {_OPTIMIZER_HINT}"
+        )
     if not isinstance(obj, Mapping):
         raise CheckpointError(
             f"{where} holds {_value(obj)}, not a state dict. Save the model's state_dict() instead."
@@ -197,7 +199,7 @@ def _is_tensor_dict(obj: Any) -> bool:
 
 
 def _candidates(obj: Mapping) -> dict[str, tuple[Mapping, list[str]]]:
-    """Entries leading to a state dict, one level of nesting included ({'model': {'module': sd}})."""
+    """Entries leading to a state dict, one level of nesting included: {'model': {'module': sd}}."""
     out: dict[str, tuple[Mapping, list[str]]] = {}
     for k, v in obj.items():
         if isinstance(v, nn.Module):
