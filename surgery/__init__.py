@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from .adapters import adapt_shapes
 from .apply import apply_plan
-from .checkpoint import read_checkpoint
 from .errors import (
     CheckpointError,
     KeyCollisionError,
@@ -39,6 +38,7 @@ from .meta import empty_init
 from .optim import GroupTable, describe_groups, param_groups
 from .plan import LoadPlan, PlanEntry, plan_load
 from .report import LoadReport, Mismatch
+from .sources import read_checkpoint
 
 __version__ = "0.1.0"
 

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from . import meta
 from ._table import format_shape
-from .checkpoint import CheckpointLike, CheckpointSource, open_source
 from .errors import LoadError, SurgeryError, UsageError
 from .plan import (
     WRITES,
@@ -31,6 +30,7 @@ from .plan import (
     validate,
 )
 from .report import LoadReport, Mismatch
+from .sources import CheckpointLike, CheckpointSource, open_source
 
 __all__ = ["apply_plan"]
 
@@ -90,7 +90,7 @@ def apply_plan(
                 f"the plan for {plan.source} has no checkpoint to read (it was made from an "
                 "in-memory dict or module and saved); pass ckpt= to apply"
             )
-        source = open_source(ckpt, key=plan.entry, trust_pickle=plan.trust_pickle)
+        source = open_source(ckpt, entry=plan.entry, trust_pickle=plan.trust_pickle)
         try:
             return run(checked, model, state, source, adapter)
         finally:

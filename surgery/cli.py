@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from ._table import format_count, format_shape
-from .checkpoint import CheckpointSource, open_source
 from .errors import SurgeryError, UsageError
 from .load import load_partial
 from .meta import empty_init
+from .sources import CheckpointSource, open_source
 
 __all__ = ["build_model", "main"]
 
@@ -183,7 +183,7 @@ def _inspect(source: CheckpointSource, depth: int) -> dict:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    source = open_source(args.checkpoint, key=args.key, trust_pickle=args.trust_pickle)
+    source = open_source(args.checkpoint, entry=args.key, trust_pickle=args.trust_pickle)
     try:
         info = _inspect(source, args.depth)
     finally:

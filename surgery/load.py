@@ -17,10 +17,10 @@ from torch import nn
 from ._keymap import Remap
 from ._select import Selector
 from .apply import preview, run
-from .checkpoint import CheckpointLike, open_source
 from .errors import UsageError
 from .plan import OnMismatch, check_args, gc_paused, make_plan
 from .report import LoadReport
+from .sources import CheckpointLike, open_source
 
 __all__ = ["load_partial"]
 
@@ -76,7 +76,7 @@ def load_partial(
     if not isinstance(dry_run, bool):
         raise UsageError(f"dry_run must be True or False, not {dry_run!r}")
     with gc_paused():
-        source = open_source(ckpt, key=entry, trust_pickle=trust_pickle)
+        source = open_source(ckpt, entry=entry, trust_pickle=trust_pickle)
         try:
             state = model.state_dict(keep_vars=True)
             plan = make_plan(

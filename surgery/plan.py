@@ -48,9 +48,9 @@ from ._keymap import Remap, apply_prefix, apply_remap, detect_prefix, prefix_hin
 from ._names import closest
 from ._select import Selector, match_keys
 from ._table import format_shape, text_table
-from .checkpoint import CheckpointLike, CheckpointSource, open_source
 from .errors import KeyCollisionError, LoadError, UsageError
 from .report import Mismatch
+from .sources import CheckpointLike, CheckpointSource, open_source
 
 if TYPE_CHECKING:
     from .report import LoadReport
@@ -543,7 +543,7 @@ def plan_load(
     """
     check_args(model, entry, prefix, on_mismatch, strict, trust_pickle, "plan_load")
     with gc_paused():
-        source = open_source(ckpt, key=entry, trust_pickle=trust_pickle)
+        source = open_source(ckpt, entry=entry, trust_pickle=trust_pickle)
         try:
             return make_plan(
                 model,

@@ -29,24 +29,24 @@ def test_plain_state_dict_round_trip(tmp_path, cnn_sd):
         assert all(torch.equal(out[k], cnn_sd[k]) for k in cnn_sd)
 
 
-def test_key_picks_an_entry_and_dotted_nesting(tmp_path, cnn_sd):
+def test_entry_picks_an_entry_and_dotted_nesting(tmp_path, cnn_sd):
     ema = {k: v + 1 if v.is_floating_point() else v for k, v in cnn_sd.items()}
     torch.save({"model": cnn_sd, "ema": ema, "extra": {"inner": ema}}, tmp_path / "c.pth")
     assert torch.equal(surgery.read_checkpoint(tmp_path / "c.pth")["fc.bias"], cnn_sd["fc.bias"])
-    picked = surgery.read_checkpoint(tmp_path / "c.pth", key="ema")
+    picked = surgery.read_checkpoint(tmp_path / "c.pth", entry="ema")
     assert torch.equal(picked["fc.bias"], ema["fc.bias"])
-    nested = surgery.read_checkpoint(tmp_path / "c.pth", key="extra.inner")
+    nested = surgery.read_checkpoint(tmp_path / "c.pth", entry="extra.inner")
     assert torch.equal(nested["fc.bias"], ema["fc.bias"])
     with pytest.raises(CheckpointError, match=r"no entry 'emma'.*'model'.*'ema'"):
-        surgery.read_checkpoint(tmp_path / "c.pth", key="emma")
+        surgery.read_checkpoint(tmp_path / "c.pth", entry="emma")
 
 
-def test_ambiguous_tensor_dicts_ask_for_key(tmp_path, cnn_sd):
+def test_ambiguous_tensor_dicts_ask_for_entry(tmp_path, cnn_sd):
     torch.save({"student": cnn_sd, "teacher": cnn_sd, "epoch": 3}, tmp_path / "kd.pth")
     with pytest.raises(CheckpointError) as e:
         surgery.read_checkpoint(tmp_path / "kd.pth")
-    assert "'student'" in str(e.value) and "'teacher'" in str(e.value) and "key=" in str(e.value)
-    assert surgery.read_checkpoint(tmp_path / "kd.pth", key="teacher").keys() == cnn_sd.keys()
+    assert "'student'" in str(e.value) and "'teacher'" in str(e.value) and "entry=" in str(e.value)
+    assert surgery.read_checkpoint(tmp_path / "kd.pth", entry="teacher").keys() == cnn_sd.keys()
 
 
 def test_nested_wrappers_are_unwrapped(tmp_path, cnn_sd):

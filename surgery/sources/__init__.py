@@ -1,0 +1,19 @@
+"""Checkpoint sources: every common checkpoint form, read lazily, one concern per module.
+
+- ``base``: the source protocol (``specs``, ``read``, ``read_into``, ``close``).
+- ``reading``: ``open_source`` / ``read_checkpoint``, picking a reader for a file.
+- ``torchfile``: ``torch.save`` files, mmap loading and byte offsets.
+- ``safetensors``: ``.safetensors`` files, header parsed once.
+- ``sharded``: ``*.index.json`` and folders.
+- ``memory``: in-memory dicts and modules.
+- ``unwrap``: finding the state dict in a training checkpoint (pure functions).
+- ``pickle_safety``: ``torch.load`` with ``weights_only`` and classified failures.
+- ``filebytes``: reading bytes at an offset straight into a tensor.
+"""
+
+from __future__ import annotations
+
+from .base import CheckpointLike, CheckpointSource
+from .reading import open_source, read_checkpoint
+
+__all__ = ["CheckpointLike", "CheckpointSource", "open_source", "read_checkpoint"]

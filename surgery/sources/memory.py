@@ -1,0 +1,49 @@
+"""Sources over tensors already in memory: a state dict, a training checkpoint dict, a module."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from torch import Tensor, nn
+
+from .base import CheckpointSource
+from .unwrap import unwrap
+
+__all__ = ["MemorySource", "from_mapping", "from_module"]
+
+
+class MemorySource(CheckpointSource):
+    """A flat ``{name: tensor}`` dict served as a source; ``read`` returns the tensor itself."""
+
+    def __init__(
+        self,
+        tensors: Mapping[str, Tensor],
+        description: str,
+        *,
+        container: Sequence[str] = (),
+        other_entries: Sequence[str] = (),
+    ) -> None:
+        super().__init__(description)
+        self._tensors = tensors
+        self.specs = {k: (t.shape, t.dtype) for k, t in tensors.items()}
+        self.container = list(container)
+        self.other_entries = list(other_entries)
+
+    def read(self, key: str) -> Tensor:
+        return self._tensors[key]
+
+
+def from_mapping(obj: Mapping, *, entry: str | None = None) -> MemorySource:
+    """A source over a state dict or a training-checkpoint dict (unwrapped as a file would be)."""
+    found = unwrap(obj, entry, "<dict>")
+    return MemorySource(
+        found.tensors,
+        "<dict>" + found.suffix,
+        container=found.container,
+        other_entries=found.other_entries,
+    )
+
+
+def from_module(module: nn.Module) -> MemorySource:
+    """A source over ``module.state_dict()`` (tensors shared, not copied)."""
+    return MemorySource(module.state_dict(keep_vars=False), f"<{type(module).__name__} module>")

@@ -1,0 +1,87 @@
+"""``torch.load`` with ``weights_only`` and a clear word for each way unpickling fails.
+
+Pickles can run arbitrary code, so torch files are loaded with ``weights_only=True`` unless the
+caller passes ``trust_pickle=True``. torch words every refusal alike; this module tells a file
+holding pickled Python objects (named, with the fix) from a corrupt file, and a whole pickled
+model whose class is gone from both.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError, UnsafeCheckpointError
+
+__all__ = ["torch_load"]
+
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def torch_load(path: Path, *, trust_pickle: bool, mmap: bool) -> Any:
+    """``torch.load(path)`` on CPU, weights-only unless ``trust_pickle``; failures classified.
+
+    Raises :class:`UnsafeCheckpointError` naming the pickled globals weights-only loading
+    refused, or :class:`CheckpointError` saying whether the file is corrupt or a pickled
+    object's class cannot be imported.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
+    except Exception as e:  # the unpickler raises anything on junk; classify it below
+        raise _load_error(path, e, trust_pickle) from None
+
+
+def _load_error(path: Path, e: Exception, trust_pickle: bool) -> CheckpointError:
+    msg = str(e)
+    if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in msg:
+        # torch words every weights-only failure alike; only named globals mean "unsafe".
+        names = _unsafe_globals(path, msg)
+        if names:
+            return _unsafe_error(path, names)
+        detail = re.search(r"WeightsUnpickler error: \s*(.+)", msg)
+        msg = detail.group(1).strip() if detail else "not a pickle torch can read"
+    if trust_pickle and isinstance(e, (AttributeError, ImportError)):
+        # A whole pickled model whose class cannot be found.
+        return CheckpointError(
+            f"'{path}' holds a pickled object whose class cannot be imported ({e}). Pickle "
+            "stores only the class's module and name: import or define that class (under the "
+            "same module name) before loading, or re-save the checkpoint as a state dict with "
+            "torch.save(model.state_dict(), path)."
+        )
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return CheckpointError(f"cannot open checkpoint '{path}': {e}")
+    detail = _first_line(msg) or type(e).__name__
+    return CheckpointError(
+        f"cannot read torch checkpoint '{path}' ({detail}): the file is truncated or corrupt, "
+        "or not a checkpoint; download or save it again."
+    )
+
+
+def _unsafe_globals(path: Path, msg: str) -> list[str]:
+    names = _UNSAFE_GLOBAL.findall(msg)
+    getter = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if getter is not None and zipfile.is_zipfile(path):
+        try:
+            names = list(getter(str(path))) or names
+        except Exception:
+            pass
+    return names
+
+
+def _unsafe_error(path: Path, names: list[str]) -> UnsafeCheckpointError:
+    what = ", ".join(names)
+    return UnsafeCheckpointError(
+        f"'{path}' contains pickled Python objects ({what}) that weights_only loading refuses: "
+        "unpickling them can run arbitrary code. If you trust this file, pass "
+        "trust_pickle=True; better, re-save it once as a plain state dict "
+        "(torch.save(model.state_dict(), path)) or as safetensors."
+    )
+
+
+def _first_line(msg: str) -> str:
+    return msg.strip().splitlines()[0] if msg.strip() else ""

@@ -1,0 +1,145 @@
+"""Opening anything that holds a checkpoint as a source: the public entry points."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from ..errors import CheckpointError, UsageError
+from ..hub import hub_file, is_hub_name
+from .base import CheckpointLike, CheckpointSource
+from .memory import from_mapping, from_module
+from .safetensors import SafetensorsSource, looks_like_safetensors
+from .sharded import ShardedSource, pick_in_folder
+from .torchfile import SUFFIXES, TorchFileSource
+
+__all__ = ["open_file", "open_source", "read_checkpoint", "resolve_entry"]
+
+
+def open_source(
+    src: CheckpointLike | CheckpointSource,
+    *,
+    entry: str | None = None,
+    trust_pickle: bool = False,
+    mmap: bool = True,
+    key: str | None = None,
+) -> CheckpointSource:
+    """Open anything :func:`read_checkpoint` accepts as a lazy :class:`CheckpointSource`.
+
+    Only names, shapes and dtypes are read here; tensors are read one at a time later. Call
+    ``close()`` when done (tensors already read stay valid). ``key=`` is the old name of
+    ``entry=`` and warns.
+
+    Example:
+        >>> src = open_source("runs/last.ckpt", entry="state_dict_ema")  # doctest: +SKIP
+        >>> sorted(src.specs)[:2], src.container, src.other_entries  # doctest: +SKIP
+    """
+    entry = resolve_entry(entry, key)
+    if isinstance(src, CheckpointSource):
+        return src
+    if isinstance(src, nn.Module):
+        return from_module(src)
+    if isinstance(src, Mapping):
+        return from_mapping(src, entry=entry)
+    if isinstance(src, str) and is_hub_name(src) and not os.path.exists(src):
+        # Hub names (hf-hub:, timm:, torchvision:) -> a cached local file; see surgery/hub.py.
+        src = hub_file(src)
+    if isinstance(src, (str, os.PathLike)):
+        path = Path(src).expanduser()
+        if path.is_dir():
+            path = pick_in_folder(path)
+        elif not path.exists():
+            raise CheckpointError(f"checkpoint '{path}' does not exist")
+        return open_file(path, entry=entry, trust_pickle=trust_pickle, mmap=mmap)
+    raise CheckpointError(
+        f"cannot read a checkpoint from a {type(src).__name__}; pass a file path, a folder, "
+        "a dict of tensors or an nn.Module"
+    )
+
+
+def read_checkpoint(
+    src: CheckpointLike,
+    *,
+    entry: str | None = None,
+    trust_pickle: bool = False,
+    mmap: bool = True,
+    key: str | None = None,
+) -> dict[str, Tensor]:
+    """Read a checkpoint into a flat ``{name: tensor}`` state dict.
+
+    Accepts ``.pt/.pth/.bin/.ckpt/.tar`` (``torch.load(weights_only=True)``), ``.safetensors``,
+    a sharded ``*.index.json``, a folder holding one of these, a hub name
+    (``hf-hub:org/name``, ``timm:NAME``, ``torchvision:WEIGHTS``; see :func:`surgery.hub_file`),
+    a mapping or an ``nn.Module``.
+    Training checkpoints are unwrapped (``state_dict``, ``model``, ``module``, ...); ``entry``
+    picks the container entry explicitly (dotted for nesting, e.g. ``entry="ema"``; ``key=``
+    is its deprecated old name). Arbitrary pickled objects are refused unless
+    ``trust_pickle=True``. With ``mmap=True`` tensors of torch files are lazy views of the file.
+
+    Example:
+        >>> sd = surgery.read_checkpoint("runs/last.ckpt", entry="state_dict")  # doctest: +SKIP
+    """
+    entry = resolve_entry(entry, key)
+    source = open_source(src, entry=entry, trust_pickle=trust_pickle, mmap=mmap)
+    try:
+        return {k: source.read(k) for k in source.specs}
+    finally:
+        if source is not src:
+            source.close()
+
+
+def open_file(
+    path: Path, *, entry: str | None = None, trust_pickle: bool = False, mmap: bool = True
+) -> CheckpointSource:
+    """Open one checkpoint file by its kind: index, safetensors (by name or content), torch."""
+    name = path.name.lower()
+    if name.endswith(".index.json"):
+        if entry is not None:
+            raise CheckpointError(
+                f"entry={entry!r} does not apply to the sharded checkpoint '{path}'"
+            )
+        return ShardedSource(
+            path, lambda shard: open_file(shard, trust_pickle=trust_pickle, mmap=mmap)
+        )
+    if name.endswith(".safetensors") or (not name.endswith(SUFFIXES) and _sniff_safetensors(path)):
+        if entry is not None:
+            raise CheckpointError(
+                f"entry={entry!r} does not apply to '{path}': a safetensors file is a flat "
+                "tensor dict"
+            )
+        return SafetensorsSource(path)
+    return TorchFileSource(path, entry=entry, trust_pickle=trust_pickle, mmap=mmap)
+
+
+def resolve_entry(entry: str | None, key: str | None, *, stacklevel: int = 3) -> str | None:
+    """``entry``, or the deprecated ``key`` with a ``DeprecationWarning``; both is an error.
+
+    ``stacklevel`` points the warning at the caller of the public function (3: the caller of
+    the function that calls this).
+    """
+    if key is None:
+        return entry
+    if entry is not None:
+        raise UsageError(
+            f"pass entry= only: key= is its deprecated old name (got entry={entry!r}, key={key!r})"
+        )
+    warnings.warn(
+        "key= is renamed entry= (it names the checkpoint's container entry, e.g. "
+        f"entry={key!r}); key= will be removed in the next release",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
+    return key
+
+
+def _sniff_safetensors(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise CheckpointError(f"cannot open checkpoint '{path}': {e}") from None
+    return looks_like_safetensors(head)

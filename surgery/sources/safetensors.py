@@ -1,0 +1,145 @@
+"""``.safetensors`` files: the header parsed and checked once, tensors read by byte offset.
+
+The format is an 8-byte little-endian header length, a JSON header (name -> dtype, shape,
+``data_offsets``) and the tensor bytes back to back. The header gives every offset, so no
+tensor is read until asked for, and ``read_into`` reads straight into the destination.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+from torch import Tensor
+
+from ..errors import CheckpointError
+from .base import CheckpointSource
+from .filebytes import OffsetReader
+
+__all__ = ["SafetensorsSource", "looks_like_safetensors"]
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "C64": torch.complex64,
+    "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+    "F8_E5M2": getattr(torch, "float8_e5m2", None),
+    "U16": getattr(torch, "uint16", None),
+    "U32": getattr(torch, "uint32", None),
+    "U64": getattr(torch, "uint64", None),
+}
+
+# The safetensors library refuses headers above 100 MB; so does this reader.
+_MAX_HEADER = 100_000_000
+
+
+class SafetensorsSource(CheckpointSource):
+    """A ``.safetensors`` file: specs from its header, every tensor read by offset."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(str(path))
+        specs, offsets = _parse(path)
+        self.specs = specs
+        self._offsets = offsets
+        self._file = OffsetReader(str(path), self.description)
+
+    def read(self, key: str) -> Tensor:
+        shape, dtype = self.specs[key]
+        return self._file.read(self._offsets[key], shape, dtype)
+
+    def _read_into(self, key: str, out: Tensor) -> None:
+        shape, dtype = self.specs[key]
+        self._file.read_into(self._offsets[key], out, shape, dtype)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def looks_like_safetensors(head: bytes) -> bool:
+    """Whether a file's first 9 bytes look like safetensors (a length, then a JSON object)."""
+    return len(head) >= 9 and head[8:9] == b"{"
+
+
+def _parse(path: Path) -> tuple[dict[str, tuple[torch.Size, torch.dtype]], dict[str, int]]:
+    """Specs and absolute byte offsets from the header, checked as the format requires.
+
+    Every tensor's byte span must match its shape and dtype, and the spans must tile the data
+    section exactly: a file cut short or padded fails here, before anything is loaded.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 0 or n > _MAX_HEADER or 8 + n > size:
+                _corrupt(path, f"its header length field says {n} bytes, the file has {size}")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"cannot open checkpoint '{path}': {e}") from None
+    try:
+        header = json.loads(raw)
+    except ValueError as e:
+        _corrupt(path, f"its header is not JSON ({e})")
+    if not isinstance(header, dict):
+        _corrupt(path, "its header is not a JSON object")
+    data_start, data_len = 8 + n, size - 8 - n
+    specs: dict[str, tuple[torch.Size, torch.dtype]] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        shape, dtype, begin, end = _entry(path, name, info)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - begin != nbytes:
+            _corrupt(
+                path,
+                f"tensor '{name}' spans {end - begin} bytes but its shape {tuple(shape)} and "
+                f"dtype {info['dtype']} need {nbytes}",
+            )
+        specs[name] = (torch.Size(shape), dtype)
+        spans.append((begin, end, name))
+    spans.sort()
+    pos = 0
+    for begin, end, name in spans:
+        if begin != pos:
+            _corrupt(path, f"tensor '{name}' starts at data byte {begin}, expected {pos}")
+        pos = end
+    if pos != data_len:
+        what = "truncated" if pos > data_len else "longer than its header says"
+        _corrupt(path, f"the tensors need {pos} data bytes, the file holds {data_len} ({what})")
+    return specs, {name: data_start + begin for begin, _, name in spans}
+
+
+def _entry(path: Path, name: str, info: Any) -> tuple[list[int], torch.dtype, int, int]:
+    try:
+        shape = [int(d) for d in info["shape"]]
+        begin, end = (int(x) for x in info["data_offsets"])
+        code = info["dtype"]
+    except (KeyError, TypeError, ValueError):
+        _corrupt(path, f"tensor '{name}' has a malformed header entry {info!r}")
+    if any(d < 0 for d in shape) or begin < 0 or end < begin:
+        _corrupt(path, f"tensor '{name}' has a malformed header entry {info!r}")
+    dtype = _DTYPES.get(code)
+    if dtype is None:
+        raise CheckpointError(
+            f"'{path}': tensor '{name}' has dtype {code}, which this torch cannot hold"
+        )
+    return shape, dtype, begin, end
+
+
+def _corrupt(path: Path, detail: str) -> NoReturn:
+    raise CheckpointError(
+        f"cannot read safetensors file '{path}': {detail}. The file is truncated or corrupt; "
+        "download or save it again."
+    )

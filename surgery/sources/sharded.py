@@ -1,0 +1,100 @@
+"""Sharded checkpoints (``*.index.json``) and folders: which files make up one checkpoint.
+
+An index maps each tensor name to the shard file holding it. The sharded source opens every
+shard as a source of its own and hands each read to the shard that owns the key, so byte-offset
+reads still go straight into the destination.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from torch import Tensor
+
+from ..errors import CheckpointError
+from .base import CheckpointSource
+from .torchfile import SUFFIXES
+
+__all__ = ["ShardedSource", "pick_in_folder"]
+
+# What a folder may hold, in order of preference: an index, then safetensors, then pickles.
+_FOLDER_PATTERNS = (".safetensors.index.json", ".index.json", ".safetensors", *SUFFIXES)
+
+
+class ShardedSource(CheckpointSource):
+    """A sharded checkpoint described by ``*.index.json`` (``weight_map``: key -> file).
+
+    ``open_shard`` opens one shard file as a source (the caller decides how: torch file or
+    safetensors, trusted or not).
+    """
+
+    def __init__(self, index: Path, open_shard: Callable[[Path], CheckpointSource]) -> None:
+        super().__init__(str(index))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            items = list(weight_map.items())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(
+                f"'{index}' is not a sharded-checkpoint index (expected a JSON object with a "
+                f"'weight_map' of key -> shard file): {e}"
+            ) from None
+        self._owner: dict[str, CheckpointSource] = {}
+        self._shards: dict[str, CheckpointSource] = {}
+        try:
+            for name, shard in items:
+                src = self._shard(index, str(shard), name, open_shard)
+                if name not in src.specs:
+                    raise CheckpointError(
+                        f"'{index}' maps '{name}' to '{shard}', but that shard has no such "
+                        "tensor; the index and the shards do not belong together"
+                    )
+                self._owner[name] = src
+                self.specs[name] = src.specs[name]
+        except BaseException:
+            self.close()
+            raise
+        for src in self._shards.values():
+            self.notes.extend(src.notes)
+
+    def _shard(
+        self, index: Path, shard: str, name: str, open_shard: Callable[[Path], CheckpointSource]
+    ) -> CheckpointSource:
+        if shard not in self._shards:
+            path = index.parent / shard
+            if not path.is_file():
+                raise CheckpointError(
+                    f"shard '{shard}' listed in '{index}' (for '{name}') does not exist in "
+                    f"{index.parent}; download every shard next to the index"
+                )
+            self._shards[shard] = open_shard(path)
+        return self._shards[shard]
+
+    def read(self, key: str) -> Tensor:
+        return self._owner[key].read(key)
+
+    def read_into(self, key: str, out: Tensor) -> None:
+        self._owner[key].read_into(key, out)
+
+    def close(self) -> None:
+        for src in self._shards.values():
+            src.close()
+
+
+def pick_in_folder(folder: Path) -> Path:
+    """The one checkpoint in a folder: an index first, safetensors before pickles."""
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    for pattern in _FOLDER_PATTERNS:
+        found = [p for p in files if p.name.lower().endswith(pattern)]
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            names = ", ".join(p.name for p in found)
+            raise CheckpointError(
+                f"folder '{folder}' holds several checkpoints ({names}); pass the file path"
+            )
+    raise CheckpointError(
+        f"folder '{folder}' holds no checkpoint (looked for *.index.json, *.safetensors, "
+        f"{', '.join('*' + s for s in SUFFIXES)})"
+    )

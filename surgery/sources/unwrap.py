@@ -1,0 +1,220 @@
+"""Finding the state dict inside a training checkpoint: pure functions on loaded objects.
+
+Training scripts save ``{"state_dict": ..., "epoch": ..., "optimizer": ...}``, Lightning
+``{"state_dict": ...}``, DDP wrappers ``{"model": {"module": ...}}``; ``unwrap`` finds the
+tensor dict the way a person would, or names the entries and asks for ``entry=``. Nothing
+here touches files, so every rule is testable on plain dicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..errors import CheckpointError
+
+__all__ = [
+    "CONTAINER_KEYS",
+    "Unwrapped",
+    "describe",
+    "find_state_dict",
+    "is_optimizer_state",
+    "pick_entry",
+    "unwrap",
+]
+
+# Entries that training scripts use to hold the model's state dict, most obvious first.
+# EMA weights are deliberately absent: they are picked with entry="ema" (or its real name).
+CONTAINER_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model",
+    "module",
+    "net",
+    "network",
+    "model_state",
+    "params",
+    "weights",
+)
+
+_OPTIMIZER_HINT = (
+    "Pass the model's weights (model.state_dict(), or the checkpoint entry that holds them); "
+    "optimizer state is restored with surgery.restore_optimizer."
+)
+
+
+@dataclass
+class Unwrapped:
+    """The state dict found in a loaded object, and where it sat.
+
+    ``container`` is the entry path to it (``['model', 'module']``; empty at top level);
+    ``other_entries`` are the top-level entries beside it (``['epoch', 'optimizer']``).
+    """
+
+    tensors: dict[str, Tensor]
+    container: list[str] = field(default_factory=list)
+    other_entries: list[str] = field(default_factory=list)
+
+    @property
+    def suffix(self) -> str:
+        """The container path as subscripts, e.g. ``"['state_dict']"``, for descriptions."""
+        return "".join(f"[{p!r}]" for p in self.container)
+
+
+def unwrap(obj: Any, entry: str | None = None, where: str = "<dict>") -> Unwrapped:
+    """Find the state dict inside ``obj`` (a loaded checkpoint); ``where`` names it in errors.
+
+    ``entry`` picks a container entry explicitly (dotted for nesting: ``"extra.inner"``);
+    without it the obvious container is found (see ``CONTAINER_KEYS``), one level of nesting
+    included.
+
+    Example:
+        >>> import torch
+        >>> ckpt = {"epoch": 3, "model": {"module": {"w": torch.ones(1)}}}
+        >>> found = unwrap(ckpt)
+        >>> list(found.tensors), found.container, found.other_entries
+        (['w'], ['model', 'module'], ['epoch'])
+    """
+    value, path = obj, []
+    if entry is not None:
+        value, path = pick_entry(obj, entry, where)
+        if not isinstance(value, (Mapping, nn.Module)):
+            raise CheckpointError(
+                f"entry {entry!r} of {where} holds {_value(value)}, not a state dict; pick the "
+                f"entry that holds the model's tensors. Its entries are: {_listing(obj)}"
+            )
+    found, inner = find_state_dict(value, where, explicit=entry is not None)
+    container = path + inner
+    return Unwrapped(dict(found), container, _others(obj, container))
+
+
+def pick_entry(obj: Any, entry: str, where: str) -> tuple[Any, list[str]]:
+    """The value at ``entry`` (an exact key first, else dotted nesting) and its key path."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"entry={entry!r} given, but {where} holds a {describe(obj)}, not a dict"
+        )
+    if entry in obj:
+        return obj[entry], [entry]
+    parts = entry.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        head = ".".join(parts[:i])
+        if head in obj and isinstance(obj[head], Mapping):
+            inner, path = pick_entry(obj[head], ".".join(parts[i:]), where)
+            return inner, [head, *path]
+    raise CheckpointError(f"{where} has no entry {entry!r}; its entries are: {_listing(obj)}")
+
+
+def find_state_dict(obj: Any, where: str, *, explicit: bool) -> tuple[Mapping, list[str]]:
+    """The tensor dict in ``obj`` and the entry path to it; a clear error when there is none.
+
+    ``explicit`` says the caller already picked an entry (no hint to pass ``entry=``).
+    """
+    if isinstance(obj, nn.Module):
+        return obj.state_dict(), []
+    if _is_tensor_dict(obj):
+        return obj, []
+    if is_optimizer_state(obj):
+        raise CheckpointError(
+            f"{where} is an optimizer state, not model weights. {_OPTIMIZER_HINT}"
+        )
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"{where} holds {_value(obj)}, not a state dict. Save the model's state_dict() instead."
+        )
+    if not obj:
+        raise CheckpointError(f"{where} is empty: it holds no tensors")
+    candidates = _candidates(obj)
+    for k in CONTAINER_KEYS:
+        if k in candidates:
+            return candidates[k]
+    if len(candidates) == 1:
+        return next(iter(candidates.values()))
+    if len(candidates) > 1:
+        listing = ", ".join(f"'{k}' ({len(v[0])} tensors)" for k, v in candidates.items())
+        raise CheckpointError(
+            f"{where} holds several tensor dicts: {listing}. None is the obvious model state; "
+            f"pass entry= to choose one, e.g. entry={next(iter(candidates))!r}"
+        )
+    bad = [(k, v) for k, v in obj.items() if not isinstance(v, Tensor)]
+    if len(bad) < len(obj):
+        listing = ", ".join(f"'{k}' ({describe(v)})" for k, v in bad[:10])
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise CheckpointError(
+            f"{where} mixes tensors with non-tensor values: {listing}{more}. A state dict holds "
+            "only tensors; remove those entries or pass entry= to pick the tensor dict"
+        )
+    if any(is_optimizer_state(v) for v in obj.values()):
+        hint = f" It holds optimizer state but no model weights. {_OPTIMIZER_HINT}"
+    else:
+        hint = "" if explicit else " Pass entry= to pick the entry that holds the weights."
+    raise CheckpointError(f"found no tensors in {where}; its entries are: {_listing(obj)}.{hint}")
+
+
+def is_optimizer_state(obj: Any) -> bool:
+    """Whether ``obj`` looks like ``optimizer.state_dict()``: ``state`` and ``param_groups``.
+
+    Example:
+        >>> import torch
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+        >>> is_optimizer_state(opt.state_dict()), is_optimizer_state({"w": torch.ones(1)})
+        (True, False)
+    """
+    return (
+        isinstance(obj, Mapping)
+        and isinstance(obj.get("state"), Mapping)
+        and isinstance(obj.get("param_groups"), (list, tuple))
+    )
+
+
+def describe(v: Any) -> str:
+    """A few words for a checkpoint value in a message: ``dict of 3``, ``optimizer state``."""
+    if is_optimizer_state(v):
+        return "optimizer state"
+    if isinstance(v, Mapping):
+        return f"dict of {len(v)}"
+    return type(v).__name__
+
+
+def _value(v: Any) -> str:
+    """``a float (0.71)`` for scalars and short strings, else ``a list``."""
+    if isinstance(v, (bool, int, float)) or (isinstance(v, str) and len(v) <= 40):
+        return f"a {type(v).__name__} ({v!r})"
+    return f"a {describe(v)}"
+
+
+def _listing(obj: Mapping) -> str:
+    return ", ".join(f"'{k}' ({describe(v)})" for k, v in list(obj.items())[:20])
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(v, Tensor) for v in obj.values())
+    )
+
+
+def _candidates(obj: Mapping) -> dict[str, tuple[Mapping, list[str]]]:
+    """Entries leading to a state dict, one level of nesting included: {'model': {'module': sd}}."""
+    out: dict[str, tuple[Mapping, list[str]]] = {}
+    for k, v in obj.items():
+        if isinstance(v, nn.Module):
+            out[str(k)] = (v.state_dict(), [str(k)])
+        elif _is_tensor_dict(v):
+            out[str(k)] = (v, [str(k)])
+        elif isinstance(v, Mapping) and not any(isinstance(x, Tensor) for x in v.values()):
+            for k2 in CONTAINER_KEYS:
+                if _is_tensor_dict(v.get(k2)):
+                    out[str(k)] = (v[k2], [str(k), k2])
+                    break
+    return out
+
+
+def _others(obj: Any, container: list[str]) -> list[str]:
+    if not container or not isinstance(obj, Mapping):
+        return []
+    return [str(k) for k in obj if str(k) != container[0]]
