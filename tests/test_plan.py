@@ -280,7 +280,7 @@ def test_apply_refuses_a_checkpoint_that_changed_since_planning(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["pth", "safetensors", "dict"])
 def test_plan_load_reads_no_tensor_bytes(monkeypatch, tmp_path, r18_imagenet, fmt):
-    import surgery.checkpoint as ck
+    import surgery.sources.filebytes as fb
 
     reads: list[str] = []
 
@@ -304,7 +304,7 @@ def test_plan_load_reads_no_tensor_bytes(monkeypatch, tmp_path, r18_imagenet, fm
     calls = []
     monkeypatch.setattr(CheckpointSource, "read", spy("read"))
     monkeypatch.setattr(CheckpointSource, "read_into", spy("read_into"))
-    monkeypatch.setattr(ck, "_read_into", spy("_read_into"))  # the file-offset reader
+    monkeypatch.setattr(fb, "_readinto_at", spy("_readinto_at"))  # the file-offset reader
     plan = surgery.plan_load(_r18(), ckpt, on_mismatch=lambda *a: calls.append(a))
     dry = surgery.load_partial(_r18(), ckpt, on_mismatch=lambda *a: calls.append(a), dry_run=True)
     assert reads == [] and calls == []  # neither reads nor adapters while planning
