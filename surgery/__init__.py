@@ -33,7 +33,7 @@ from .freeze import (
 )
 from .load import load_partial
 from .meta import empty_init
-from .optim import GroupTable, describe_groups, param_groups
+from .optim import GroupTable, add_param_groups, describe_groups, param_groups
 from .report import LoadReport, Mismatch
 
 __version__ = "0.1.0"
@@ -53,6 +53,7 @@ __all__ = [
     "UsageError",
     "__version__",
     "adapt_shapes",
+    "add_param_groups",
     "describe_groups",
     "empty_init",
     "freeze",

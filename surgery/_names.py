@@ -12,6 +12,8 @@ import fnmatch
 import re
 from collections.abc import Iterable
 
+from .errors import SelectorError
+
 # A name matches a pattern when the whole name, or one of its dotted parents, matches it.
 _PARENT_SUFFIX = r"(?:\..*)?"
 
@@ -19,14 +21,15 @@ _PARENT_SUFFIX = r"(?:\..*)?"
 def compile_pattern(pattern: str) -> re.Pattern[str]:
     """Compile a glob (or ``"re:<regex>"``) into a regex that also matches children."""
     if not isinstance(pattern, str):
-        raise TypeError(f"name pattern must be a string, got {type(pattern).__name__}")
+        raise SelectorError(
+            f"name pattern must be a string such as 'fc.*' or 're:...', got {pattern!r} "
+            f"({type(pattern).__name__})."
+        )
     if pattern.startswith("re:"):
         body = pattern[3:]
         try:
             re.compile(body)
         except re.error as e:
-            from .errors import SelectorError
-
             raise SelectorError(f"invalid regex {body!r} in selector {pattern!r}: {e}") from None
     else:
         # fnmatch.translate gives '(?s:...)\Z'; strip the anchor so children can follow.
