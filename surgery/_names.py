@@ -63,7 +63,13 @@ def closest(word: str, names: Iterable[str], n: int = 3) -> list[str]:
         # Fall back to names sharing the pattern's first component.
         head = word.split(".", 1)[0].strip("*?[]")
         found = [x for x in names if head and head in x][:n]
+        if not found and head:  # 'fcc.*' -> 'backbone.fc': a name ending in a near component
+            found = [x for x in names if _similar(head, x.rpartition(".")[2])][:n]
     return found
+
+
+def _similar(a: str, b: str) -> bool:
+    return difflib.SequenceMatcher(None, a, b).ratio() >= 0.6
 
 
 def parents(name: str) -> list[str]:

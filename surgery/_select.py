@@ -118,7 +118,9 @@ def _nothing_matched(
     label = describe_selector(selector)
     if isinstance(selector, str):
         word = selector[3:] if selector.startswith("re:") else selector
-        near = closest(word, names)
+        # the names' parents too: a key list names 'fc.weight', the user thinks of 'fc'
+        candidates = dict.fromkeys(x for n in names for x in (*parents(n), n))
+        near = closest(word, candidates)
         hint = f" Closest names: {', '.join(near)}." if near else ""
         return f"{action} pattern {label!r} matched nothing in {owner}.{hint}"
     if isinstance(selector, type):
