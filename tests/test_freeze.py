@@ -108,11 +108,18 @@ def test_bn_eval_survives_train_deepcopy_and_pickle():
             assert clone.bn1.training is False and clone.bn2.training is True
 
 
-def test_frozen_bn_uses_running_stats_in_train_mode():
+def _cnn_with_bn1_stats() -> SmallCNN:
+    """A SmallCNN in eval mode whose bn1 statistics and weight are not the defaults."""
     model = SmallCNN(num_classes=3).eval()
     with torch.no_grad():
         model.bn1.running_mean.uniform_(-1, 1)
         model.bn1.running_var.uniform_(0.5, 2)
+        model.bn1.weight.uniform_(0.5, 2)
+    return model
+
+
+def test_frozen_bn_uses_running_stats_in_train_mode():
+    model = _cnn_with_bn1_stats()
     x = _batch()[0]
     ref = model.bn1(model.conv1(x))
     surgery.freeze(model, "conv1", "bn1")
@@ -156,10 +163,7 @@ def test_bn_train_leaves_statistics_moving():
 
 
 def test_bn_frozen_swaps_to_frozenbatchnorm_and_back():
-    model = SmallCNN(num_classes=3).eval()
-    with torch.no_grad():
-        model.bn1.running_mean.uniform_(-1, 1)
-        model.bn1.weight.uniform_(0.5, 2)
+    model = _cnn_with_bn1_stats()
     x = _batch()[0]
 
     def bn1_out() -> torch.Tensor:
