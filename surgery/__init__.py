@@ -35,7 +35,7 @@ from .heads import Chain, HeadRows, chain, head_rows
 from .hub import hub_file
 from .load import load_partial
 from .meta import empty_init
-from .optim import GroupTable, describe_groups, param_groups
+from .optim import GroupTable, add_param_groups, describe_groups, param_groups
 from .plan import LoadPlan, PlanEntry, plan_load
 from .report import LoadReport, Mismatch
 from .sources import read_checkpoint
@@ -61,6 +61,7 @@ __all__ = [
     "UsageError",
     "__version__",
     "adapt_shapes",
+    "add_param_groups",
     "apply_plan",
     "chain",
     "describe_groups",

@@ -12,6 +12,8 @@ import fnmatch
 import re
 from collections.abc import Iterable
 
+from .errors import SelectorError
+
 # A name matches a pattern when the whole name, or one of its dotted parents, matches it.
 _PARENT_SUFFIX = r"(?:\..*)?"
 
@@ -19,14 +21,15 @@ _PARENT_SUFFIX = r"(?:\..*)?"
 def compile_pattern(pattern: str) -> re.Pattern[str]:
     """Compile a glob (or ``"re:<regex>"``) into a regex that also matches children."""
     if not isinstance(pattern, str):
-        raise TypeError(f"name pattern must be a string, got {type(pattern).__name__}")
+        raise SelectorError(
+            f"name pattern must be a string such as 'fc.*' or 're:...', got {pattern!r} "
+            f"({type(pattern).__name__})."
+        )
     if pattern.startswith("re:"):
         body = pattern[3:]
         try:
             re.compile(body)
         except re.error as e:
-            from .errors import SelectorError
-
             raise SelectorError(f"invalid regex {body!r} in selector {pattern!r}: {e}") from None
     else:
         # fnmatch.translate gives '(?s:...)\Z'; strip the anchor so children can follow.
@@ -60,7 +63,13 @@ def closest(word: str, names: Iterable[str], n: int = 3) -> list[str]:
         # Fall back to names sharing the pattern's first component.
         head = word.split(".", 1)[0].strip("*?[]")
         found = [x for x in names if head and head in x][:n]
+        if not found and head:  # 'fcc.*' -> 'backbone.fc': a name ending in a near component
+            found = [x for x in names if _similar(head, x.rpartition(".")[2])][:n]
     return found
+
+
+def _similar(a: str, b: str) -> bool:
+    return difflib.SequenceMatcher(None, a, b).ratio() >= 0.6
 
 
 def parents(name: str) -> list[str]:

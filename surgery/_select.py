@@ -1,6 +1,8 @@
-"""Resolve layer selectors against a model, shared by freezing and parameter grouping.
+"""The one name-matching vocabulary of surgery: freeze selectors, ``param_groups`` rules and
+``no_decay``, and the ``skip`` / ``allow_missing`` keys of loading all resolve here.
 
-A selector is one of:
+:func:`select` resolves selectors against a model's modules and parameters; :func:`match_keys`
+against a list of keys (a checkpoint's or a model's state-dict names). A selector is one of:
 
 * a string: a glob over module and parameter qualified names (``"layer4"`` selects the module
   and everything under it, ``"blocks.1*"``, ``"*.bn*"``), or ``"re:<regex>"``; matching is done
@@ -10,7 +12,9 @@ A selector is one of:
   everything under it.
 
 The model itself (the empty name) is never passed to a type or callable selector; use ``"*"``
-to select everything.
+to select everything. A selector that selects nothing is refused with one
+:class:`~surgery.SelectorError` message, whoever asked: the closest names for a pattern, the
+module types present for a type.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ._names import closest, compile_pattern, parents
+from ._table import first_n
 from .errors import SelectorError
 
 Selector = str | type[nn.Module] | Callable[[str, nn.Module], bool]
+_TOP_LEVEL = 12  # top-level modules named in a 'matched nothing' hint
 
 
 def describe_selector(selector: Selector) -> str:
@@ -57,6 +63,77 @@ def _check(selector: object, action: str) -> None:
     )
 
 
+def as_selectors(selectors: object, action: str) -> list[Selector]:
+    """One selector or an iterable of them as a list (``None``: none), each checked."""
+    if selectors is None:
+        return []
+    if isinstance(selectors, (str, type)) or (
+        callable(selectors) and not isinstance(selectors, nn.Module)
+    ):
+        selectors = [selectors]
+    elif not isinstance(selectors, Iterable) or isinstance(selectors, (bytes, nn.Module)):
+        raise SelectorError(
+            f"{action} takes a name pattern ('fc.*', 're:...'), an nn.Module subclass, a "
+            f"callable (name, module) -> bool, or a list of these; got {selectors!r} "
+            f"({type(selectors).__name__})."
+        )
+    out = list(selectors)
+    for sel in out:
+        _check(sel, action)
+    return out
+
+
+def _selects(sel: Selector, name: str, module: nn.Module) -> bool:
+    if isinstance(sel, type):
+        return isinstance(module, sel)
+    return bool(sel(name, module))  # type: ignore[operator]
+
+
+def _predicate(
+    selector: Selector, modules: list[tuple[str, nn.Module]] | None, action: str
+) -> Callable[[str], bool]:
+    """Whether a dotted name is selected: a pattern matches it or one of its parents; a type
+    or callable selects the modules it accepts and every name under them."""
+    if isinstance(selector, str):
+        rx = compile_pattern(selector)  # the parent rule already covers descendants
+        return lambda name: rx.fullmatch(name) is not None
+    if modules is None:
+        raise SelectorError(
+            f"{action} selector {describe_selector(selector)} selects modules, which needs "
+            "the model; pass a name pattern instead (e.g. 'fc.*')."
+        )
+    roots = {n for n, m in modules if n and _selects(selector, n, m)}
+    return lambda name: name in roots or any(p in roots for p in parents(name))
+
+
+def _nothing_matched(
+    selector: Selector,
+    action: str,
+    owner: str,
+    names: list[str],
+    modules: list[tuple[str, nn.Module]] | None,
+) -> str:
+    """The one message for a selector that selected none of ``names``: the closest names for a
+    pattern, the module types present for a type."""
+    label = describe_selector(selector)
+    if isinstance(selector, str):
+        word = selector[3:] if selector.startswith("re:") else selector
+        # the names' parents too: a key list names 'fc.weight', the user thinks of 'fc'
+        candidates = dict.fromkeys(x for n in names for x in (*parents(n), n))
+        near = closest(word, candidates)
+        hint = f" Closest names: {', '.join(near)}." if near else ""
+        return f"{action} pattern {label!r} matched nothing in {owner}.{hint}"
+    if isinstance(selector, type):
+        types = dict.fromkeys(type(m).__name__ for n, m in modules or () if n)
+        if any(isinstance(m, selector) for n, m in modules or () if n):
+            return f"{action} selector type {label} matched modules but no name of {owner}."
+        return (
+            f"{action} selector type {label} matched no module in {owner}. "
+            f"Module types present: {first_n(types) or '(none)'}."
+        )
+    return f"{action} selector {label} returned False for every module of {owner}."
+
+
 @dataclass
 class Hit:
     """What one selector matched: module names (with descendants) and parameter names."""
@@ -83,47 +160,22 @@ class ModelIndex:
         self.top_level = [n for n, _ in model.named_children()]
 
     def match(self, selector: Selector, action: str = "select") -> Hit:
-        """Module names and parameter names that ``selector`` selects (descendants included)."""
+        """Module names and parameter names that ``selector`` selects (descendants included);
+        an empty :class:`Hit` when it selects nothing."""
         _check(selector, action)
-        hit = Hit()
-        if isinstance(selector, str):
-            rx = compile_pattern(selector)  # the parent rule already covers descendants
-            hit.modules = {n for n, _ in self.modules if rx.fullmatch(n)}
-            hit.params = {n for n, _ in self.params if rx.fullmatch(n)}
-            return hit
-        if isinstance(selector, type):
-            roots = {n for n, m in self.modules if isinstance(m, selector)}
-        else:
-            roots = {n for n, m in self.modules if selector(n, m)}
-        hit.modules = {
-            n for n, _ in self.modules if n in roots or any(p in roots for p in parents(n))
-        }
-        hit.params = {n for n, _ in self.params if any(p in roots for p in parents(n))}
-        return hit
+        selected = _predicate(selector, self.modules, action)
+        return Hit(
+            {n for n, _ in self.modules if selected(n)}, {n for n, _ in self.params if selected(n)}
+        )
 
     def top_level_hint(self) -> str:
-        top = ", ".join(self.top_level) if self.top_level else "(none)"
-        return f"Top-level modules: {top}."
+        return f"Top-level modules: {first_n(self.top_level, _TOP_LEVEL) or '(none)'}."
 
     def nothing_matched(self, selector: Selector, action: str, with_top: bool = True) -> str:
         """The message for a selector that matched nothing: closest names, top-level modules."""
-        label = describe_selector(selector)
-        top = f" {self.top_level_hint()}" if with_top else ""
-        if isinstance(selector, str):
-            word = selector[3:] if selector.startswith("re:") else selector
-            names = [n for n, _ in self.modules] + [n for n, _ in self.params]
-            near = closest(word, names)
-            hint = f" Closest names: {', '.join(near)}." if near else ""
-            return f"{action} pattern {label!r} matched nothing in {self.model_name}.{hint}{top}"
-        if isinstance(selector, type):
-            types = ", ".join(dict.fromkeys(type(m).__name__ for _, m in self.modules))
-            return (
-                f"{action} selector type {label} matched no module in {self.model_name}. "
-                f"Module types present: {types or '(none)'}."
-            )
-        return (
-            f"{action} selector {label} returned False for every module of {self.model_name}.{top}"
-        )
+        names = [n for n, _ in self.modules] + [n for n, _ in self.params]
+        msg = _nothing_matched(selector, action, self.model_name, names, self.modules)
+        return f"{msg} {self.top_level_hint()}" if with_top else msg
 
     def nothing_matched_all(self, selectors: list[Selector], action: str) -> str:
         """One message for every selector that matched nothing (top-level modules listed once)."""
@@ -207,55 +259,17 @@ def match_keys(
         >>> sorted(match_keys("fc", ["conv.weight", "fc.weight", "fc.bias"], action="skip"))
         ['fc.bias', 'fc.weight']
     """
-    if selectors is None:
-        return set()
-    if isinstance(selectors, (str, type)) or (
-        callable(selectors) and not isinstance(selectors, nn.Module)
-    ):
-        selectors = [selectors]  # type: ignore[list-item]
-    elif not isinstance(selectors, Iterable):
-        raise SelectorError(
-            f"{action} takes a name pattern ('fc.*', 're:...'), an nn.Module subclass, a "
-            f"callable (name, module) -> bool, or a list of these; got {selectors!r} "
-            f"({type(selectors).__name__})."
-        )
+    selectors = as_selectors(selectors, action)
     keys = list(keys)
-    modules = dict(model.named_modules(remove_duplicate=False)) if model is not None else None
+    modules = list(model.named_modules(remove_duplicate=False)) if model is not None else None
     out: set[str] = set()
     missed: list[str] = []
     for sel in selectors:
-        _check(sel, action)
-        if isinstance(sel, str):
-            rx = compile_pattern(sel)
-            hit = {k for k in keys if rx.fullmatch(k)}
-        else:
-            if modules is None:
-                raise SelectorError(
-                    f"{action} selector {describe_selector(sel)} selects modules, which needs "
-                    "the model; pass a name pattern instead (e.g. 'fc.*')."
-                )
-            roots = {n for n, m in modules.items() if n and _selects(sel, n, m)}
-            hit = {
-                k
-                for k in keys
-                if (o := k.rpartition(".")[0]) in roots or any(p in roots for p in parents(o))
-            }
+        selected = _predicate(sel, modules, action)
+        hit = {k for k in keys if selected(k)}
         if not hit:
-            label = describe_selector(sel)
-            if isinstance(sel, str):
-                word = sel[3:] if sel.startswith("re:") else sel
-                near = closest(word, keys)
-                hint = f" Closest names: {', '.join(near)}." if near else ""
-            else:
-                hint = ""
-            missed.append(f"{action} selector {label!r} matched no key of {owner}.{hint}")
+            missed.append(_nothing_matched(sel, action, owner, keys, modules))
         out |= hit
     if missed:
         raise SelectorError("\n".join(missed))
     return out
-
-
-def _selects(sel: Selector, name: str, module: nn.Module) -> bool:
-    if isinstance(sel, type):
-        return isinstance(module, sel)
-    return bool(sel(name, module))  # type: ignore[operator]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
+
+LIST_LIMIT = 10  # how many names a message or a table lists before 'and K more'
 
 
 def format_count(n: int | float) -> str:
@@ -43,16 +45,104 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[object]], indent: 
     return "\n".join(lines)
 
 
+_TH_STYLE = "text-align:left;padding:2px 10px;border-bottom:1px solid #999"
+_NUM_STYLE = "text-align:right"
+
+
 def html_table(
-    header: Sequence[str], rows: Sequence[Sequence[object]], caption: str | None = None
+    header: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    caption: str | None = None,
+    numeric: Collection[int] = (),
 ) -> str:
-    """A plain HTML table (escaped), for Jupyter's ``_repr_html_``."""
+    """A plain HTML table (escaped), for Jupyter's ``_repr_html_``; ``numeric`` columns (by
+    index) are right-aligned. Text cells stay bare ``<td>``s so the markup reads plainly."""
     out = ["<table>"]
     if caption:
-        out.append(f"<caption style='text-align:left'>{html.escape(caption)}</caption>")
-    out.append("<thead><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header))
-    out.append("</tr></thead><tbody>")
+        out.append(
+            f"<caption style='text-align:left;font-weight:bold'>{html.escape(caption)}</caption>"
+        )
+    out.append(
+        "<thead><tr>"
+        + "".join(f"<th style='{_TH_STYLE}'>{html.escape(str(h))}</th>" for h in header)
+        + "</tr></thead><tbody>"
+    )
     for r in rows:
-        out.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>")
+        cells = (
+            f"<td style='{_NUM_STYLE}'>{html.escape(str(c))}</td>"
+            if i in numeric
+            else f"<td>{html.escape(str(c))}</td>"
+            for i, c in enumerate(r)
+        )
+        out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
     return "".join(out)
+
+
+# --------------------------------------------------------------------------- lists
+
+
+def first_n(items: Iterable[object], n: int = LIST_LIMIT, sep: str = ", ") -> str:
+    """The first ``n`` items joined, then how many were left out: ``'a, b, c and 4 more'``.
+
+    Example:
+        >>> first_n(["conv1", "bn1", "layer1", "layer2"], 2)
+        'conv1, bn1 and 2 more'
+    """
+    items = [str(x) for x in items]
+    shown = sep.join(items[:n])
+    return f"{shown} and {len(items) - n} more" if len(items) > n else shown
+
+
+def first_n_lines(items: Iterable[object], n: int = LIST_LIMIT, indent: str = "    ") -> list[str]:
+    """One indented line per item for the first ``n``, then ``'... and K more'`` if any left.
+
+    Example:
+        >>> first_n_lines(["a", "b", "c"], 2, indent="  ")
+        ['  a', '  b', '  ... and 1 more']
+    """
+    items = [str(x) for x in items]
+    lines = [indent + x for x in items[:n]]
+    if len(items) > n:
+        lines.append(f"{indent}... and {len(items) - n} more")
+    return lines
+
+
+# --------------------------------------------------------------------------- base
+
+
+class _Table:
+    """Shared rendering of a result that reads as a caption, a table and note lines.
+
+    A subclass sets ``_header`` (column names) and ``_numeric`` (right-aligned columns in HTML)
+    and defines ``_caption()`` and ``_rows()``; ``_notes()`` (plain lines after the table) is
+    optional. ``_text_rows = False`` leaves the table out of ``str()`` (caption and notes only)
+    while the notebook view keeps it. Dataclass subclasses need ``@dataclass(repr=False)`` so
+    they keep this ``__repr__``.
+    """
+
+    _header: tuple[str, ...] = ()
+    _numeric: tuple[int, ...] = ()
+    _text_rows: bool = True
+
+    def _caption(self) -> str:
+        raise NotImplementedError
+
+    def _rows(self) -> list[list[object]]:
+        raise NotImplementedError
+
+    def _notes(self) -> list[str]:
+        return []
+
+    def __str__(self) -> str:
+        lines = [self._caption()]
+        if self._text_rows:
+            lines.append(text_table(self._header, self._rows(), indent="  "))
+        return "\n".join(lines + self._notes())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._caption()!r})"
+
+    def _repr_html_(self) -> str:
+        table = html_table(self._header, self._rows(), self._caption(), self._numeric)
+        return table + "".join(f"<p>{html.escape(line)}</p>" for line in self._notes())

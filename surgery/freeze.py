@@ -11,10 +11,10 @@ BatchNorm handling (``bn=``), for every BatchNorm layer (any ``_BatchNorm``, ``S
 too) whose parameters are all frozen by the call:
 
 * ``"eval"``: the layer normalises with its running statistics and never updates them, even
-  after ``model.train()``. A forward pre-hook sets ``module.training = False`` on each call;
-  the mark survives ``model.train()``, ``copy.deepcopy`` and pickling, and :func:`unfreeze`
-  removes it. (Right after ``model.train()`` the layer's ``training`` flag reads ``True``
-  until its next forward call.)
+  after ``model.train()``: its class becomes a subclass of its own whose ``train()`` keeps it
+  in eval, so ``layer.training`` reads ``False`` and no forward hook is involved
+  (``torch.compile`` sees a plain BatchNorm). ``isinstance`` checks still hold; the hold
+  survives ``copy.deepcopy`` and pickling, and :func:`unfreeze` restores the original class.
 * ``"frozen"``: layers of type exactly ``nn.BatchNorm2d`` that track running statistics are
   replaced by torchvision's ``FrozenBatchNorm2d`` with the same weight, bias, statistics and
   eps; other BatchNorm layers (1-D, 3-D, ``SyncBatchNorm``, subclasses such as timm's
@@ -24,7 +24,6 @@ too) whose parameters are all frozen by the call:
 
 from __future__ import annotations
 
-import html
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,12 +31,13 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim.lr_scheduler import LRScheduler
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ._select import ModelIndex, Selection, Selector, describe_selector, select
-from ._table import format_count, format_percent, html_table, text_table
+from ._table import _Table, format_count, format_percent
 from .errors import UsageError
-from .optim import build_groups, check_number
+from .optim import add_param_groups
 
 __all__ = [
     "FreezeSummary",
@@ -57,8 +57,8 @@ _SWAP_MARK = "_surgery_bn_config"  # set on a FrozenBatchNorm2d that replaced a 
 # --------------------------------------------------------------------------- summaries
 
 
-@dataclass
-class FreezeSummary:
+@dataclass(repr=False)
+class FreezeSummary(_Table):
     """What :func:`freeze`, :func:`unfreeze` and :func:`freeze_except` did.
 
     ``changed_*`` count the parameters whose ``requires_grad`` this call flipped; the
@@ -82,7 +82,11 @@ class FreezeSummary:
     optimizer_tensors: int = 0
     optimizer_skipped: int = 0
 
-    def _lines(self) -> list[str]:
+    _header = ("", "tensors", "params")
+    _numeric = (1, 2)
+    _text_rows = False  # str(): the sentence and its notes; the notebook view adds the table
+
+    def _caption(self) -> str:
         changed = []
         if self.frozen_tensors or self.action != "unfreeze":
             changed.append(
@@ -93,11 +97,14 @@ class FreezeSummary:
                 f"{self.unfrozen_tensors} tensors ({format_count(self.unfrozen_params)} params) "
                 "unfrozen"
             )
-        lines = [
+        return (
             f"{self.action} {self.model_name}: {', '.join(changed)}; trainable "
             f"{format_count(self.trainable_params)} of {format_count(self.total_params)} params "
             f"({format_percent(self.trainable_params, self.total_params)}%)."
-        ]
+        )
+
+    def _notes(self) -> list[str]:
+        lines = []
         bn = []
         if self.bn_eval:
             bn.append(f"{len(self.bn_eval)} held in eval mode (running statistics fixed)")
@@ -117,15 +124,8 @@ class FreezeSummary:
             )
         return lines
 
-    def __str__(self) -> str:
-        return "\n".join(self._lines())
-
-    def __repr__(self) -> str:
-        return f"FreezeSummary({self._lines()[0]!r})"
-
-    def _repr_html_(self) -> str:
-        first, *rest = self._lines()
-        rows = [
+    def _rows(self) -> list[list[object]]:
+        return [
             ["trainable", self.trainable_tensors, format_count(self.trainable_params)],
             [
                 "frozen",
@@ -134,8 +134,6 @@ class FreezeSummary:
             ],
             ["total", self.total_tensors, format_count(self.total_params)],
         ]
-        table = html_table(("", "tensors", "params"), rows, caption=first)
-        return table + "".join(f"<p>{html.escape(line)}</p>" for line in rest)
 
 
 @dataclass
@@ -147,14 +145,15 @@ class TrainableRow:
     bn_fixed: int
 
 
-@dataclass
-class TrainableSummary:
+@dataclass(repr=False)
+class TrainableSummary(_Table):
     """Per top-level module: parameters in total and trainable, and BatchNorm layers held fixed."""
 
     model_name: str
     rows: list[TrainableRow]
 
-    HEADER = ("module", "type", "params", "trainable", "%", "BN fixed")
+    _header = ("module", "type", "params", "trainable", "%", "BN fixed")
+    _numeric = (2, 3, 4, 5)
 
     @property
     def total_params(self) -> int:
@@ -164,7 +163,7 @@ class TrainableSummary:
     def trainable_params(self) -> int:
         return sum(r.trainable for r in self.rows)
 
-    def _cells(self) -> list[list[object]]:
+    def _rows(self) -> list[list[object]]:
         cells: list[list[object]] = []
         for r in self.rows:
             n, t = format_count(r.params), format_count(r.trainable)
@@ -190,15 +189,6 @@ class TrainableSummary:
             f"{self.model_name}: {format_count(self.trainable_params)} of "
             f"{format_count(self.total_params)} params trainable"
         )
-
-    def __str__(self) -> str:
-        return self._caption() + "\n" + text_table(self.HEADER, self._cells(), indent="  ")
-
-    def __repr__(self) -> str:
-        return f"TrainableSummary({self._caption()!r})"
-
-    def _repr_html_(self) -> str:
-        return html_table(self.HEADER, self._cells(), caption=self._caption())
 
 
 def trainable_summary(model: nn.Module) -> TrainableSummary:
@@ -234,26 +224,66 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
 # --------------------------------------------------------------------------- BatchNorm
 
 
+class _HeldEval(nn.Module):
+    """Mixed in before a BatchNorm class: the layer stays in eval mode whatever ``train()`` says.
+
+    :func:`_hold_eval` swaps a layer's class to ``_held_class(type(layer))``, a subclass of its
+    own class, so ``isinstance`` checks still hold and ``forward`` is the original one (no
+    hook: ``torch.compile`` sees a plain module). ``__reduce_ex__`` rebuilds the class from its
+    base, so ``copy.deepcopy`` and pickling keep the layer held; :func:`_release_eval` swaps the
+    base class back.
+    """
+
+    _surgery_base: type[nn.Module]
+
+    def train(self, mode: bool = True) -> _HeldEval:
+        return super().train(False)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, held in eval by surgery.freeze"
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return (_new_held, (self._surgery_base,), self.__dict__)
+
+
+_HELD: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def _held_class(base: type[nn.Module]) -> type[nn.Module]:
+    """The held-in-eval subclass of ``base`` (one per base class, created on first use)."""
+    if base not in _HELD:
+        attrs = {"_surgery_base": base, "__module__": __name__, "__qualname__": base.__name__}
+        _HELD[base] = type(base.__name__, (_HeldEval, base), attrs)
+    return _HELD[base]
+
+
+def _new_held(base: type[nn.Module]) -> nn.Module:
+    """Unpickling / deepcopy: an empty instance of the held subclass of ``base``."""
+    cls = _held_class(base)
+    return cls.__new__(cls)
+
+
 def _bn_eval_pre_hook(module: nn.Module, args: Any) -> None:
-    """Forward pre-hook: a BatchNorm marked ``_surgery_bn_eval`` always runs in eval mode."""
+    """surgery 0.1 held BatchNorms with this hook; kept so models pickled then still load."""
     if getattr(module, _EVAL_MARK, False):
         module.training = False
 
 
 def _is_fixed_bn(m: nn.Module) -> bool:
-    return isinstance(m, FrozenBatchNorm2d) or bool(getattr(m, _EVAL_MARK, False))
+    return isinstance(m, (FrozenBatchNorm2d, _HeldEval)) or bool(getattr(m, _EVAL_MARK, False))
 
 
 def _hold_eval(bn: nn.Module) -> None:
-    setattr(bn, _EVAL_MARK, True)
-    if not any(h is _bn_eval_pre_hook for h in bn._forward_pre_hooks.values()):
-        bn.register_forward_pre_hook(_bn_eval_pre_hook)
-    bn.training = False
+    _release_eval(bn, False)  # a 0.1 hook, if any, gives way to the class swap
+    bn.__class__ = _held_class(type(bn))
+    bn.train(False)
 
 
 def _release_eval(bn: nn.Module, training: bool) -> bool:
-    """Undo :func:`_hold_eval`; whether there was anything to undo."""
-    held = bool(getattr(bn, _EVAL_MARK, False))
+    """Undo :func:`_hold_eval` (or 0.1's hook); whether there was anything to undo."""
+    held = isinstance(bn, _HeldEval) or bool(getattr(bn, _EVAL_MARK, False))
+    if isinstance(bn, _HeldEval):
+        bn.__class__ = bn._surgery_base
     if hasattr(bn, _EVAL_MARK):
         delattr(bn, _EVAL_MARK)
     hooks = bn._forward_pre_hooks
@@ -324,12 +354,14 @@ def _apply_bn_freeze(
     for name, m in _touched_bns(index, touched):
         if not isinstance(m, _BatchNorm) or any(p.requires_grad for p in m.parameters()):
             continue
-        swappable = type(m) is nn.BatchNorm2d and m.running_mean is not None
+        base = m._surgery_base if isinstance(m, _HeldEval) else type(m)
+        swappable = base is nn.BatchNorm2d and m.running_mean is not None
         if bn == "frozen" and swappable:
+            _release_eval(m, False)
             _replace(model, index, m, _to_frozen(m))
             summary.bn_frozen.append(name)
         else:
-            if not getattr(m, _EVAL_MARK, False):
+            if not isinstance(m, _HeldEval):
                 summary.bn_eval.append(name)
             _hold_eval(m)
 
@@ -348,7 +380,7 @@ def _apply_bn_unfreeze(
             if bn == "train":
                 summary.bn_released.append(name)
         if bn == "eval":
-            if not getattr(m, _EVAL_MARK, False):
+            if not isinstance(m, _HeldEval):
                 summary.bn_eval.append(name)
             _hold_eval(m)
         elif _release_eval(m, model.training) and name not in summary.bn_released:
@@ -477,6 +509,7 @@ def unfreeze(
     optimizer: torch.optim.Optimizer | None = None,
     lr: float | None = None,
     weight_decay: float | None = None,
+    scheduler: LRScheduler | None = None,
 ) -> FreezeSummary:
     """Make what the selectors match trainable again; optionally add it to an optimizer.
 
@@ -485,12 +518,10 @@ def unfreeze(
     parameters but keeps their running statistics fixed.
 
     With ``optimizer`` (and the required ``lr``), for gradual unfreezing, the parameters it
-    makes trainable that no group of the optimizer holds yet (checked by identity) are added as
-    a new group named ``"unfreeze <selectors>"``. ``weight_decay`` defaults to the highest
-    weight decay among the optimizer's groups (the base decay); when it is non-zero, biases and
-    normalisation weights go to a second group ``"... no_decay"`` without decay, as in
-    :func:`param_groups`. Calling it again adds nothing. LR schedulers created before do not
-    know the new group; create them after, or rebuild them.
+    makes trainable that no group holds yet go to new groups ``"unfreeze <selectors>"`` (and
+    ``"... no_decay"``) through :func:`~surgery.add_param_groups`, which says how
+    ``weight_decay`` defaults. An LR scheduler already built on the optimizer must be passed
+    as ``scheduler``: the new groups then follow its schedule. Calling it again adds nothing.
 
     Example:
         >>> import torch, torchvision
@@ -498,61 +529,41 @@ def unfreeze(
         >>> _ = freeze_except(model, "fc")
         >>> from surgery import param_groups
         >>> opt = torch.optim.SGD(param_groups(model, lr=0.1))
-        >>> s = unfreeze(model, "layer4", optimizer=opt, lr=0.01)
-        >>> s.optimizer_groups, len(opt.param_groups)
-        (['unfreeze layer4'], 2)
+        >>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5)
+        >>> s = unfreeze(model, "layer4", optimizer=opt, lr=0.01, scheduler=sched)
+        >>> s.optimizer_groups, len(opt.param_groups), sched.base_lrs
+        (['unfreeze layer4'], 2, [0.1, 0.01])
     """
     _check_bn(bn, _UNFREEZE_BN, "unfreeze")
     _check_selectors(selectors, "unfreeze")
-    if optimizer is None and (lr is not None or weight_decay is not None):
-        raise UsageError("unfreeze: lr and weight_decay apply only with optimizer=.")
-    if optimizer is not None:
-        if lr is None:
-            raise UsageError(
-                "unfreeze(..., optimizer=opt) needs the new group's lr=, e.g. lr=1e-5; the "
-                "optimizer's default lr is rarely the one you mean."
-            )
-        check_number("lr", lr, positive=True)
-        if weight_decay is not None:
-            check_number("weight_decay", weight_decay)
+    if optimizer is None and (lr is not None or weight_decay is not None or scheduler):
+        raise UsageError("unfreeze: lr, weight_decay and scheduler apply only with optimizer=.")
     index = ModelIndex(model)
     sel = select(model, selectors, action="unfreeze", index=index)
+    if optimizer is not None:  # refuse a bad lr or scheduler first: an empty model adds nothing
+        add_param_groups(
+            optimizer, nn.Module(), lr=lr, weight_decay=weight_decay, scheduler=scheduler
+        )
     summary = _summary("unfreeze", model)
     summary.unfrozen_tensors, summary.unfrozen_params = _flip(sel.params, trainable=True)
     _apply_bn_unfreeze(model, index, _touched_by(sel, index, sel.ids), bn, summary)
     if optimizer is not None:
-        _add_to_optimizer(model, sel, selectors, optimizer, lr, weight_decay, summary)
+        # re-read the model: BatchNorms swapped back from FrozenBatchNorm2d have new parameters
+        label = "unfreeze " + "+".join(describe_selector(s) for s in selectors)
+        added = add_param_groups(
+            optimizer,
+            model,
+            *selectors,
+            lr=lr,
+            weight_decay=weight_decay,
+            scheduler=scheduler,
+            name=label,
+        )
+        chosen = {id(p) for n, p in model.named_parameters() if p.requires_grad and sel.owns(n)}
+        summary.optimizer_groups = added
+        summary.optimizer_tensors = sum(
+            len(g["params"])
+            for g in optimizer.param_groups[len(optimizer.param_groups) - len(added) :]
+        )
+        summary.optimizer_skipped = len(chosen) - summary.optimizer_tensors
     return _count(summary, model)
-
-
-def _add_to_optimizer(
-    model: nn.Module,
-    sel: Selection,
-    selectors: tuple[Selector, ...],
-    optimizer: torch.optim.Optimizer,
-    lr: float | None,
-    weight_decay: float | None,
-    summary: FreezeSummary,
-) -> None:
-    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    # re-read the model: BatchNorms swapped back from FrozenBatchNorm2d have new parameters
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and sel.owns(n)]
-    new = [(n, p) for n, p in named if id(p) not in held]
-    summary.optimizer_skipped = len(named) - len(new)
-    if not new:
-        return
-    if weight_decay is None:  # the base decay: the highest among the existing groups
-        decays = [float(g.get("weight_decay", 0.0) or 0.0) for g in optimizer.param_groups]
-        weight_decay = max(decays, default=0.0)
-    label = "unfreeze " + "+".join(describe_selector(s) for s in selectors)
-    groups = build_groups(
-        model, new, lr=lr, weight_decay=float(weight_decay or 0.0), default_label=label
-    )
-    with_names = any("param_names" in g for g in optimizer.param_groups)
-    names = {id(p): n for n, p in new}
-    for g in groups:
-        if with_names:
-            g["param_names"] = [names[id(p)] for p in g["params"]]
-        optimizer.add_param_group(g)
-        summary.optimizer_groups.append(g["name"])
-    summary.optimizer_tensors = len(new)

@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import html
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,13 +20,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim import lr_scheduler as sched
 
-from ._names import compile_pattern
-from ._select import ModelIndex, Selector, describe_selector, select
-from ._table import format_count, html_table, text_table
+from ._select import ModelIndex, Selector, as_selectors, describe_selector, select
+from ._table import _Table, first_n, format_count
 from .errors import SelectorError, UsageError
 
-__all__ = ["GroupTable", "describe_groups", "param_groups"]
+__all__ = ["GroupTable", "add_param_groups", "describe_groups", "param_groups"]
 
 RULE_KEYS = ("lr", "lr_scale", "weight_decay")
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -84,10 +83,10 @@ def param_groups(
         ['default', 'default no_decay', 'fc', 'fc no_decay']
         >>> opt = torch.optim.AdamW(groups)
     """
-    check_number("lr", lr, positive=True)
-    check_number("weight_decay", weight_decay)
+    _check_number("lr", lr, positive=True)
+    _check_number("weight_decay", weight_decay)
     if layer_decay is not None:
-        check_number("layer_decay", layer_decay, positive=True)
+        _check_number("layer_decay", layer_decay, positive=True)
         if layer_decay > 1:
             raise UsageError(
                 f"layer_decay={layer_decay} would give earlier layers a higher lr than the head; "
@@ -102,7 +101,7 @@ def param_groups(
             "parameter tensors have requires_grad=False. Unfreeze what should train first, "
             "e.g. surgery.unfreeze(model, 'fc')."
         )
-    return build_groups(
+    return _build_groups(
         model,
         named,
         lr=lr,
@@ -113,7 +112,168 @@ def param_groups(
     )
 
 
-def build_groups(
+def add_param_groups(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    *selectors: Selector,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    scheduler: sched.LRScheduler | None = None,
+    name: str | None = None,
+) -> list[str]:
+    """Add the trainable parameters that no group of ``optimizer`` holds yet; the new group names.
+
+    For gradual unfreezing (:func:`~surgery.unfreeze` calls it with ``optimizer=``): the
+    trainable parameters the selectors match (all of the model's without selectors) that no
+    group holds (checked by identity) go to a new group ``name`` (default: the selectors) with
+    ``lr``. ``weight_decay`` defaults to the highest among the optimizer's groups (the base
+    decay); when it is non-zero, biases and normalisation weights go to a second group
+    ``"<name> no_decay"`` without decay, as in :func:`param_groups`. Groups get
+    ``param_names`` when the optimizer's have them. Calling it again adds nothing.
+
+    An LR scheduler built on the optimizer must be passed as ``scheduler``: the new groups get
+    ``initial_lr=lr``, the scheduler's ``base_lrs`` (and ``lr_lambdas``) grow by one per group,
+    and each group starts at the lr the schedule gives ``lr`` at the current step, so the next
+    ``scheduler.step()`` moves it along the same curve as the others. Supported: LambdaLR,
+    MultiplicativeLR, StepLR, MultiStepLR, ConstantLR, LinearLR, ExponentialLR, PolynomialLR,
+    CosineAnnealingLR, CosineAnnealingWarmRestarts; other schedulers are refused, as is an
+    optimizer whose groups carry ``initial_lr`` (a scheduler is attached) without ``scheduler``.
+    Nothing is changed when it raises.
+
+    Example:
+        >>> import torch, torchvision
+        >>> from surgery import freeze_except, unfreeze
+        >>> model = torchvision.models.resnet18(num_classes=10)
+        >>> _ = freeze_except(model, "fc")
+        >>> opt = torch.optim.SGD(param_groups(model, lr=0.1))
+        >>> sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+        >>> _ = unfreeze(model, "layer4")
+        >>> add_param_groups(opt, model, "layer4", lr=0.01, scheduler=sched)
+        ['layer4']
+        >>> sched.base_lrs
+        [0.1, 0.01]
+    """
+    if lr is None:
+        raise UsageError(
+            "adding parameters to an optimizer needs the new group's lr=, e.g. lr=1e-5; the "
+            "optimizer's default lr is rarely the one you mean."
+        )
+    _check_number("lr", lr, positive=True)
+    if weight_decay is not None:
+        _check_number("weight_decay", weight_decay)
+    _check_scheduler(optimizer, scheduler)
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    index = ModelIndex(model)
+    if selectors:
+        sel = select(model, selectors, action="add_param_groups", index=index)
+        chosen = sel.ids
+    else:
+        chosen = {id(p) for _, p in index.params}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) in chosen]
+    new = [(n, p) for n, p in named if id(p) not in held]
+    if not new:
+        return []
+    if weight_decay is None:  # the base decay: the highest among the existing groups
+        decays = [float(g.get("weight_decay", 0.0) or 0.0) for g in optimizer.param_groups]
+        weight_decay = max(decays, default=0.0)
+    label = name or "+".join(describe_selector(s) for s in selectors) or "added"
+    groups = _build_groups(
+        model, new, lr=lr, weight_decay=float(weight_decay), default_label=label, index=index
+    )
+    with_names = any("param_names" in g for g in optimizer.param_groups)
+    names = {id(p): n for n, p in new}
+    start = _schedule_factor(scheduler) if scheduler is not None else None
+    for g in groups:
+        if with_names:
+            g["param_names"] = [names[id(p)] for p in g["params"]]
+        if scheduler is not None:
+            g["initial_lr"] = g["lr"]
+            g["lr"] = start(g["lr"])  # type: ignore[misc]
+        optimizer.add_param_group(g)
+        if scheduler is not None:
+            _grow_scheduler(scheduler, g)
+    return [g["name"] for g in groups]
+
+
+# Schedulers whose lr at a step is eta_min + (base_lr - eta_min) * f(step) for every group, so
+# a group added late can join at the point of the curve the others are at.
+_AFFINE_SCHEDULERS: tuple[type, ...] = (
+    sched.LambdaLR,
+    sched.MultiplicativeLR,
+    sched.StepLR,
+    sched.MultiStepLR,
+    sched.ConstantLR,
+    sched.LinearLR,
+    sched.ExponentialLR,
+    sched.PolynomialLR,
+    sched.CosineAnnealingLR,
+    sched.CosineAnnealingWarmRestarts,
+)
+
+
+def _check_scheduler(optimizer: torch.optim.Optimizer, scheduler: sched.LRScheduler | None) -> None:
+    """Refuse, before anything changes, a scheduler a new group could not follow."""
+    fix = (
+        "Create the scheduler after adding the groups, or rebuild it (keeping last_epoch) "
+        "once they are added."
+    )
+    if scheduler is None:
+        if any("initial_lr" in g for g in optimizer.param_groups):
+            raise UsageError(
+                "the optimizer's groups carry 'initial_lr', so an LR scheduler is attached to "
+                "it; a group added behind its back would keep a constant lr (or make "
+                "scheduler.step() fail). Pass it: scheduler=sched. " + fix
+            )
+        return
+    if getattr(scheduler, "optimizer", None) is not optimizer:
+        raise UsageError(
+            f"scheduler {type(scheduler).__name__} is not attached to this optimizer; pass the "
+            "scheduler built on it."
+        )
+    if not isinstance(scheduler, _AFFINE_SCHEDULERS):
+        names = ", ".join(c.__name__ for c in _AFFINE_SCHEDULERS)
+        raise UsageError(
+            f"cannot add a group to a running {type(scheduler).__name__}: surgery can extend "
+            f"only {names}. " + fix
+        )
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is not None and len({id(f) for f in lambdas}) > 1:
+        raise UsageError(
+            f"{type(scheduler).__name__} has one lr_lambda per group, so which one a new group "
+            "should follow is ambiguous. " + fix
+        )
+    n = len(optimizer.param_groups)
+    if len(scheduler.base_lrs) != n:
+        raise UsageError(
+            f"{type(scheduler).__name__} has {len(scheduler.base_lrs)} base_lrs for {n} "
+            "parameter groups (a group was added without it). " + fix
+        )
+
+
+def _schedule_factor(scheduler: sched.LRScheduler) -> Any:
+    """``lr -> the lr the schedule gives a group of initial lr ``lr`` now``, read off the first
+    existing group whose initial lr differs from ``eta_min``."""
+    eta = float(getattr(scheduler, "eta_min", 0.0))
+    groups = scheduler.optimizer.param_groups
+    for base, g in zip(scheduler.base_lrs, groups, strict=True):
+        if float(base) != eta:
+            ratio = (float(g["lr"]) - eta) / (float(base) - eta)
+            return lambda lr: eta + (lr - eta) * ratio
+    return lambda lr: lr
+
+
+def _grow_scheduler(scheduler: sched.LRScheduler, group: dict[str, Any]) -> None:
+    """One more entry in the scheduler's per-group lists, for ``group`` just added."""
+    scheduler.base_lrs.append(group["initial_lr"])
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is not None:
+        lambdas.append(lambdas[0])
+    last = getattr(scheduler, "_last_lr", None)  # what get_last_lr() returns until next step
+    if isinstance(last, list):
+        last.append(group["lr"])
+
+
+def _build_groups(
     model: nn.Module,
     named: list[tuple[str, nn.Parameter]],
     *,
@@ -125,7 +285,7 @@ def build_groups(
     default_label: str = "default",
     index: ModelIndex | None = None,
 ) -> list[dict[str, Any]]:
-    """Groups for ``(name, parameter)`` pairs (unique, trainable); unfreeze uses it too."""
+    """Groups for ``(name, parameter)`` pairs (unique, trainable); add_param_groups uses it too."""
     index = index or ModelIndex(model)
     rule_ids = _resolve_rules(index, rules, named)
     no_decay_names = _no_decay_names(model, index, named, no_decay)
@@ -172,7 +332,7 @@ def build_groups(
     return list(groups.values())
 
 
-def check_number(what: str, value: object, positive: bool = False) -> None:
+def _check_number(what: str, value: object, positive: bool = False) -> None:
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (positive and value == 0):
         need = "a positive number" if positive else "a number >= 0"
@@ -208,7 +368,7 @@ def _normalise_rules(rules: object) -> list[tuple[Selector, dict[str, float]]]:
                 f"{', '.join(map(repr, bad))}; allowed: {', '.join(RULE_KEYS)}."
             )
         for k, v in overrides.items():
-            check_number(f"rules[{i}] {k}", v, positive=(k == "lr"))
+            _check_number(f"rules[{i}] {k}", v, positive=(k == "lr"))
         out.append((sel, dict(overrides)))
     return out
 
@@ -239,7 +399,7 @@ def _resolve_rules(
             trainable_top = sorted({n.split(".", 1)[0] for n, _ in named})
             problems.append(
                 f"{action} {label!r} matched {what} in {index.model_name}; frozen parameters "
-                f"are never put in a group. Trainable: {', '.join(trainable_top)}."
+                f"are never put in a group. Trainable: {first_n(trainable_top)}."
             )
             continue
         if live <= claimed.keys():
@@ -269,22 +429,18 @@ def _no_decay_names(
 ) -> set[str]:
     if no_decay is None or no_decay is False:
         return set()
-    if isinstance(no_decay, str) and no_decay != "auto":
-        no_decay = [no_decay]
-    if no_decay != "auto":
-        if not isinstance(no_decay, Iterable):
-            raise UsageError(
-                f"no_decay must be 'auto', None or a list of selectors, got {no_decay!r}."
-            )
-        sel = select(model, list(no_decay), action="no_decay", index=index)
+    if not (isinstance(no_decay, str) and no_decay == "auto"):
+        selectors = as_selectors(no_decay, "no_decay")
+        sel = select(model, selectors, action="no_decay", index=index)
         return {n for n, p in named if id(p) in sel.ids}
     owners = dict(index.modules)
     owners[""] = model
-    patterns = []
+    listed_names: set[str] = set()  # what (timm) no_weight_decay() lists, resolved to names
     for prefix, m in [("", model), *index.modules]:
         listed = getattr(m, "no_weight_decay", None)
         if callable(listed):
-            patterns += [compile_pattern(f"{prefix}.{n}" if prefix else n) for n in listed()]
+            for n in listed():  # timm lists names a variant may lack ('dist_token'): no error
+                listed_names |= index.match(f"{prefix}.{n}" if prefix else n, "no_decay").params
     out = set()
     for n, p in named:
         owner = owners.get(n.rpartition(".")[0])
@@ -293,7 +449,7 @@ def _no_decay_names(
             or n == "bias"
             or n.endswith(".bias")
             or (owner is not None and _is_norm(owner))
-            or any(rx.fullmatch(n) for rx in patterns)
+            or n in listed_names
         ):
             out.add(n)
     return out
@@ -356,20 +512,21 @@ class GroupRow:
     weight_decay: float | None
 
 
-@dataclass
-class GroupTable:
+@dataclass(repr=False)
+class GroupTable(_Table):
     """What :func:`describe_groups` returns: one row per group, printable and notebook-friendly."""
 
     rows: list[GroupRow]
     notes: list[str] = field(default_factory=list)
 
-    HEADER = ("group", "tensors", "params", "lr", "weight decay")
+    _header = ("group", "tensors", "params", "lr", "weight decay")
+    _numeric = (1, 2, 3, 4)
 
     @property
     def total_params(self) -> int:
         return sum(r.params for r in self.rows)
 
-    def _cells(self) -> list[list[object]]:
+    def _rows(self) -> list[list[object]]:
         def num(x: float | None) -> str:
             return "default" if x is None else f"{x:.4g}"
 
@@ -385,17 +542,8 @@ class GroupTable:
             f"{format_count(self.total_params)} params"
         )
 
-    def __str__(self) -> str:
-        lines = [self._caption(), text_table(self.HEADER, self._cells(), indent="  ")]
-        lines += [f"note: {n}" for n in self.notes]
-        return "\n".join(lines)
-
-    def _repr_html_(self) -> str:
-        notes = "".join(f"<p>note: {html.escape(n)}</p>" for n in self.notes)
-        return html_table(self.HEADER, self._cells(), caption=self._caption()) + notes
-
-    def __repr__(self) -> str:
-        return f"GroupTable({self._caption()})"
+    def _notes(self) -> list[str]:
+        return [f"note: {n}" for n in self.notes]
 
 
 def describe_groups(groups: Sequence[Mapping[str, Any]] | torch.optim.Optimizer) -> GroupTable:

@@ -108,11 +108,18 @@ def test_bn_eval_survives_train_deepcopy_and_pickle():
             assert clone.bn1.training is False and clone.bn2.training is True
 
 
-def test_frozen_bn_uses_running_stats_in_train_mode():
+def _cnn_with_bn1_stats() -> SmallCNN:
+    """A SmallCNN in eval mode whose bn1 statistics and weight are not the defaults."""
     model = SmallCNN(num_classes=3).eval()
     with torch.no_grad():
         model.bn1.running_mean.uniform_(-1, 1)
         model.bn1.running_var.uniform_(0.5, 2)
+        model.bn1.weight.uniform_(0.5, 2)
+    return model
+
+
+def test_frozen_bn_uses_running_stats_in_train_mode():
+    model = _cnn_with_bn1_stats()
     x = _batch()[0]
     ref = model.bn1(model.conv1(x))
     surgery.freeze(model, "conv1", "bn1")
@@ -156,10 +163,7 @@ def test_bn_train_leaves_statistics_moving():
 
 
 def test_bn_frozen_swaps_to_frozenbatchnorm_and_back():
-    model = SmallCNN(num_classes=3).eval()
-    with torch.no_grad():
-        model.bn1.running_mean.uniform_(-1, 1)
-        model.bn1.weight.uniform_(0.5, 2)
+    model = _cnn_with_bn1_stats()
     x = _batch()[0]
 
     def bn1_out() -> torch.Tensor:
@@ -396,3 +400,91 @@ def test_small_trainable_share_does_not_read_as_zero():
     assert "trainable 2.6K of 11.2M params (0.02%)" in str(s)
     total = str(surgery.trainable_summary(model)).splitlines()[-1].split()
     assert total[0] == "total" and total[-2] == "0.02"
+
+
+# --------------------------------------------------------------------------- held BatchNorm
+
+
+def _no_hooks(m: nn.Module) -> bool:
+    return not (m._forward_pre_hooks or m._forward_hooks)
+
+
+def test_held_bn_reads_eval_right_after_train_and_has_no_hooks():
+    model = SmallCNN(num_classes=3)
+    surgery.freeze(model, "conv1", "bn1")
+    model.train()
+    assert model.bn1.training is False  # before any forward call
+    assert model.bn2.training is True and model.training is True
+    assert isinstance(model.bn1, nn.BatchNorm2d) and _no_hooks(model.bn1)
+    assert "held in eval" in repr(model.bn1)
+    stats = model.bn1.running_mean.clone(), model.bn1.running_var.clone()
+    for seed in range(2):
+        model(_batch(seed=seed)[0])
+        assert model.bn1.training is False
+    assert torch.equal(model.bn1.running_mean, stats[0])
+    assert torch.equal(model.bn1.running_var, stats[1])
+    assert int(model.bn1.num_batches_tracked) == 0
+    model.eval().train()
+    assert model.bn1.training is False
+
+
+def test_held_bn_class_survives_copies_and_unfreeze_restores_it():
+    model = SmallCNN(num_classes=3)
+    surgery.freeze(model, "bn1")
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for clone in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
+        clone.train()
+        assert clone.bn1.training is False and _no_hooks(clone.bn1)
+        assert isinstance(clone.bn1, nn.BatchNorm2d)
+        assert type(clone.bn1) is type(model.bn1)  # one held class per BatchNorm class
+        summary = surgery.unfreeze(clone, "bn1")
+        assert summary.bn_released == ["bn1"]
+        assert type(clone.bn1) is nn.BatchNorm2d and clone.bn1.training is True
+        mean = clone.bn1.running_mean.clone()
+        clone(_batch()[0])
+        assert not torch.equal(clone.bn1.running_mean, mean)
+    assert model.bn1.training is False  # the copies did not release the original
+
+
+def test_held_bn_subclass_and_refreeze_to_frozenbatchnorm():
+    class MyBN(nn.BatchNorm2d):
+        pass
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), MyBN(4), nn.BatchNorm2d(4))
+    summary = surgery.freeze(model, "1", "2")
+    assert summary.bn_eval == ["1", "2"]
+    assert isinstance(model[1], MyBN) and type(model[1]).__name__ == "MyBN"
+    clone = copy.deepcopy(model)
+    assert isinstance(clone[1], MyBN) and clone.train()[1].training is False
+    # a layer held in eval can still be swapped to FrozenBatchNorm2d later
+    again = surgery.freeze(model, "2", bn="frozen")
+    assert again.bn_frozen == ["2"] and isinstance(model[2], FrozenBatchNorm2d)
+    assert isinstance(model[1], MyBN) and model.train()[1].training is False
+
+
+def test_model_held_by_surgery_0_1_hook_is_released():
+    from surgery.freeze import _bn_eval_pre_hook
+
+    model = SmallCNN(num_classes=3)
+    model.bn1.weight.requires_grad_(False)
+    model.bn1.bias.requires_grad_(False)
+    model.bn1._surgery_bn_eval = True  # how 0.1 marked a held layer
+    model.bn1.register_forward_pre_hook(_bn_eval_pre_hook)
+    assert surgery.trainable_summary(model).rows[1].bn_fixed == 1
+    summary = surgery.unfreeze(model, "bn1")
+    assert summary.bn_released == ["bn1"] and _no_hooks(model.bn1)
+    assert not hasattr(model.bn1, "_surgery_bn_eval")
+
+
+@pytest.mark.slow
+def test_held_bn_compiles_as_a_plain_module():
+    model = SmallCNN(num_classes=3)
+    surgery.freeze(model, "conv1", "bn1")
+    model.train()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # a graph break fails
+    means = model.bn1.running_mean.clone(), model.bn2.running_mean.clone()
+    compiled(_batch()[0])
+    assert torch.equal(model.bn1.running_mean, means[0])
+    assert not torch.equal(model.bn2.running_mean, means[1])

@@ -293,3 +293,105 @@ def test_describe_groups(resnet):
     assert "holds 1 frozen tensor" in str(surgery.describe_groups(opt))
     plain = surgery.describe_groups([{"params": list(resnet.fc.parameters())}])
     assert plain.rows[0].name == "group 0" and "default" in str(plain)
+
+
+# --------------------------------------------------------------------------- add_param_groups
+
+SCHEDULES = {
+    "lambda": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.9**e),
+    "cosine": lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=6, eta_min=1e-3),
+    "step": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
+}
+
+
+def _step(opt, scheduler, model=None):
+    if model is not None:
+        model(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    scheduler.step()
+
+
+@pytest.mark.parametrize("kind", list(SCHEDULES))
+def test_group_added_mid_schedule_follows_it(kind):
+    from conftest import SmallCNN
+
+    torch.manual_seed(0)
+    # reference: the head group at 0.1 and the fc group at 0.02 from the start
+    model = SmallCNN(num_classes=3)
+    ref_opt = torch.optim.SGD(
+        [{"params": [model.conv1.weight], "lr": 0.1}, {"params": [model.fc.weight], "lr": 0.02}]
+    )
+    ref = SCHEDULES[kind](ref_opt)
+    expected = []
+    for _ in range(8):
+        _step(ref_opt, ref)
+        expected.append(ref_opt.param_groups[1]["lr"])
+
+    surgery.freeze_except(model, "conv1.weight")
+    opt = torch.optim.SGD([{"params": [model.conv1.weight], "lr": 0.1}])
+    scheduler = SCHEDULES[kind](opt)
+    for _ in range(3):
+        _step(opt, scheduler, model)
+    summary = surgery.unfreeze(
+        model, "fc.weight", optimizer=opt, lr=0.02, weight_decay=0, scheduler=scheduler
+    )
+    assert summary.optimizer_groups == ["unfreeze fc.weight"]
+    new = opt.param_groups[1]
+    assert new["initial_lr"] == 0.02 and scheduler.base_lrs == [0.1, 0.02]
+    assert new["lr"] == pytest.approx(expected[2])  # joins where the schedule is now
+    assert scheduler.get_last_lr()[1] == pytest.approx(expected[2])
+    before = model.fc.weight.detach().clone()
+    for i in range(3, 8):
+        _step(opt, scheduler, model)
+        assert new["lr"] == pytest.approx(expected[i]), i
+    assert not torch.equal(model.fc.weight, before)  # the new group trains
+    assert scheduler.state_dict()["base_lrs"] == [0.1, 0.02]
+
+
+def test_add_param_groups_adds_what_no_group_holds(resnet):
+    surgery.freeze_except(resnet, "fc", "layer4")
+    opt = torch.optim.AdamW(
+        [p for n, p in resnet.named_parameters() if n.startswith("fc")], lr=1e-3, weight_decay=WD
+    )
+    added = surgery.add_param_groups(opt, resnet, lr=1e-4)
+    assert added == ["added", "added no_decay"]
+    groups = _group_of(opt.param_groups)  # no parameter twice
+    assert set(groups) == {id(p) for p in resnet.parameters() if p.requires_grad}
+    assert [g["weight_decay"] for g in opt.param_groups[1:]] == [WD, 0.0]
+    assert surgery.add_param_groups(opt, resnet, lr=1e-4) == []
+    assert surgery.add_param_groups(opt, resnet, "layer1", lr=1e-4) == []  # frozen: nothing
+    surgery.unfreeze(resnet, "layer3")
+    named = surgery.add_param_groups(opt, resnet, "layer3", lr=1e-5, name="warmup")
+    assert named == ["warmup", "warmup no_decay"]
+    assert opt.param_groups[-1]["lr"] == 1e-5
+
+
+def test_scheduler_must_be_passed_and_be_one_a_group_can_follow(resnet):
+    surgery.freeze_except(resnet, "fc")
+    groups = surgery.param_groups(resnet, lr=0.1)
+    opt = torch.optim.SGD(groups)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=2)
+    before = [dict(g) for g in opt.param_groups]
+    with pytest.raises(UsageError, match="scheduler=sched"):
+        surgery.unfreeze(resnet, "layer4", optimizer=opt, lr=0.01)
+    assert not any(p.requires_grad for p in resnet.layer4.parameters())  # nothing changed
+    assert opt.param_groups == before
+
+    opt = torch.optim.SGD(surgery.param_groups(resnet, lr=0.1))
+    cyclic = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+    with pytest.raises(UsageError, match="cannot add a group to a running OneCycleLR"):
+        surgery.unfreeze(resnet, "layer4", optimizer=opt, lr=0.01, scheduler=cyclic)
+    assert len(opt.param_groups) == 1 and not resnet.layer4[0].conv1.weight.requires_grad
+
+    two = torch.optim.SGD([{"params": [resnet.fc.weight]}, {"params": [resnet.fc.bias]}], lr=0.1)
+    per_group = torch.optim.lr_scheduler.LambdaLR(two, [lambda e: 1.0, lambda e: 0.5])
+    with pytest.raises(UsageError, match="one lr_lambda per group"):
+        surgery.add_param_groups(two, resnet, "layer4", lr=0.01, scheduler=per_group)
+    other = torch.optim.lr_scheduler.StepLR(torch.optim.SGD(groups), step_size=1)
+    with pytest.raises(UsageError, match="not attached to this optimizer"):
+        surgery.add_param_groups(two, resnet, lr=0.01, scheduler=other)
+    with pytest.raises(UsageError, match="lr="):
+        surgery.add_param_groups(two, resnet)
+    with pytest.raises(UsageError, match="scheduler apply only with optimizer"):
+        surgery.unfreeze(resnet, "layer4", scheduler=other)
