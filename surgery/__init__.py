@@ -18,6 +18,7 @@ from .errors import (
     CheckpointError,
     KeyCollisionError,
     LoadError,
+    OptimizerStateError,
     SelectorError,
     SurgeryError,
     UnsafeCheckpointError,
@@ -34,6 +35,12 @@ from .freeze import (
 from .load import load_partial
 from .meta import empty_init
 from .optim import GroupTable, describe_groups, param_groups
+from .optimizer_state import (
+    OptimizerReport,
+    optimizer_state,
+    restore_optimizer,
+    restore_scheduler,
+)
 from .report import LoadReport, Mismatch
 
 __version__ = "0.1.0"
@@ -46,6 +53,8 @@ __all__ = [
     "LoadError",
     "LoadReport",
     "Mismatch",
+    "OptimizerReport",
+    "OptimizerStateError",
     "SelectorError",
     "SurgeryError",
     "TrainableSummary",
@@ -58,8 +67,11 @@ __all__ = [
     "freeze",
     "freeze_except",
     "load_partial",
+    "optimizer_state",
     "param_groups",
     "read_checkpoint",
+    "restore_optimizer",
+    "restore_scheduler",
     "trainable_summary",
     "unfreeze",
 ]

@@ -9,6 +9,7 @@ __all__ = [
     "CheckpointError",
     "KeyCollisionError",
     "LoadError",
+    "OptimizerStateError",
     "SelectorError",
     "SurgeryError",
     "UnsafeCheckpointError",
@@ -34,6 +35,11 @@ class KeyCollisionError(SurgeryError):
 
 class LoadError(SurgeryError):
     """``load_partial`` refused: strict failure, shape mismatch set to error, bad adapter."""
+
+
+class OptimizerStateError(LoadError):
+    """``restore_optimizer`` refused: parameter names cannot be trusted, a shape change set to
+    error, a bad adapter. The optimizer is left unchanged."""
 
 
 class UsageError(SurgeryError, ValueError):
