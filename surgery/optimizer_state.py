@@ -138,7 +138,9 @@ class OptimizerReport:
                 rows.append((status, f"... {len(items) - len(shown)} more", ""))
 
         if self.prefix:
-            rows.append(("prefix", "", f"{describe_prefix(self.prefix)} ({len(self.renamed)} names)"))
+            rows.append(
+                ("prefix", "", f"{describe_prefix(self.prefix)} ({len(self.renamed)} names)")
+            )
         add(
             "reset",
             [
@@ -422,7 +424,8 @@ def _plan(
     report.dropped += [o for o in removed if old.state.get(o)]
     if steps:
         report.step = max(steps)
-    if not report.restored and not report.adapted and old.state:
+    matched = [o for n, o in new_to_old.items() if n in params and old.state.get(o)]
+    if old.state and not matched:
         hint = ""
         if report.dropped:
             hint = (

@@ -66,7 +66,9 @@ def old_state_in_form(form: str, kind: str, model: nn.Module, opt, tmp_path):
     """The old optimizer state in one of the forms restore_optimizer takes, and its kwargs."""
     if form == "checkpoint":
         path = tmp_path / "last.pth"
-        torch.save({"epoch": 3, "state_dict": model.state_dict(), "optimizer": opt.state_dict()}, path)
+        torch.save(
+            {"epoch": 3, "state_dict": model.state_dict(), "optimizer": opt.state_dict()}, path
+        )
         return str(path), {}
     if form == "names":
         return opt.state_dict(), {"names": [n for n, _ in model.named_parameters()]}
@@ -149,11 +151,12 @@ def test_state_follows_parameters_through_surgery(trained, form, tmp_path):
     assert float(opt.state[params["module.fc.weight"]].get("step", 1)) == 1.0
 
 
+@pytest.mark.slow  # a real resnet18 trained two steps: seconds alone, much longer on a busy CPU
 def test_positional_checkpoint_resnet18_head_swap(tmp_path):
     torch.manual_seed(0)
     old = torchvision.models.resnet18(num_classes=10)
     opt = torch.optim.AdamW(old.parameters(), lr=1e-3)
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 16, 16)
     for _ in range(2):
         opt.zero_grad()
         old(x).sum().backward()
@@ -197,13 +200,16 @@ def test_positional_state_contradicting_names_is_refused(tmp_path):
     new_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     train(model, new_opt, steps=1)
     before = state_copy(new_opt)
-    groups_before = copy.deepcopy([{k: v for k, v in g.items() if k != "params"}
-                                   for g in new_opt.param_groups])
+    groups_before = copy.deepcopy(
+        [{k: v for k, v in g.items() if k != "params"} for g in new_opt.param_groups]
+    )
     with pytest.raises(surgery.OptimizerStateError) as err:
         surgery.restore_optimizer(new_opt, model, str(path))
     msg = str(err.value)
     assert "contradict" in msg
-    assert "position 0: step (), exp_avg (10,), exp_avg_sq (10,) vs 'conv1.weight' (8, 3, 3, 3)" in msg
+    assert (
+        "position 0: step (), exp_avg (10,), exp_avg_sq (10,) vs 'conv1.weight' (8, 3, 3, 3)" in msg
+    )
     assert "names=" in msg
     assert "unchanged" in msg
     # the optimizer is exactly as it was
@@ -229,14 +235,17 @@ def test_subset_optimizer_is_aligned_by_shape_or_refused_when_ambiguous(tmp_path
     report = surgery.restore_optimizer(opt, model, ckpt)
     assert report.restored == ["fc.weight", "fc.bias"]
     assert torch.equal(
-        opt.state[model.fc.weight]["momentum_buffer"], head_opt.state[old.fc.weight]["momentum_buffer"]
+        opt.state[model.fc.weight]["momentum_buffer"],
+        head_opt.state[old.fc.weight]["momentum_buffer"],
     )
     assert "inferred" in " ".join(report.notes)
 
     bn_opt = torch.optim.SGD([old.bn1.weight], lr=0.1, momentum=0.9)  # (8,): 3 candidates
     train(old, bn_opt)
     with pytest.raises(surgery.OptimizerStateError, match="more than one way"):
-        surgery.restore_optimizer(opt, model, {"model": old.state_dict(), "optimizer": bn_opt.state_dict()})
+        surgery.restore_optimizer(
+            opt, model, {"model": old.state_dict(), "optimizer": bn_opt.state_dict()}
+        )
     # with the names given it works
     report = surgery.restore_optimizer(opt, model, bn_opt.state_dict(), names=["bn1.weight"])
     assert report.restored == ["bn1.weight"]
@@ -251,7 +260,9 @@ def test_bare_positional_state_needs_names(trained):
     # the old model (or its weights) names them
     report = surgery.restore_optimizer(opt, model, old_opt.state_dict(), names=old_model)
     assert len(report.restored) == 10
-    report = surgery.restore_optimizer(opt, model, old_opt.state_dict(), names=old_model.state_dict())
+    report = surgery.restore_optimizer(
+        opt, model, old_opt.state_dict(), names=old_model.state_dict()
+    )
     assert len(report.restored) == 10
     with pytest.raises(surgery.OptimizerStateError, match="lists 2 names"):
         surgery.restore_optimizer(opt, model, old_opt.state_dict(), names=["a", "b"])
@@ -264,7 +275,9 @@ def test_on_mismatch_adapter_and_error(trained):
     opt = make_optimizer(kind, model.parameters())
     state = surgery.optimizer_state(old_opt, old_model)
 
-    with pytest.raises(surgery.OptimizerStateError, match=r"fc\.weight: old \(10, 16\) vs new \(4, 16\)"):
+    with pytest.raises(
+        surgery.OptimizerStateError, match=r"fc\.weight: old \(10, 16\) vs new \(4, 16\)"
+    ):
         surgery.restore_optimizer(opt, model, state, on_mismatch="error")
     assert not opt.state
 
@@ -305,9 +318,7 @@ def test_skip_leaves_a_same_shape_head_fresh_and_remap_renames(trained):
 
     other = Renamed()
     opt2 = make_optimizer(kind, other.parameters())
-    report = surgery.restore_optimizer(
-        opt2, other, state, remap=[(r"^", "backbone.")], prefix=None
-    )
+    report = surgery.restore_optimizer(opt2, other, state, remap=[(r"^", "backbone.")], prefix=None)
     assert len(report.restored) == 10
     with pytest.raises(surgery.OptimizerStateError, match="none of the 10"):
         surgery.restore_optimizer(opt2, other, state, remap={"^conv": "trunk"}, prefix=None)
@@ -347,12 +358,18 @@ def test_report_as_text_html_and_dict(trained, tmp_path):
     assert "2 reset, 4 frozen" in text
     assert "added prefix 'module.'" in text
     assert re.search(r"reset\s+module\.fc\.weight\s+old \(10, 16\) vs new \(5, 16\)", text)
-    assert re.search(r"frozen\s+module\.conv1\.weight\s+old state not restored: requires_grad=False", text)
+    assert re.search(
+        r"frozen\s+module\.conv1\.weight\s+old state not restored: requires_grad=False", text
+    )
     assert not report.ok
     html = report._repr_html_()
     assert html.startswith("<table>") and "module.conv2.weight" in html  # restored rows too
     d = json.loads(json.dumps(report.to_dict()))
-    assert d["reset"][0] == {"key": "module.fc.weight", "checkpoint_shape": [10, 16], "model_shape": [5, 16]}
+    assert d["reset"][0] == {
+        "key": "module.fc.weight",
+        "checkpoint_shape": [10, 16],
+        "model_shape": [5, 16],
+    }
     assert d["ok"] is False and len(d["restored"]) == 4
     assert "OptimizerReport restored 4/6" in repr(report)
 
@@ -375,15 +392,13 @@ def test_optimizer_state_names_tied_parameters_once_and_refuses_strangers():
 
 def test_restore_scheduler_replays_the_schedule_for_the_new_groups(trained):
     kind, old_model, old_opt, _ = trained
-    old_sched = torch.optim.lr_scheduler.OneCycleLR(
-        old_opt, max_lr=0.1, total_steps=20
-    )
+    old_sched = torch.optim.lr_scheduler.OneCycleLR(old_opt, max_lr=0.1, total_steps=20)
     for _ in range(7):
         old_opt.step()
         old_sched.step()
     ckpt = {"optimizer": old_opt.state_dict(), "lr_scheduler": old_sched.state_dict()}
 
-    model, groups = surgery_model(old_model)
+    _, groups = surgery_model(old_model)
     max_lrs = [10 * g["lr"] for g in groups]
     opt = make_optimizer(kind, copy.copy(groups))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lrs, total_steps=20)
@@ -406,3 +421,34 @@ def test_restore_scheduler_replays_the_schedule_for_the_new_groups(trained):
         old_plateau.step(loss)
     surgery.restore_scheduler(plateau, {"scheduler": old_plateau.state_dict()})
     assert (plateau.best, plateau.num_bad_epochs) == (0.5, 2)
+
+
+def load_recipe():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "resnet18_head.py"
+    spec = importlib.util.spec_from_file_location("resnet18_head", path)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    return recipe
+
+
+def test_recipe_resume_restores_all_but_the_head(trained, tmp_path, capsys):
+    kind, old_model, old_opt, old_by_name = trained
+    recipe = load_recipe()
+    assert recipe.get_args_parser().parse_args(["--resume"]).resume is True
+    path = tmp_path / "pretrained.pth"  # the demo's layout: DDP keys, positional AdamW state
+    sd = {"module." + k: v for k, v in old_model.state_dict().items()}
+    torch.save({"epoch": 3, "state_dict": sd, "optimizer": old_opt.state_dict()}, path)
+    model = SmallCNN(num_classes=10)  # a new head of the same shape
+    surgery.load_partial(model, str(path), skip="fc")
+    opt = make_optimizer(kind, surgery.param_groups(model, lr=1e-3, layer_decay=0.5))
+    report = recipe.resume_optimizer(opt, model, str(path))
+    assert "OptimizerReport: " in capsys.readouterr().out
+    assert len(report.restored) == 8 and report.skipped == ["fc.weight", "fc.bias"]
+    k = "exp_avg" if kind == "adamw" else "momentum_buffer"
+    assert torch.equal(opt.state[model.conv1.weight][k], old_by_name["conv1.weight"][k])
+    assert not opt.state.get(model.fc.weight)
+    with pytest.raises(SystemExit, match="--resume needs"):
+        recipe.resume_optimizer(opt, model, old_model.state_dict())
