@@ -24,6 +24,7 @@ Commands (from the repository root, with surgery installed, e.g. by ``make demo`
     python recipes/resnet18_head.py                   # the demo
     python recipes/resnet18_head.py --seed 1          # the demo, another seed
     python recipes/resnet18_head.py --quick           # the demo's plumbing in seconds
+    python recipes/resnet18_head.py --resume          # ... the pretraining AdamW state kept too
 
     # Your data: an ImageFolder (DATA/<class>/*.jpg, or DATA/train/<class> and DATA/val/<class>)
     python recipes/resnet18_head.py --weights torchvision --data DATA --freeze head-only
@@ -108,6 +109,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--workers", type=int, default=2, help="--data: DataLoader workers")
     # the demo only
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="also restore the optimizer state saved in the --weights checkpoint (in the demo: "
+        "the pretraining AdamW's): each moment follows its weight by name into the new groups, "
+        "the new head and the frozen layers start fresh (surgery.restore_optimizer)",
+    )
     demo = parser.add_argument_group("demo (no --weights/--data)")
     demo.add_argument(
         "--workdir",
@@ -197,8 +205,24 @@ def fine_tune(model, weights, train_loader, test_loader, args, *, freeze, desc):
         )
     print(surgery.describe_groups(groups))
     optimizer = torch.optim.AdamW(groups)
+    if args.resume and weights is not None:
+        resume_optimizer(optimizer, model, weights)
     train(model, train_loader, optimizer, epochs=args.epochs, device=args.device, desc=desc)
     return evaluate(model, test_loader, device=args.device)
+
+
+def resume_optimizer(optimizer, model, checkpoint) -> surgery.OptimizerReport:
+    """--resume: give the new optimizer the saved optimizer's state, by parameter name.
+
+    Positional state (``optimizer.state_dict()``) is named from the checkpoint's own weights;
+    the ``module.`` prefix is dropped as for the weights. The head is new even where its shape
+    fits, so its old moments are skipped.
+    """
+    if not isinstance(checkpoint, (str, Path)):
+        raise SystemExit("--resume needs --weights to be a checkpoint file with optimizer state")
+    report = surgery.restore_optimizer(optimizer, model, checkpoint, skip="fc")
+    print(report)
+    return report
 
 
 def save_weights(model: nn.Module, path: str | Path, classes: list[str]) -> None:

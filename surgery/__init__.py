@@ -18,6 +18,7 @@ from .errors import (
     CheckpointError,
     KeyCollisionError,
     LoadError,
+    OptimizerStateError,
     SelectorError,
     SurgeryError,
     UnsafeCheckpointError,
@@ -36,6 +37,12 @@ from .hub import hub_file
 from .load import load_partial
 from .meta import empty_init
 from .optim import GroupTable, add_param_groups, describe_groups, param_groups
+from .optimizer_state import (
+    OptimizerReport,
+    optimizer_state,
+    restore_optimizer,
+    restore_scheduler,
+)
 from .plan import LoadPlan, PlanEntry, plan_load
 from .report import LoadReport, Mismatch
 from .sources import read_checkpoint
@@ -53,6 +60,8 @@ __all__ = [
     "LoadPlan",
     "LoadReport",
     "Mismatch",
+    "OptimizerReport",
+    "OptimizerStateError",
     "PlanEntry",
     "SelectorError",
     "SurgeryError",
@@ -71,9 +80,12 @@ __all__ = [
     "head_rows",
     "hub_file",
     "load_partial",
+    "optimizer_state",
     "param_groups",
     "plan_load",
     "read_checkpoint",
+    "restore_optimizer",
+    "restore_scheduler",
     "trainable_summary",
     "unfreeze",
 ]

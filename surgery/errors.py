@@ -9,6 +9,7 @@ __all__ = [
     "CheckpointError",
     "KeyCollisionError",
     "LoadError",
+    "OptimizerStateError",
     "SelectorError",
     "SurgeryError",
     "UnsafeCheckpointError",
@@ -36,6 +37,11 @@ class LoadError(SurgeryError, RuntimeError):
 
 class KeyCollisionError(LoadError):
     """Two checkpoint keys map onto the same model key (after remap, prefix or plan edits)."""
+
+
+class OptimizerStateError(LoadError):
+    """``restore_optimizer`` refused: parameter names cannot be trusted, a shape change set to
+    error, a bad adapter. The optimizer is left unchanged."""
 
 
 class UsageError(SurgeryError, ValueError):
