@@ -32,6 +32,7 @@ from .freeze import (
     unfreeze,
 )
 from .load import load_partial
+from .match import Layout, Match, MatchedKey, match, verify
 from .meta import empty_init
 from .optim import GroupTable, describe_groups, param_groups
 from .report import LoadReport, Mismatch
@@ -43,8 +44,11 @@ __all__ = [
     "FreezeSummary",
     "GroupTable",
     "KeyCollisionError",
+    "Layout",
     "LoadError",
     "LoadReport",
+    "Match",
+    "MatchedKey",
     "Mismatch",
     "SelectorError",
     "SurgeryError",
@@ -58,8 +62,10 @@ __all__ = [
     "freeze",
     "freeze_except",
     "load_partial",
+    "match",
     "param_groups",
     "read_checkpoint",
     "trainable_summary",
     "unfreeze",
+    "verify",
 ]

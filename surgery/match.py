@@ -365,21 +365,29 @@ def _traced_entries(model: nn.Module, example_input: Any, which: str) -> list[_E
     """Entries in the order the forward pass first uses them; unused ones follow."""
     entries, state = _module_entries(model)
     watched = {id(t) for t in state.values()}
-    to_meta = any(t.is_meta for t in state.values())
-    mode = _FirstUse(watched, to_meta)
-    try:
-        _run_eval(model, example_input, mode)
-    except SurgeryError:
-        raise
-    except Exception as e:
-        where = " on the meta device" if to_meta else ""
+    # On the meta device first: no compute, no buffer changes. A model with real weights whose
+    # forward reads tensor values (data-dependent shapes, .item()) is run for real instead.
+    has_meta = any(t.is_meta for t in state.values())
+    error: Exception | None = None
+    for to_meta in (True,) if has_meta else (True, False):
+        mode = _FirstUse(watched, to_meta)
+        try:
+            _run_eval(model, example_input, mode)
+            break
+        except SurgeryError:
+            raise
+        except Exception as e:
+            error = e
+    else:
+        assert error is not None
         raise UsageError(
-            f"running the {which} {type(model).__name__} on the example input{where} failed: "
-            f"{type(e).__name__}: {e}. Pass an input the model accepts (a tensor, a tuple of "
-            "positional arguments or a dict of keyword arguments)"
+            f"running the {which} {type(model).__name__} on the example input failed: "
+            f"{type(error).__name__}: {error}. Pass an input the model accepts (a tensor, a "
+            "tuple of positional arguments or a dict of keyword arguments)"
             + (
-                ", or build the model on CPU if its forward reads tensor values."
-                if to_meta
+                "; the model is on the meta device: build it on CPU if its forward reads "
+                "tensor values."
+                if has_meta
                 else "."
             )
         ) from None
@@ -641,7 +649,7 @@ def match(
     the order is the registration order and confidences are low.
 
     Example:
-        >>> import torchvision, timm, surgery
+        >>> import torch, torchvision, timm, surgery
         >>> with surgery.empty_init():
         ...     src = torchvision.models.resnet18()
         ...     dst = timm.create_model("resnet18")
