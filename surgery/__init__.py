@@ -35,6 +35,7 @@ from .freeze import (
 from .heads import Chain, HeadRows, chain, head_rows
 from .hub import hub_file
 from .load import load_partial
+from .matching import Layout, Match, MatchedKey, match, verify
 from .meta import empty_init
 from .optim import GroupTable, add_param_groups, describe_groups, param_groups
 from .optimizer_state import (
@@ -56,9 +57,12 @@ __all__ = [
     "GroupTable",
     "HeadRows",
     "KeyCollisionError",
+    "Layout",
     "LoadError",
     "LoadPlan",
     "LoadReport",
+    "Match",
+    "MatchedKey",
     "Mismatch",
     "OptimizerReport",
     "OptimizerStateError",
@@ -80,6 +84,7 @@ __all__ = [
     "head_rows",
     "hub_file",
     "load_partial",
+    "match",
     "optimizer_state",
     "param_groups",
     "plan_load",
@@ -88,4 +93,5 @@ __all__ = [
     "restore_scheduler",
     "trainable_summary",
     "unfreeze",
+    "verify",
 ]

@@ -2,6 +2,7 @@
 
     surgery inspect CKPT [--key K] [--depth D] [--json]
     surgery diff CKPT --model SPEC [--num-classes N] [--remap REGEX=REPL] [--skip GLOB] [--json]
+    surgery match SRC_SPEC DST_SPEC --input 1,3,224,224 [--rules] [--json]
 
 ``diff`` exits 0 when the load would pass ``strict=True`` (nothing missing, unexpected or
 mismatched; skipped keys are fine), 1 otherwise, and 2
@@ -266,12 +267,68 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+# --------------------------------------------------------------------------- match
+
+
+def _parse_input_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise UsageError(f"--input {text!r} must be a shape like 1,3,224,224")
+    return shape
+
+
+def _cmd_match(args: argparse.Namespace) -> int:
+    from .matching import match
+
+    shape = _parse_input_shape(args.input)
+    models = []
+    for spec, n in ((args.source, args.source_num_classes), (args.model, args.num_classes)):
+        try:
+            with empty_init():
+                models.append(build_model(spec, n))
+        except SurgeryError:
+            raise
+        except Exception as e:
+            raise UsageError(f"building {spec} failed: {type(e).__name__}: {e}") from None
+    dtype = torch.long if args.input_dtype == "int64" else torch.float32
+    example = torch.zeros(shape, dtype=dtype)
+    result = match(models[0], models[1], example)
+    result.source, result.model = args.source, args.model
+    if args.json:
+        info = result.to_dict()
+        if args.rules:
+            info["rules"] = [list(r) for r in result.rules()]
+        print(json.dumps(info, indent=2))
+    else:
+        print(result)
+        if args.rules:
+            print("rules (pass as load_partial(model, ckpt, remap=rules)):")
+            print("rules = [")
+            for pattern, repl in result.rules():
+                print(f"    ({_raw(pattern)}, {_raw(repl)}),")
+            print("]")
+    return 0 if result.complete else 1
+
+
+def _raw(text: str | None) -> str:
+    """A Python literal for a regex or replacement, raw when that reads better."""
+    if text is None:
+        return "None"
+    if "\\" in text and "'" not in text and not text.endswith("\\"):
+        return f"r'{text}'"
+    return repr(text)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="surgery", description="Look inside checkpoints and dry-run loading them."
+        prog="surgery",
+        description="Look inside checkpoints, dry-run loading them, match models by structure.",
     )
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -303,6 +360,17 @@ def _parser() -> argparse.ArgumentParser:
         help="model keys not to load (repeatable), e.g. 'fc.*'",
     )
     pd.add_argument("--no-prefix", action="store_true", help="turn off prefix detection")
+    pm = sub.add_parser(
+        "match", help="pair the tensors of two models by structure (names may all differ)"
+    )
+    pm.add_argument("source", help="model the checkpoint is for: torchvision:NAME, timm:NAME, ...")
+    pm.add_argument("model", help="model to load into: torchvision:NAME, timm:NAME, ...")
+    pm.add_argument("--input", required=True, help="example input shape, e.g. 1,3,224,224")
+    pm.add_argument("--input-dtype", choices=["float32", "int64"], default="float32")
+    pm.add_argument("--num-classes", type=int, help="passed to the model's factory")
+    pm.add_argument("--source-num-classes", type=int, help="passed to the source's factory")
+    pm.add_argument("--rules", action="store_true", help="also print the regex rules")
+    pm.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
 
@@ -312,6 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "inspect": _cmd_inspect,
         "diff": _cmd_diff,
+        "match": _cmd_match,
     }
     try:
         return commands[args.command](args)
