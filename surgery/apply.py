@@ -199,6 +199,8 @@ def report_of(plan: LoadPlan, outcome: Outcome, *, dry_run: bool) -> LoadReport:
             report.unexpected.append(e.key)
         elif a == "defaulted":
             report.defaulted.append(e.key)
+        elif a == "adapter":
+            report.adapter.append(e.key)
     return report
 
 
@@ -274,6 +276,9 @@ def _run_adapters(
     values: dict[tuple[int, str], Tensor] = {}
     declined_ids: set[tuple[int, str]] = set()
     declined: set[str] = set()
+    # One checkpoint tensor adapted into several model tensors of one shape and dtype (a PEFT
+    # modules_to_save copy and its original_module) is adapted once, so the copies agree.
+    first: dict[tuple[str, tuple[int, ...], torch.dtype], tuple[int, str]] = {}
     name = plan.on_mismatch
     # A layer's weight before its bias (safetensors files sort 'fc.bias' first): an adapter
     # that initialises new rows needs the weight's fan-in before it sees the bias.
@@ -289,6 +294,14 @@ def _run_adapters(
             declined.add(mkey)
             continue
         if k in values:
+            continue
+        same = first.setdefault((ckey, tuple(target.shape), target.dtype), k)
+        if same != k:
+            if same in declined_ids:
+                declined_ids.add(k)
+                declined.add(mkey)
+            else:
+                values[k] = values[same]
             continue
         try:
             value = adapter(mkey, source.read(ckey), target)  # type: ignore[misc]
