@@ -90,6 +90,10 @@ class CheckpointSource:
     def read(self, key: str) -> Tensor:
         raise NotImplementedError
 
+    def file_of(self, key: str) -> str:
+        """The file tensor ``key`` is read from (its shard, for a sharded checkpoint)."""
+        return self.description
+
     def read_into(self, key: str, out: Tensor) -> None:
         """Copy tensor ``key`` into ``out`` (which has its shape), holding at most one temp."""
         shape, dtype = self.specs[key]
@@ -221,6 +225,9 @@ class _ShardedSource(CheckpointSource):
 
     def read(self, key: str) -> Tensor:
         return self._owner[key].read(key)
+
+    def file_of(self, key: str) -> str:
+        return self._owner[key].file_of(key)
 
     def close(self) -> None:
         for src in self._shards.values():
