@@ -179,6 +179,20 @@ def note(view: PeftView, n_mapped: int) -> str:
     )
 
 
+def meta_note(view: PeftView, state: Mapping[str, Tensor]) -> list[str]:
+    """A warning for adapter weights on the ``meta`` device: they are ``initialise``d by their
+    modules' ``reset_parameters()``, which is not PEFT's own init (LoRA's B is not zero)."""
+    meta = [k for k in view.adapter if state[k].is_meta]
+    if not meta:
+        return []
+    return [
+        f"{len(meta)} PEFT adapter tensors are on the meta device (e.g. '{min(meta)}'): they are "
+        "initialised by their modules' reset_parameters(), not by PEFT's init (LoRA's B is then "
+        "not zero). Wrap the model with get_peft_model after loading, or re-initialise the "
+        "adapters (peft's reset_lora_parameters) before training"
+    ]
+
+
 def adapter_keys(model: nn.Module, state: Mapping[str, Tensor]) -> set[str]:
     """Model keys of PEFT adapter weights (empty for a model without a PEFT wrapper)."""
     view = peft_view(model, state)

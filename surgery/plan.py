@@ -660,6 +660,7 @@ def make_plan(
         )
         if through:
             notes.append(_peft.note(view, len({c for k, c in new_to_old.items() if k in state})))
+        notes.extend(_peft.meta_note(view, state))
     elif prefix == "auto":
         rewrite = detect_prefix(new_to_old, set(state))
         if rewrite is not None:

@@ -196,3 +196,18 @@ def test_a_model_without_peft_has_no_view():
     assert _peft.peft_view(model, model.state_dict()) is None
     plan = surgery.plan_load(model, model)
     assert "adapter" not in plan.counts() and not any("PEFT" in n for n in plan.notes)
+
+
+def test_meta_adapter_weights_are_initialised_with_a_warning(base):
+    src, folder = base
+    with surgery.empty_init():
+        pm = _lora(_bert(seed=1))
+    report = surgery.load_partial(pm, folder)
+    lora = sorted(k for k in pm.state_dict() if ".lora_" in k)
+    assert sorted(report.initialised) == lora and report.adapter == []
+    assert any("meta device" in n and "reset_parameters" in n for n in report.notes)
+    state = pm.state_dict()
+    assert not any(t.is_meta for t in state.values())
+    assert torch.equal(
+        state["base_model.model.classifier.modules_to_save.default.weight"], src.classifier.weight
+    )
