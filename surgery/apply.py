@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from . import meta
+from . import _progress, meta
 from ._table import format_shape
 from .errors import LoadError, SurgeryError, UsageError
 from .plan import (
     WRITES,
     Adapter,
     LoadPlan,
+    PlanEntry,
     dtype_name,
     gc_paused,
     meta_to_initialise,
@@ -44,6 +45,7 @@ def apply_plan(
     *,
     on_mismatch: Adapter | None = None,
     dry_run: bool = False,
+    progress: bool | None = None,
 ) -> LoadReport:
     """Check ``plan`` against ``model``, load what it says, and report what happened.
 
@@ -53,6 +55,8 @@ def apply_plan(
     does not fit, an adapter fails or returns a wrong shape, the checkpoint changed since
     planning), the model is left as it was. ``dry_run=True`` checks and reports without
     reading a tensor (adapters are not run: ``adapt`` entries are reported as adapted).
+    ``progress`` shows a tqdm bar of the bytes read, one per shard: ``None`` on a terminal
+    for loads over about 1 GB, ``True`` always, ``False`` never.
 
     Example:
         >>> plan = surgery.plan_load(model, "resnet18.pth")  # doctest: +SKIP
@@ -71,6 +75,7 @@ def apply_plan(
         )
     if not isinstance(dry_run, bool):
         raise UsageError(f"dry_run must be True or False, not {dry_run!r}")
+    _progress.check(progress)
     with gc_paused():
         state = model.state_dict(keep_vars=True)
         checked = validate(plan, model, state, refuse_empty=not dry_run)
@@ -92,7 +97,7 @@ def apply_plan(
             )
         source = open_source(ckpt, entry=plan.entry, trust_pickle=plan.trust_pickle)
         try:
-            return run(checked, model, state, source, adapter)
+            return run(checked, model, state, source, adapter, progress)
         finally:
             source.close()
 
@@ -199,6 +204,8 @@ def report_of(plan: LoadPlan, outcome: Outcome, *, dry_run: bool) -> LoadReport:
             report.unexpected.append(e.key)
         elif a == "defaulted":
             report.defaulted.append(e.key)
+        elif a == "adapter":
+            report.adapter.append(e.key)
     return report
 
 
@@ -211,8 +218,11 @@ def run(
     state: dict[str, Tensor],
     source: CheckpointSource,
     adapter: Adapter | None,
+    progress: bool | None = None,
 ) -> LoadReport:
-    """Apply a checked plan: verify the source, run adapters, then write. Errors come first."""
+    """Apply a checked plan: verify the source, run adapters, then write. Errors come first.
+
+    ``progress`` shows a bar of the bytes read (see :mod:`surgery._progress`)."""
     _verify_source(plan, source)
     values, declined = _run_adapters(plan, state, source, adapter)
     if plan.strict and declined:
@@ -224,7 +234,7 @@ def run(
         init_modules, initialised = meta_to_initialise(model, written)
     outcome = _outcome(state, written, initialised, declined)
     outcome.notes = _adapter_notes(adapter)
-    _write(model, plan, state, source, values, init_modules)
+    _write(model, plan, state, source, values, init_modules, progress)
     return report_of(plan, outcome, dry_run=False)
 
 
@@ -274,6 +284,9 @@ def _run_adapters(
     values: dict[tuple[int, str], Tensor] = {}
     declined_ids: set[tuple[int, str]] = set()
     declined: set[str] = set()
+    # One checkpoint tensor adapted into several model tensors of one shape and dtype (a PEFT
+    # modules_to_save copy and its original_module) is adapted once, so the copies agree.
+    first: dict[tuple[str, tuple[int, ...], torch.dtype], tuple[int, str]] = {}
     name = plan.on_mismatch
     # A layer's weight before its bias (safetensors files sort 'fc.bias' first): an adapter
     # that initialises new rows needs the weight's fan-in before it sees the bias.
@@ -289,6 +302,14 @@ def _run_adapters(
             declined.add(mkey)
             continue
         if k in values:
+            continue
+        same = first.setdefault((ckey, tuple(target.shape), target.dtype), k)
+        if same != k:
+            if same in declined_ids:
+                declined_ids.add(k)
+                declined.add(mkey)
+            else:
+                values[k] = values[same]
             continue
         try:
             value = adapter(mkey, source.read(ckey), target)  # type: ignore[misc]
@@ -323,6 +344,7 @@ def _write(
     source: CheckpointSource,
     adapted: dict[tuple[int, str], Tensor],
     init_modules: list[nn.Module],
+    progress: bool | None = None,
 ) -> None:
     owners = meta.holders(model) if any(t.is_meta for t in state.values()) else {}
     replaced: dict[int, Tensor] = {}
@@ -339,28 +361,41 @@ def _write(
                 replaced[id(t)] = meta.replace(t, new, owners[id(t)])
         mod.reset_parameters()
 
-    done: set[tuple[int, str]] = set()  # a tied tensor is written once per checkpoint key
+    # What to write, once per (tensor, checkpoint key) (a tied tensor is written once), grouped
+    # by the file it is read from so a sharded checkpoint is read shard by shard.
+    todo: list[tuple[PlanEntry, Tensor, str, str, int]] = []
+    done: set[tuple[int, str]] = set()
+    files: dict[str, int] = {}  # file -> bytes read from it, in reading order
     for e in plan.entries:
         if e.action not in WRITES:
             continue
         orig = state[e.model_key]  # type: ignore[index]
-        k = (id(orig), str(e.ckpt_key))
-        if k in done:
+        ckey = str(e.ckpt_key)
+        k = (id(orig), ckey)
+        if k in done or (e.action == "adapt" and k not in adapted):  # declined by the adapter
             continue
         done.add(k)
-        if e.action == "adapt":
-            value = adapted.get(k)
-            if value is None:  # declined by the adapter
-                continue
-        target = current(orig)
-        if target.is_meta:
-            new = torch.empty(target.shape, dtype=target.dtype)
-            if e.action == "adapt":
-                new.copy_(value)
+        shape, dtype = source.specs[ckey]
+        nbytes = shape.numel() * dtype.itemsize
+        file = source.files.get(ckey, source.description)
+        files[file] = files.get(file, 0) + nbytes
+        todo.append((e, orig, ckey, file, nbytes))
+    if len(files) > 1:
+        order = {f: i for i, f in enumerate(files)}
+        todo.sort(key=lambda item: order[item[3]])
+
+    with _progress.Bars(files, progress) as bars:
+        for e, orig, ckey, file, nbytes in todo:
+            target = current(orig)
+            if target.is_meta:
+                new = torch.empty(target.shape, dtype=target.dtype)
+                if e.action == "adapt":
+                    new.copy_(adapted[(id(orig), ckey)])
+                else:
+                    source.read_into(ckey, new)
+                replaced[id(orig)] = meta.replace(target, new, owners[id(orig)])
+            elif e.action == "adapt":
+                target.copy_(adapted[(id(orig), ckey)])
             else:
-                source.read_into(k[1], new)
-            replaced[id(orig)] = meta.replace(target, new, owners[id(orig)])
-        elif e.action == "adapt":
-            target.copy_(value)
-        else:
-            source.read_into(k[1], target)
+                source.read_into(ckey, target)
+            bars.update(file, nbytes)

@@ -14,6 +14,7 @@ from typing import Literal
 
 from torch import nn
 
+from . import _progress
 from ._keymap import Remap
 from ._select import Selector
 from .apply import preview, run
@@ -38,6 +39,7 @@ def load_partial(
     dry_run: bool = False,
     trust_pickle: bool = False,
     key: str | None = None,
+    progress: bool | None = None,
 ) -> LoadReport:
     """Load every checkpoint tensor that fits ``model`` and report what happened.
 
@@ -54,8 +56,11 @@ def load_partial(
     model's dtype. ``strict=True`` raises one error listing every missing, unexpected or
     mismatched key. Whatever error is raised, the model is left as it was; ``dry_run=True``
     only plans (adapters are not run). A model on the ``meta`` device (see
-    :func:`empty_init`) is materialised on CPU. To review or edit the plan first, use
-    :func:`plan_load`.
+    :func:`empty_init`) is materialised on CPU. A model wrapped by ``peft.get_peft_model``
+    gets the base weights under the wrapper's names; its adapter weights are left as they are
+    (``report.adapter``). ``progress`` shows a tqdm bar of the bytes read (one per shard):
+    ``None`` on a terminal when the load reads over about 1 GB, ``True`` always, ``False``
+    never. To review or edit the plan first, use :func:`plan_load`.
 
     Example:
         >>> import torchvision, surgery
@@ -75,6 +80,7 @@ def load_partial(
     check_args(model, entry, prefix, on_mismatch, strict, trust_pickle, "load_partial")
     if not isinstance(dry_run, bool):
         raise UsageError(f"dry_run must be True or False, not {dry_run!r}")
+    _progress.check(progress)
     with gc_paused():
         source = open_source(ckpt, entry=entry, trust_pickle=trust_pickle)
         try:
@@ -96,6 +102,6 @@ def load_partial(
             # The plan was checked against this model a moment ago: apply it as it is.
             if dry_run:
                 return preview(plan, model, state)
-            return run(plan, model, state, source, plan.adapter)
+            return run(plan, model, state, source, plan.adapter, progress)
         finally:
             source.close()

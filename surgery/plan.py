@@ -22,6 +22,11 @@ Actions, one per entry:
 ``defaulted``   a missing ``num_batches_tracked`` counter: keeps its default, not an error
 ``initialise``  a missing key of a model on the ``meta`` device: its module's
                 ``reset_parameters()`` gives it a value (counts as missing for ``strict``)
+``adapter``     a PEFT adapter weight (``lora_A``, ``lora_B``, ...) of a model wrapped by
+                ``peft.get_peft_model`` that the checkpoint does not hold: left as it is, not
+                missing. Base weights are mapped through the wrapper's names
+                (``base_model.model.``, ``.base_layer.``; a ``modules_to_save`` module gets the
+                checkpoint tensor in its active copy and in ``original_module``)
 ==============  ============================================================================
 
 Tied parameters (one tensor under several model keys): a key whose tensor gets a value
@@ -44,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
+from . import _peft
 from ._keymap import Remap, apply_prefix, apply_remap, detect_prefix, prefix_hint
 from ._names import closest
 from ._select import Selector, match_keys
@@ -70,9 +76,10 @@ ACTIONS = (
     "unexpected",
     "defaulted",
     "initialise",
+    "adapter",
 )
 WRITES = frozenset({"load", "cast", "adapt"})  # actions that give a model key a value
-_NO_VALUE = frozenset({"missing", "defaulted", "initialise"})
+_NO_VALUE = frozenset({"missing", "defaulted", "initialise", "adapter"})
 _FORMAT = 1  # version of the to_dict() layout
 
 _LIST = 12  # keys listed per category in an error message
@@ -373,6 +380,7 @@ class LoadPlan:
         *,
         on_mismatch: Adapter | None = None,
         dry_run: bool = False,
+        progress: bool | None = None,
     ) -> LoadReport:
         """Check the plan against ``model`` and carry it out; see :func:`surgery.apply_plan`.
 
@@ -381,7 +389,9 @@ class LoadPlan:
         """
         from .apply import apply_plan
 
-        return apply_plan(model, self, ckpt, on_mismatch=on_mismatch, dry_run=dry_run)
+        return apply_plan(
+            model, self, ckpt, on_mismatch=on_mismatch, dry_run=dry_run, progress=progress
+        )
 
     # ------------------------------------------------------------------ saving
 
@@ -643,7 +653,15 @@ def make_plan(
     new_to_old, dropped, remap_notes = apply_remap(specs, remap)
     notes.extend(remap_notes)
     rewrite = None
-    if prefix == "auto":
+    view = _peft.peft_view(model, state)
+    if view is not None:  # base weights into a PEFT-wrapped model: map through its names
+        new_to_old, rewrite, through = _peft.map_keys(
+            view, new_to_old, set(state), prefix == "auto"
+        )
+        if through:
+            notes.append(_peft.note(view, len({c for k, c in new_to_old.items() if k in state})))
+        notes.extend(_peft.meta_note(view, state))
+    elif prefix == "auto":
         rewrite = detect_prefix(new_to_old, set(state))
         if rewrite is not None:
             new_to_old = apply_prefix(new_to_old, rewrite)
@@ -718,7 +736,14 @@ def make_plan(
         checkpoint=ckpt,
         adapter=adapter,
     )
-    return validate(plan, model, state, refuse_empty=refuse_empty, index=(entries, at, writer))
+    return validate(
+        plan,
+        model,
+        state,
+        refuse_empty=refuse_empty,
+        index=(entries, at, writer),
+        adapters=set() if view is None else view.adapter,
+    )
 
 
 def _alias(writer: PlanEntry, mkey: str) -> PlanEntry:
@@ -745,12 +770,14 @@ def validate(
     *,
     refuse_empty: bool,
     index: tuple[list, dict[str, int], dict[int, PlanEntry]] | None = None,
+    adapters: set[str] | None = None,
 ) -> LoadPlan:
     """Validate ``plan`` against the model's current state; return the normalised plan.
 
     ``index`` is ``(entries, model key -> position, id(tensor) -> writing entry)`` from
     :func:`make_plan`, which has just classified the entries against ``state``; without it
-    every entry is checked and refreshed.
+    every entry is checked and refreshed. ``adapters`` holds the model's PEFT adapter keys
+    (found from the model when not given).
     """
     unknown: list[str] = []
     misfit: list[str] = []
@@ -790,8 +817,12 @@ def validate(
             new = _alias(w, mkey)
         else:
             mshape, mdtype = tuple(t.shape), dtype_name(t.dtype)
+            if adapters is None:
+                adapters = _peft.adapter_keys(model, state)
             if mkey.endswith("num_batches_tracked"):
                 action, reason = "defaulted", "counter left at its default"
+            elif mkey in adapters and not t.is_meta:
+                action, reason = "adapter", "PEFT adapter weight, left as it is"
             elif t.is_meta:
                 action, reason = "initialise", "reset_parameters()"
             else:

@@ -56,6 +56,8 @@ class LoadReport:
     buffers (BatchNorm statistics) are counted apart in ``buffers_*``. ``loaded`` lists
     every model key that got a value, buffers included (every alias of a tied tensor).
     ``missing`` includes keys a meta model ``initialised`` from their module's init.
+    ``adapter`` lists the PEFT adapter weights (``lora_A``, ``lora_B``, ...) of a model wrapped
+    by ``peft.get_peft_model`` that a base checkpoint left as they were; they are not missing.
     """
 
     source: str = ""
@@ -70,6 +72,7 @@ class LoadReport:
     skipped: list[str] = field(default_factory=list)
     defaulted: list[str] = field(default_factory=list)
     initialised: list[str] = field(default_factory=list)
+    adapter: list[str] = field(default_factory=list)
     prefix: tuple[str, str] | None = None
     notes: list[str] = field(default_factory=list)
     tensors_loaded: int = 0
@@ -83,7 +86,8 @@ class LoadReport:
     @property
     def ok(self) -> bool:
         """True exactly when ``strict=True`` would not have raised: nothing missing,
-        unexpected or mismatched. Skipped keys and defaulted counters are fine."""
+        unexpected or mismatched. Skipped keys, defaulted counters and PEFT adapter weights
+        are fine."""
         return not self.missing and not self.unexpected and not self.mismatched
 
     @property
@@ -181,6 +185,8 @@ class LoadReport:
         )
         if self.buffers_total:
             s += f", buffers {self.buffers_loaded}/{self.buffers_total}"
+        if self.adapter:
+            s += f", {len(self.adapter)} PEFT adapter tensors kept"
         return s
 
     def _rows(self, limit: int | None) -> list[tuple[str, str, str]]:
@@ -225,6 +231,7 @@ class LoadReport:
         add("skipped", [(k, "skipped as asked") for k in self.skipped])
         add("initialised", [(k, "reset_parameters()") for k in self.initialised])
         add("defaulted", [(k, "counter left at its default") for k in self.defaulted])
+        add("adapter", [(k, "PEFT adapter weight, left as it is") for k in self.adapter])
         if self.cast:
             kinds = sorted({f"{a} -> {b}" for _, a, b in self.cast})
             rows.append(("cast", f"{len(self.cast)} tensors", ", ".join(kinds)))

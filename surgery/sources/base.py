@@ -27,8 +27,10 @@ class CheckpointSource:
     tensor (possibly a lazy memory-mapped view); ``read_into(key, out)`` fills ``out`` (same
     shape, any dtype/device) holding at most one temporary; ``close()`` releases files
     (tensors already read stay valid). Data attributes say where the tensors came from:
-    ``description`` (file or object), ``notes``, ``container`` (the entries the state dict sat
-    under, e.g. ``['state_dict']``) and ``other_entries`` (the top-level entries beside it).
+    ``description`` (file or object), ``files`` (key -> the file it is read from, where that is
+    not ``description``: a sharded checkpoint's shards), ``notes``, ``container`` (the entries
+    the state dict sat under, e.g. ``['state_dict']``) and ``other_entries`` (the top-level
+    entries beside it).
 
     A subclass implements ``read``; one that can fill ``out`` without a temporary (bytes at a
     known file offset) overrides the hook ``_read_into``. A source that wraps others delegates
@@ -48,6 +50,7 @@ class CheckpointSource:
     def __init__(self, description: str) -> None:
         self.description = description
         self.specs: dict[str, tuple[torch.Size, torch.dtype]] = {}
+        self.files: dict[str, str] = {}
         self.notes: list[str] = []
         self.container: list[str] = []
         self.other_entries: list[str] = []

@@ -52,6 +52,7 @@ class ShardedSource(CheckpointSource):
                     )
                 self._owner[name] = src
                 self.specs[name] = src.specs[name]
+                self.files[name] = src.files.get(name, src.description)
         except BaseException:
             self.close()
             raise
