@@ -86,6 +86,11 @@ class CheckpointSource:
         # top-level entries beside it (e.g. ['epoch', 'optimizer']).
         self.container: list[str] = []
         self.other_entries: list[str] = []
+        # What a torch state dict holds beside tensors, for modules that load themselves:
+        # non-tensor entries (a dynamically quantized Linear's packed weights and dtype, a
+        # dict extra state) and the per-module versions torch keeps in ``_metadata``.
+        self.extras: dict[str, Any] = {}
+        self.metadata: dict[str, dict] | None = None
 
     def read(self, key: str) -> Tensor:
         raise NotImplementedError
@@ -115,8 +120,9 @@ class CheckpointSource:
 
 
 class _MemorySource(CheckpointSource):
-    def __init__(self, tensors: Mapping[str, Tensor], description: str) -> None:
+    def __init__(self, state: Mapping[str, Any], description: str) -> None:
         super().__init__(description)
+        tensors, self.extras, self.metadata = _split_state(state)
         self._tensors = tensors
         self.specs = {k: (t.shape, t.dtype) for k, t in tensors.items()}
 
@@ -129,13 +135,13 @@ class _TorchFileSource(_MemorySource):
 
     def __init__(self, path: Path, *, key: str | None, trust_pickle: bool, mmap: bool) -> None:
         obj, used_mmap, notes = _torch_load(path, trust_pickle=trust_pickle, mmap=mmap)
-        tensors, container = _unwrap(obj, key, str(path))
-        super().__init__(tensors, str(path) + _suffix(container))
+        state, container = _unwrap(obj, key, str(path))
+        super().__init__(state, str(path) + _suffix(container))
         self.container = container
         self.other_entries = _others(obj, container)
         self.notes.extend(notes)
         if used_mmap:
-            offsets = _storage_file_offsets(path, tensors)
+            offsets = _storage_file_offsets(path, self._tensors)
             if offsets is None:
                 self.notes.append(
                     f"{path.name}: could not map tensors to file offsets; copying through mmap"
@@ -238,8 +244,8 @@ def open_source(
         sd = src.state_dict(keep_vars=False)
         return _MemorySource(sd, f"<{type(src).__name__} module>")
     if isinstance(src, Mapping):
-        tensors, container = _unwrap(src, key, "<dict>")
-        source = _MemorySource(tensors, "<dict>" + _suffix(container))
+        state, container = _unwrap(src, key, "<dict>")
+        source = _MemorySource(state, "<dict>" + _suffix(container))
         source.container = container
         source.other_entries = _others(src, container)
         return source
@@ -426,11 +432,30 @@ def _first_line(msg: str) -> str:
 
 
 def _is_tensor_dict(obj: Any) -> bool:
-    return (
-        isinstance(obj, Mapping)
-        and len(obj) > 0
-        and all(isinstance(v, Tensor) for v in obj.values())
+    """A state dict: only tensors, or what ``Module.state_dict()`` made (it keeps a
+    ``_metadata`` of module versions) with some non-tensor entries among its tensors."""
+    if not isinstance(obj, Mapping) or not obj:
+        return False
+    if all(isinstance(v, Tensor) for v in obj.values()):
+        return True
+    return isinstance(getattr(obj, "_metadata", None), Mapping) and any(
+        isinstance(v, Tensor) for v in obj.values()
     )
+
+
+def _split_state(
+    state: Mapping[str, Any],
+) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, dict] | None]:
+    """Tensors, non-tensor entries, and torch's ``_metadata`` of a state dict."""
+    tensors: dict[str, Tensor] = {}
+    extras: dict[str, Any] = {}
+    for k, v in state.items():
+        if isinstance(v, Tensor):
+            tensors[k] = v
+        else:
+            extras[k] = v
+    metadata = getattr(state, "_metadata", None)
+    return tensors, extras, dict(metadata) if isinstance(metadata, Mapping) else None
 
 
 def _describe(v: Any) -> str:
@@ -449,14 +474,14 @@ def _others(obj: Any, container: list[str]) -> list[str]:
     return [str(k) for k in obj if str(k) != container[0]]
 
 
-def _unwrap(obj: Any, key: str | None, where: str) -> tuple[dict[str, Tensor], list[str]]:
+def _unwrap(obj: Any, key: str | None, where: str) -> tuple[Mapping[str, Any], list[str]]:
     """Find the state dict inside a loaded object; returns it and the entry path to it."""
     path: list[str] = []
     if key is not None:
         obj, path = _pick(obj, key, where)
     found, inner = _find_state_dict(obj, where, explicit=key is not None)
     path += inner
-    return dict(found), path
+    return found, path
 
 
 def _pick(obj: Any, key: str, where: str) -> tuple[Any, list[str]]:

@@ -24,6 +24,12 @@ Actions, one per entry:
                 ``reset_parameters()`` gives it a value (counts as missing for ``strict``)
 ==============  ============================================================================
 
+Modules that load themselves (an own ``_load_from_state_dict``, load hooks, an extra state,
+non-tensor state such as a dynamically quantized ``Linear``'s packed weights) get their
+checkpoint entries through their own loading, as ``load_state_dict`` would give them;
+their entries name in ``via`` the key they are handed over under. See
+:mod:`surgery._selfload`: planning reads those modules' tensors (only those).
+
 Tied parameters (one tensor under several model keys): a key whose tensor gets a value
 through another key is planned with that key's action and checkpoint key, and ``tied_to``
 names the key that carries it; apply writes each tensor once, and the report lists every
@@ -44,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
+from . import _selfload
 from ._keymap import Remap, apply_prefix, apply_remap, detect_prefix, prefix_hint
 from ._names import closest
 from ._select import Selector, match_keys
@@ -98,6 +105,7 @@ class PlanEntry:
     ckpt_dtype: str | None = None
     reason: str = ""
     tied_to: str | None = None
+    via: str | None = None  # handed to its module's own loading under this name
 
     @property
     def key(self) -> str:
@@ -115,6 +123,7 @@ class PlanEntry:
             "ckpt_dtype": self.ckpt_dtype,
             "reason": self.reason,
             "tied_to": self.tied_to,
+            "via": self.via,
         }
 
     @classmethod
@@ -134,6 +143,7 @@ class PlanEntry:
                 ckpt_dtype=_opt_str(d.get("ckpt_dtype")),
                 reason=str(d.get("reason") or ""),
                 tied_to=_opt_str(d.get("tied_to")),
+                via=_opt_str(d.get("via")),
             )
         except (TypeError, ValueError) as e:
             raise UsageError(f"malformed plan entry {dict(d)!r}: {e}") from None
@@ -640,17 +650,30 @@ def make_plan(
     notes = list(source.notes)
 
     # 1. checkpoint key -> model key
-    new_to_old, dropped, remap_notes = apply_remap(specs, remap)
+    ckpt_names = [*specs, *source.extras] if source.extras else specs  # extras: not tensors
+    new_to_old, dropped, remap_notes = apply_remap(ckpt_names, remap)
     notes.extend(remap_notes)
     rewrite = None
     if prefix == "auto":
         rewrite = detect_prefix(new_to_old, set(state))
         if rewrite is not None:
             new_to_old = apply_prefix(new_to_old, rewrite)
+    units = _selfload.Index(_selfload.find_units(model))
+    unit_entries: list[PlanEntry] = []
+    plain = state
+    if units or source.extras:  # modules that load themselves take their keys first
+        new_to_old, unit_entries, unit_notes = _selfload.plan_units(
+            units, new_to_old, source, state, skipped, adapter is not None
+        )
+        notes.extend(unit_notes)
+        plain = _selfload.plain_state(state, units)
 
     # 2. every checkpoint key: paired with a model key, unexpected, or dropped
     entries: list[PlanEntry] = []
     for ckey in dropped:
+        if ckey not in specs:  # a non-tensor entry
+            entries.append(PlanEntry("skip", None, ckey, reason="dropped by remap"))
+            continue
         shape, dtype = specs[ckey]
         entries.append(
             PlanEntry(
@@ -664,7 +687,7 @@ def make_plan(
         cshape, cdtype = specs[ckey]
         cshape_t = tuple(cshape)
         cdtype_s = names.get(cdtype) or dtype_name(cdtype)
-        target = state.get(mkey)
+        target = plain.get(mkey)
         if target is None:
             entries.append(
                 PlanEntry("unexpected", mkey, ckey, None, cshape_t, None, cdtype_s, "not in model")
@@ -688,7 +711,7 @@ def make_plan(
     # 3. model keys with no checkpoint key that skip= names (tie aliases and keys without a
     #    value are planned by validate(), as for any plan)
     if skipped:
-        for mkey, t in state.items():
+        for mkey, t in plain.items():
             if mkey in skipped and mkey not in new_to_old and id(t) not in writer:
                 at[mkey] = len(entries)
                 entries.append(
@@ -703,6 +726,7 @@ def make_plan(
                     )
                 )
 
+    entries.extend(unit_entries)
     plan = LoadPlan(
         entries=entries,
         source=source.description,
@@ -754,10 +778,21 @@ def validate(
     """
     unknown: list[str] = []
     misfit: list[str] = []
+    full_state = state
+    units = _selfload.Index(_selfload.find_units(model))
+    mine: list[PlanEntry] = []  # entries of modules that load themselves
+    if units:
+        state = _selfload.plain_state(state, units)
     if index is not None:
         entries, at, writer = index
     else:
-        entries, at, writer, unknown, misfit = _index_edited(plan, state)
+        todo = plan.entries
+        if units or any(e.via is not None for e in todo):
+            todo, mine, unknown = _selfload.split_entries(todo, units, full_state)
+        entries, at, writer, more, misfit = _index_edited(
+            dataclasses.replace(plan, entries=todo), state
+        )
+        unknown += more
     if unknown:
         near = closest(unknown[0], state)
         raise LoadError(
@@ -804,7 +839,14 @@ def validate(
             entries.append(new)
         else:
             entries[i] = new
-    checked = dataclasses.replace(plan, entries=[e for e in entries if e is not None])
+    checked = dataclasses.replace(plan, entries=[e for e in entries if e is not None] + mine)
+    written = {
+        id(t)
+        for e in checked.entries
+        if e.action in WRITES
+        and e.model_key is not None
+        and isinstance(t := full_state.get(e.model_key), Tensor)
+    }
 
     # Refuse what cannot be right, in the order load_partial always has.
     mismatched = [e for e in checked.entries if e.action == "mismatch"]
@@ -821,7 +863,7 @@ def validate(
         message = strict_failure(checked, state)
         if message:
             raise LoadError(message)
-    if refuse_empty and not writer:
+    if refuse_empty and not written:
         n_ckpt = sum(1 for e in checked.entries if e.ckpt_key is not None and not e.tied_to)
         if n_ckpt:
             raise LoadError(
@@ -832,8 +874,10 @@ def validate(
                 )
                 + " Nothing was loaded."
             )
-    if any_meta:
-        meta_to_initialise(model, {id(state[e.model_key]) for e in checked.entries if _writes(e)})
+    if any_meta or (
+        units and any(isinstance(t, Tensor) and t.is_meta for t in full_state.values())
+    ):
+        meta_to_initialise(model, written)
     return checked
 
 
@@ -903,10 +947,6 @@ def _index_edited(
         )
 
     return entries, at, writer, unknown, misfit
-
-
-def _writes(e: PlanEntry) -> bool:
-    return e.action in WRITES
 
 
 def _mismatch(e: PlanEntry) -> Mismatch:
