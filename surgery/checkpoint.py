@@ -432,12 +432,13 @@ def _first_line(msg: str) -> str:
 
 
 def _is_tensor_dict(obj: Any) -> bool:
-    """A state dict: only tensors, or what ``Module.state_dict()`` made (it keeps a
-    ``_metadata`` of module versions) with some non-tensor entries among its tensors."""
+    """A state dict: tensors and modules' extra states (keys ending ``_extra_state``), or
+    what ``Module.state_dict()`` made (it keeps a ``_metadata`` of module versions) with
+    other non-tensor entries (packed weights) among its tensors."""
     if not isinstance(obj, Mapping) or not obj:
         return False
-    if all(isinstance(v, Tensor) for v in obj.values()):
-        return True
+    if all(isinstance(v, Tensor) or str(k).endswith("_extra_state") for k, v in obj.items()):
+        return any(isinstance(v, Tensor) for v in obj.values())
     return isinstance(getattr(obj, "_metadata", None), Mapping) and any(
         isinstance(v, Tensor) for v in obj.values()
     )

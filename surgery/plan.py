@@ -471,8 +471,8 @@ class LoadPlan:
             parts.append(f"  prefix: {describe_prefix(self.prefix)}")
         rows = []
         for e in self.entries:
-            if e.action == "load" and not e.tied_to:
-                continue
+            if e.action == "load" and not e.tied_to and (e.via is None or e.via == e.model_key):
+                continue  # plain loads are counted, not listed; a module's own renames are
             detail = e.reason or _detail(e)
             if e.model_key and e.ckpt_key and e.model_key != e.ckpt_key:
                 detail = f"from '{e.ckpt_key}'" + (f"; {detail}" if detail else "")
@@ -742,7 +742,9 @@ def make_plan(
         checkpoint=ckpt,
         adapter=adapter,
     )
-    return validate(plan, model, state, refuse_empty=refuse_empty, index=(entries, at, writer))
+    return validate(
+        plan, model, state, refuse_empty=refuse_empty, index=(entries, at, writer), units=units
+    )
 
 
 def _alias(writer: PlanEntry, mkey: str) -> PlanEntry:
@@ -769,17 +771,20 @@ def validate(
     *,
     refuse_empty: bool,
     index: tuple[list, dict[str, int], dict[int, PlanEntry]] | None = None,
+    units: _selfload.Index | None = None,
 ) -> LoadPlan:
     """Validate ``plan`` against the model's current state; return the normalised plan.
 
     ``index`` is ``(entries, model key -> position, id(tensor) -> writing entry)`` from
     :func:`make_plan`, which has just classified the entries against ``state``; without it
-    every entry is checked and refreshed.
+    every entry is checked and refreshed. ``units`` are the model's modules that load
+    themselves, when the caller has found them already.
     """
     unknown: list[str] = []
     misfit: list[str] = []
     full_state = state
-    units = _selfload.Index(_selfload.find_units(model))
+    if units is None:
+        units = _selfload.Index(_selfload.find_units(model))
     mine: list[PlanEntry] = []  # entries of modules that load themselves
     if units:
         state = _selfload.plain_state(state, units)
