@@ -93,7 +93,10 @@ class PlanEntry:
     """One step of a load: what happens to one model key, one checkpoint key, or a pair.
 
     Shapes are tuples of ints and dtypes names such as ``"float32"``, so an entry is plain
-    JSON-able data. ``reason`` is a short human note (``"dropped by remap"``).
+    JSON-able data. ``reason`` is a short human note (``"dropped by remap"``). ``via`` is
+    set on the entries of a module that loads itself: the name the checkpoint entry is
+    handed to that module's loading under (before its own renaming); shapes are ``None``
+    for non-tensor entries (packed weights, a dict extra state).
     """
 
     action: str

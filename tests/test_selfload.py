@@ -371,3 +371,57 @@ def test_dropping_entries_of_a_self_loading_module_in_the_plan():
         assert torch.equal(dst.state_dict()[k], before[k])
     mlp3 = "encoder.layers.encoder_layer_0.mlp.3.weight"
     assert torch.equal(dst.state_dict()[mlp3], src.state_dict()[mlp3])
+
+
+def test_module_loading_failing_at_apply_writes_nothing():
+    """A saved plan applied to a model whose module loads itself differently: refused in the
+    rehearsal, before surgery's own writes."""
+
+    class Picky(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def _load_from_state_dict(self, sd, prefix, *args) -> None:  # type: ignore[no-untyped-def]
+            raise KeyError("needs a version")
+
+    src = Net(Renaming())
+    plan = surgery.plan_load(Net(Renaming()), src.state_dict())
+    dst = Net(Picky())
+    before = snapshot(dst)
+    with pytest.raises(LoadError, match="needs a version"):
+        plan.apply(dst)
+    assert_same_state(dst, before)
+
+
+def test_hooks_on_the_model_itself_keep_load_what_fits():
+    class Model(Net):
+        def __init__(self, head: int) -> None:
+            super().__init__(nn.Linear(4, 4), head=head)
+            self.calls: list[tuple[list[str], list[str]]] = []
+            self.register_load_state_dict_pre_hook(self._rename)
+            self.register_load_state_dict_post_hook(self._seen)
+
+        @staticmethod
+        def _rename(module, sd, prefix, *_) -> None:  # type: ignore[no-untyped-def]
+            for k in [k for k in sd if k.startswith(prefix + "classifier.")]:
+                sd[k.replace("classifier.", "head.")] = sd.pop(k)
+
+        @staticmethod
+        def _seen(module, incompatible) -> None:  # type: ignore[no-untyped-def]
+            module.calls.append(
+                (list(incompatible.missing_keys), list(incompatible.unexpected_keys))
+            )
+
+    src, dst = Model(head=4), Model(head=6)
+    ckpt = {k.replace("head.", "classifier."): v for k, v in src.state_dict().items()}
+    before = snapshot(dst)
+    report = surgery.load_partial(dst, ckpt)
+    assert {m.key for m in report.mismatched} == {"head.weight", "head.bias"}
+    assert report.renamed["classifier.weight"] == "head.weight"
+    assert torch.equal(dst.head.weight, before["head.weight"])
+    assert torch.equal(dst.body.weight, src.body.weight)
+    assert torch.equal(dst.part.weight, src.part.weight)
+    assert len(dst.calls) == 1  # the post-hook ran once on the model (and once on a copy)
+    with pytest.raises(LoadError, match="head.weight"):
+        surgery.load_partial(Model(head=6), ckpt, strict=True)
