@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from . import _progress, meta
+from . import _progress, _selfload, meta
 from ._table import format_shape
 from .errors import LoadError, SurgeryError, UsageError
 from .plan import (
@@ -122,16 +122,23 @@ class Outcome:
 
 
 def _outcome(
-    state: Mapping[str, Tensor], written: set[int], initialised: list[str], declined: set[str]
+    state: Mapping[str, Tensor],
+    written: set[int],
+    initialised: list[str],
+    declined: set[str],
+    written_keys: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> Outcome:
+    """``written_keys`` names keys given a value by their module's own loading (an extra
+    state, a quantized module's packed weights): not tensors of the model, or not the same
+    object on every ``state_dict()`` call. Only tensors are counted."""
     out = Outcome(declined=declined, initialised=initialised)
     seen: set[int] = set()
     for mkey, t in state.items():
         tid = id(t)
-        hit = tid in written
+        hit = tid in written or mkey in written_keys
         if hit:
             out.loaded.append(mkey)
-        if tid in seen:
+        if tid in seen or not isinstance(t, Tensor):
             continue
         seen.add(tid)
         if isinstance(t, nn.Parameter):
@@ -151,17 +158,31 @@ def _written(plan: LoadPlan, state: Mapping[str, Tensor], declined: set[str]) ->
     return {
         id(state[e.model_key])  # type: ignore[index]
         for e in plan.entries
-        if e.action in WRITES and e.model_key not in declined
+        if e.action in WRITES and e.model_key not in declined and e.model_key is not None
     }
+
+
+def _by_modules(plan: LoadPlan) -> set[str]:
+    """Model keys that their module's own loading gives a value."""
+    return {
+        e.model_key
+        for e in plan.entries
+        if e.via is not None and e.action in WRITES and e.model_key
+    }
+
+
+def _any_meta(state: Mapping[str, Tensor]) -> bool:
+    return any(isinstance(t, Tensor) and t.is_meta for t in state.values())
 
 
 def preview(plan: LoadPlan, model: nn.Module, state: Mapping[str, Tensor]) -> LoadReport:
     """The report of a checked plan, without applying it (``dry_run``)."""
     written = _written(plan, state, set())
     initialised: list[str] = []
-    if any(t.is_meta for t in state.values()):
+    if _any_meta(state):
         initialised = meta_to_initialise(model, written)[1]
-    return report_of(plan, _outcome(state, written, initialised, set()), dry_run=True)
+    outcome = _outcome(state, written, initialised, set(), _by_modules(plan))
+    return report_of(plan, outcome, dry_run=True)
 
 
 def report_of(plan: LoadPlan, outcome: Outcome, *, dry_run: bool) -> LoadReport:
@@ -227,14 +248,17 @@ def run(
     values, declined = _run_adapters(plan, state, source, adapter)
     if plan.strict and declined:
         raise LoadError(strict_failure(plan, state, declined))
+    # Modules that load themselves: their own loading, rehearsed on private copies.
+    rehearsed = _selfload.rehearse_plan(plan, _selfload.Index(_selfload.find_units(model)), source)
     written = _written(plan, state, declined)
     init_modules: list[nn.Module] = []
     initialised: list[str] = []
-    if any(t.is_meta for t in state.values()):
+    if _any_meta(state):
         init_modules, initialised = meta_to_initialise(model, written)
-    outcome = _outcome(state, written, initialised, declined)
+    outcome = _outcome(state, written, initialised, declined, _by_modules(plan))
     outcome.notes = _adapter_notes(adapter)
     _write(model, plan, state, source, values, init_modules, progress)
+    _selfload.commit(model, rehearsed, source)
     return report_of(plan, outcome, dry_run=False)
 
 
@@ -254,9 +278,11 @@ def _verify_source(plan: LoadPlan, source: CheckpointSource) -> None:
     specs = source.specs
     bad: list[str] = []
     for e in plan.entries:
-        if e.action not in WRITES:
+        if e.action not in WRITES or (e.via is not None and e.ckpt_key is None):
             continue
         spec = specs.get(e.ckpt_key)  # type: ignore[arg-type]
+        if spec is None and e.via is not None and e.ckpt_key in source.extras:
+            continue  # a non-tensor entry, handed to its module's own loading
         if spec is None:
             bad.append(f"    '{e.ckpt_key}': not in the checkpoint")
         elif tuple(spec[0]) != e.ckpt_shape or dtype_name(spec[1]) != e.ckpt_dtype:
@@ -346,7 +372,7 @@ def _write(
     init_modules: list[nn.Module],
     progress: bool | None = None,
 ) -> None:
-    owners = meta.holders(model) if any(t.is_meta for t in state.values()) else {}
+    owners = meta.holders(model) if _any_meta(state) else {}
     replaced: dict[int, Tensor] = {}
 
     def current(t: Tensor) -> Tensor:
@@ -367,7 +393,7 @@ def _write(
     done: set[tuple[int, str]] = set()
     files: dict[str, int] = {}  # file -> bytes read from it, in reading order
     for e in plan.entries:
-        if e.action not in WRITES:
+        if e.action not in WRITES or e.via is not None:  # via: the module's own loading
             continue
         orig = state[e.model_key]  # type: ignore[index]
         ckey = str(e.ckpt_key)

@@ -29,6 +29,12 @@ Actions, one per entry:
                 checkpoint tensor in its active copy and in ``original_module``)
 ==============  ============================================================================
 
+Modules that load themselves (an own ``_load_from_state_dict``, load hooks, an extra state,
+non-tensor state such as a dynamically quantized ``Linear``'s packed weights) get their
+checkpoint entries through their own loading, as ``load_state_dict`` would give them;
+their entries name in ``via`` the key they are handed over under. See
+:mod:`surgery._selfload`: planning reads those modules' tensors (only those).
+
 Tied parameters (one tensor under several model keys): a key whose tensor gets a value
 through another key is planned with that key's action and checkpoint key, and ``tied_to``
 names the key that carries it; apply writes each tensor once, and the report lists every
@@ -49,7 +55,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
-from . import _peft
+from . import _peft, _selfload
 from ._keymap import Remap, apply_prefix, apply_remap, detect_prefix, prefix_hint
 from ._names import closest
 from ._select import Selector, match_keys
@@ -93,7 +99,10 @@ class PlanEntry:
     """One step of a load: what happens to one model key, one checkpoint key, or a pair.
 
     Shapes are tuples of ints and dtypes names such as ``"float32"``, so an entry is plain
-    JSON-able data. ``reason`` is a short human note (``"dropped by remap"``).
+    JSON-able data. ``reason`` is a short human note (``"dropped by remap"``). ``via`` is
+    set on the entries of a module that loads itself: the name the checkpoint entry is
+    handed to that module's loading under (before its own renaming); shapes are ``None``
+    for non-tensor entries (packed weights, a dict extra state).
     """
 
     action: str
@@ -105,6 +114,7 @@ class PlanEntry:
     ckpt_dtype: str | None = None
     reason: str = ""
     tied_to: str | None = None
+    via: str | None = None  # handed to its module's own loading under this name
 
     @property
     def key(self) -> str:
@@ -122,6 +132,7 @@ class PlanEntry:
             "ckpt_dtype": self.ckpt_dtype,
             "reason": self.reason,
             "tied_to": self.tied_to,
+            "via": self.via,
         }
 
     @classmethod
@@ -141,6 +152,7 @@ class PlanEntry:
                 ckpt_dtype=_opt_str(d.get("ckpt_dtype")),
                 reason=str(d.get("reason") or ""),
                 tied_to=_opt_str(d.get("tied_to")),
+                via=_opt_str(d.get("via")),
             )
         except (TypeError, ValueError) as e:
             raise UsageError(f"malformed plan entry {dict(d)!r}: {e}") from None
@@ -471,8 +483,8 @@ class LoadPlan:
             parts.append(f"  prefix: {describe_prefix(self.prefix)}")
         rows = []
         for e in self.entries:
-            if e.action == "load" and not e.tied_to:
-                continue
+            if e.action == "load" and not e.tied_to and (e.via is None or e.via == e.model_key):
+                continue  # plain loads are counted, not listed; a module's own renames are
             detail = e.reason or _detail(e)
             if e.model_key and e.ckpt_key and e.model_key != e.ckpt_key:
                 detail = f"from '{e.ckpt_key}'" + (f"; {detail}" if detail else "")
@@ -650,7 +662,8 @@ def make_plan(
     notes = list(source.notes)
 
     # 1. checkpoint key -> model key
-    new_to_old, dropped, remap_notes = apply_remap(specs, remap)
+    ckpt_names = [*specs, *source.extras] if source.extras else specs  # extras: not tensors
+    new_to_old, dropped, remap_notes = apply_remap(ckpt_names, remap)
     notes.extend(remap_notes)
     rewrite = None
     view = _peft.peft_view(model, state)
@@ -665,10 +678,22 @@ def make_plan(
         rewrite = detect_prefix(new_to_old, set(state))
         if rewrite is not None:
             new_to_old = apply_prefix(new_to_old, rewrite)
+    units = _selfload.Index(_selfload.find_units(model))
+    unit_entries: list[PlanEntry] = []
+    plain = state
+    if units or source.extras:  # modules that load themselves take their keys first
+        new_to_old, unit_entries, unit_notes = _selfload.plan_units(
+            units, new_to_old, source, state, skipped, adapter is not None
+        )
+        notes.extend(unit_notes)
+        plain = _selfload.plain_state(state, units)
 
     # 2. every checkpoint key: paired with a model key, unexpected, or dropped
     entries: list[PlanEntry] = []
     for ckey in dropped:
+        if ckey not in specs:  # a non-tensor entry
+            entries.append(PlanEntry("skip", None, ckey, reason="dropped by remap"))
+            continue
         shape, dtype = specs[ckey]
         entries.append(
             PlanEntry(
@@ -682,7 +707,7 @@ def make_plan(
         cshape, cdtype = specs[ckey]
         cshape_t = tuple(cshape)
         cdtype_s = names.get(cdtype) or dtype_name(cdtype)
-        target = state.get(mkey)
+        target = plain.get(mkey)
         if target is None:
             entries.append(
                 PlanEntry("unexpected", mkey, ckey, None, cshape_t, None, cdtype_s, "not in model")
@@ -706,7 +731,7 @@ def make_plan(
     # 3. model keys with no checkpoint key that skip= names (tie aliases and keys without a
     #    value are planned by validate(), as for any plan)
     if skipped:
-        for mkey, t in state.items():
+        for mkey, t in plain.items():
             if mkey in skipped and mkey not in new_to_old and id(t) not in writer:
                 at[mkey] = len(entries)
                 entries.append(
@@ -721,6 +746,7 @@ def make_plan(
                     )
                 )
 
+    entries.extend(unit_entries)
     plan = LoadPlan(
         entries=entries,
         source=source.description,
@@ -743,6 +769,7 @@ def make_plan(
         refuse_empty=refuse_empty,
         index=(entries, at, writer),
         adapters=set() if view is None else view.adapter,
+        units=units,
     )
 
 
@@ -771,20 +798,34 @@ def validate(
     refuse_empty: bool,
     index: tuple[list, dict[str, int], dict[int, PlanEntry]] | None = None,
     adapters: set[str] | None = None,
+    units: _selfload.Index | None = None,
 ) -> LoadPlan:
     """Validate ``plan`` against the model's current state; return the normalised plan.
 
     ``index`` is ``(entries, model key -> position, id(tensor) -> writing entry)`` from
     :func:`make_plan`, which has just classified the entries against ``state``; without it
     every entry is checked and refreshed. ``adapters`` holds the model's PEFT adapter keys
-    (found from the model when not given).
+    (found from the model when not given); ``units`` are the model's modules that load
+    themselves, when the caller has found them already.
     """
     unknown: list[str] = []
     misfit: list[str] = []
+    full_state = state
+    if units is None:
+        units = _selfload.Index(_selfload.find_units(model))
+    mine: list[PlanEntry] = []  # entries of modules that load themselves
+    if units:
+        state = _selfload.plain_state(state, units)
     if index is not None:
         entries, at, writer = index
     else:
-        entries, at, writer, unknown, misfit = _index_edited(plan, state)
+        todo = plan.entries
+        if units or any(e.via is not None for e in todo):
+            todo, mine, unknown = _selfload.split_entries(todo, units, full_state)
+        entries, at, writer, more, misfit = _index_edited(
+            dataclasses.replace(plan, entries=todo), state
+        )
+        unknown += more
     if unknown:
         near = closest(unknown[0], state)
         raise LoadError(
@@ -835,7 +876,14 @@ def validate(
             entries.append(new)
         else:
             entries[i] = new
-    checked = dataclasses.replace(plan, entries=[e for e in entries if e is not None])
+    checked = dataclasses.replace(plan, entries=[e for e in entries if e is not None] + mine)
+    written = {
+        id(t)
+        for e in checked.entries
+        if e.action in WRITES
+        and e.model_key is not None
+        and isinstance(t := full_state.get(e.model_key), Tensor)
+    }
 
     # Refuse what cannot be right, in the order load_partial always has.
     mismatched = [e for e in checked.entries if e.action == "mismatch"]
@@ -852,7 +900,7 @@ def validate(
         message = strict_failure(checked, state)
         if message:
             raise LoadError(message)
-    if refuse_empty and not writer:
+    if refuse_empty and not written:
         n_ckpt = sum(1 for e in checked.entries if e.ckpt_key is not None and not e.tied_to)
         if n_ckpt:
             raise LoadError(
@@ -863,8 +911,10 @@ def validate(
                 )
                 + " Nothing was loaded."
             )
-    if any_meta:
-        meta_to_initialise(model, {id(state[e.model_key]) for e in checked.entries if _writes(e)})
+    if any_meta or (
+        units and any(isinstance(t, Tensor) and t.is_meta for t in full_state.values())
+    ):
+        meta_to_initialise(model, written)
     return checked
 
 
@@ -934,10 +984,6 @@ def _index_edited(
         )
 
     return entries, at, writer, unknown, misfit
-
-
-def _writes(e: PlanEntry) -> bool:
-    return e.action in WRITES
 
 
 def _mismatch(e: PlanEntry) -> Mismatch:

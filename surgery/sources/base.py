@@ -30,7 +30,8 @@ class CheckpointSource:
     ``description`` (file or object), ``files`` (key -> the file it is read from, where that is
     not ``description``: a sharded checkpoint's shards), ``notes``, ``container`` (the entries
     the state dict sat under, e.g. ``['state_dict']``) and ``other_entries`` (the top-level
-    entries beside it).
+    entries beside it); ``extras`` and ``metadata`` hold what a state dict keeps beside tensors
+    (extra states, packed weights; torch's per-module versions).
 
     A subclass implements ``read``; one that can fill ``out`` without a temporary (bytes at a
     known file offset) overrides the hook ``_read_into``. A source that wraps others delegates
@@ -54,6 +55,11 @@ class CheckpointSource:
         self.notes: list[str] = []
         self.container: list[str] = []
         self.other_entries: list[str] = []
+        # What a torch state dict holds beside tensors, for modules that load themselves:
+        # non-tensor entries (a dynamically quantized Linear's packed weights and dtype, a
+        # dict extra state) and the per-module versions torch keeps in ``_metadata``.
+        self.extras: dict[str, Any] = {}
+        self.metadata: dict[str, dict] | None = None
 
     def read(self, key: str) -> Tensor:
         """Tensor ``key`` (a lazy view of the file where the format allows)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -13,17 +14,27 @@ __all__ = ["MemorySource", "from_mapping", "from_module"]
 
 
 class MemorySource(CheckpointSource):
-    """A flat ``{name: tensor}`` dict served as a source; ``read`` returns the tensor itself."""
+    """A flat ``{name: tensor}`` dict served as a source; ``read`` returns the tensor itself.
+
+    Non-tensor entries a module's ``state_dict()`` holds (extra states, packed weights) go to
+    ``extras`` and torch's per-module versions to ``metadata``, for modules that load
+    themselves.
+    """
 
     def __init__(
         self,
-        tensors: Mapping[str, Tensor],
+        state: Mapping[str, Any],
         description: str,
         *,
         container: Sequence[str] = (),
         other_entries: Sequence[str] = (),
     ) -> None:
         super().__init__(description)
+        tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
+        if len(tensors) < len(state):
+            self.extras = {k: v for k, v in state.items() if not isinstance(v, Tensor)}
+        metadata = getattr(state, "_metadata", None)
+        self.metadata = dict(metadata) if isinstance(metadata, Mapping) else None
         self._tensors = tensors
         self.specs = {k: (t.shape, t.dtype) for k, t in tensors.items()}
         self.container = list(container)

@@ -59,7 +59,7 @@ class TorchFileSource(MemorySource):
         self._offsets: dict[str, int] = {}
         self._file = OffsetReader(str(path), self.description)
         if mmap:
-            offsets = _storage_file_offsets(path, found.tensors)
+            offsets = _storage_file_offsets(path, self._tensors)
             if offsets is None:
                 self.notes.append(
                     f"{path.name}: could not map tensors to file offsets; copying through mmap"

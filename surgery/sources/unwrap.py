@@ -52,9 +52,11 @@ class Unwrapped:
 
     ``container`` is the entry path to it (``['model', 'module']``; empty at top level);
     ``other_entries`` are the top-level entries beside it (``['epoch', 'optimizer']``).
+    ``tensors`` is the state dict as found: tensors, and what a module's ``state_dict()`` puts
+    beside them (extra states, a quantized layer's packed weights, torch's ``_metadata``).
     """
 
-    tensors: dict[str, Tensor]
+    tensors: Mapping[str, Any]
     container: list[str] = field(default_factory=list)
     other_entries: list[str] = field(default_factory=list)
 
@@ -88,7 +90,7 @@ def unwrap(obj: Any, entry: str | None = None, where: str = "<dict>") -> Unwrapp
             )
     found, inner = find_state_dict(value, where, explicit=entry is not None)
     container = path + inner
-    return Unwrapped(dict(found), container, _others(obj, container))
+    return Unwrapped(found, container, _others(obj, container))
 
 
 def pick_entry(obj: Any, entry: str, where: str) -> tuple[Any, list[str]]:
@@ -191,10 +193,15 @@ def _listing(obj: Mapping) -> str:
 
 
 def _is_tensor_dict(obj: Any) -> bool:
-    return (
-        isinstance(obj, Mapping)
-        and len(obj) > 0
-        and all(isinstance(v, Tensor) for v in obj.values())
+    """A state dict: tensors and modules' extra states (keys ending ``_extra_state``), or
+    what ``Module.state_dict()`` made (it keeps a ``_metadata`` of module versions) with
+    other non-tensor entries (packed weights) among its tensors."""
+    if not isinstance(obj, Mapping) or not obj:
+        return False
+    if all(isinstance(v, Tensor) or str(k).endswith("_extra_state") for k, v in obj.items()):
+        return any(isinstance(v, Tensor) for v in obj.values())
+    return isinstance(getattr(obj, "_metadata", None), Mapping) and any(
+        isinstance(v, Tensor) for v in obj.values()
     )
 
 
