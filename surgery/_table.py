@@ -177,3 +177,28 @@ class _Table:
     def _repr_html_(self) -> str:
         table = html_table(self._header, self._html_rows(), self._html_caption(), self._numeric)
         return table + "".join(f"<p>{html.escape(line)}</p>" for line in self._html_notes())
+
+
+class _StatusTable(_Table):
+    """A report listing keys by status: ``(status, key, detail)`` rows from
+    ``_status_rows(limit)``, at most ``_text_limit`` per status in ``str()`` and
+    ``_html_limit`` in the notebook (``None``: all), then the ``notes`` attribute."""
+
+    notes: list[str]
+    _text_limit: int | None = LIST_LIMIT
+    _html_limit: int | None = None
+
+    def _status_rows(self, limit: int | None) -> list[tuple[str, str, str]]:
+        raise NotImplementedError
+
+    def _rows(self) -> list[tuple[str, str, str]]:
+        return self._status_rows(self._text_limit)
+
+    def _html_rows(self) -> list[tuple[str, str, str]]:
+        return self._status_rows(self._html_limit)
+
+    def _notes(self) -> list[str]:
+        return [f"  note: {n}" for n in self.notes]
+
+    def _html_notes(self) -> list[str]:
+        return [f"note: {n}" for n in self.notes]

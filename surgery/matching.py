@@ -176,12 +176,12 @@ class Match(_Table):
         return rows
 
     def _caption(self) -> str:
-        n, total = len(self.pairs), len(self.model_shapes)
-        low = len(self.low())
+        n, low = len(self.pairs), len(self.low())
+        matched = f"{n}/{len(self.model_shapes)} model tensors matched"
+        unused = f"{len(self.unmatched_source)} of {len(self.source_shapes)} source tensors unused"
         return (
-            f"match {self.source} -> {self.model}: {n}/{total} model tensors matched "
-            f"({n - low} high, {low} low confidence); "
-            f"{len(self.unmatched_source)} of {len(self.source_shapes)} source tensors unused"
+            f"match {self.source} -> {self.model}: {matched} ({n - low} high, {low} low "
+            f"confidence); {unused}"
         )
 
     def _notes(self) -> list[str]:

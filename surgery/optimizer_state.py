@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ._keymap import Remap, apply_prefix, apply_remap, describe_prefix, detect_prefix
 from ._select import match_keys
-from ._table import _Table, first_n_lines, format_shape, status_rows
+from ._table import _StatusTable, first_n_lines, format_shape, status_rows
 from .checkpoint import read_checkpoint
 from .errors import CheckpointError, OptimizerStateError, UnsafeCheckpointError, UsageError
 from .report import Mismatch
@@ -63,7 +63,7 @@ Names = Sequence[str] | nn.Module | Mapping[str, Tensor] | str | os.PathLike
 
 
 @dataclass
-class OptimizerReport(_Table):
+class OptimizerReport(_StatusTable):
     """What :func:`restore_optimizer` did to each parameter's optimizer state.
 
     Names are the new model's parameter names. ``restored``: old state moved over as it was;
@@ -128,6 +128,7 @@ class OptimizerReport(_Table):
         return s
 
     _header = ("status", "parameter", "detail")
+    _text_limit = _LIST
 
     def _status_rows(self, limit: int | None) -> list[tuple[str, str, str]]:
         rows: list[tuple[str, str, str]] = []
@@ -139,26 +140,8 @@ class OptimizerReport(_Table):
             rows.append(
                 ("prefix", "", f"{describe_prefix(self.prefix)} ({len(self.renamed)} names)")
             )
-        add(
-            "reset",
-            [
-                (
-                    m.key,
-                    f"old {format_shape(m.checkpoint_shape)} vs new {format_shape(m.model_shape)}",
-                )
-                for m in self.reset
-            ],
-        )
-        add(
-            "adapted",
-            [
-                (
-                    m.key,
-                    f"old {format_shape(m.checkpoint_shape)} -> new {format_shape(m.model_shape)}",
-                )
-                for m in self.adapted
-            ],
-        )
+        add("reset", [(m.key, m.shapes("vs", "old", "new")) for m in self.reset])
+        add("adapted", [(m.key, m.shapes("->", "old", "new")) for m in self.adapted])
         add("fresh", [(k, f"no old state, group '{self.groups.get(k, '')}'") for k in self.fresh])
         add("skipped", [(k, "left fresh as asked") for k in self.skipped])
         add("frozen", [(k, f"old state not restored: {self.frozen[k]}") for k in self.frozen])
@@ -173,20 +156,8 @@ class OptimizerReport(_Table):
             f"{self.model}\n  {self.summary()}"
         )
 
-    def _rows(self) -> list[tuple[str, str, str]]:
-        return self._status_rows(_LIST)
-
-    def _notes(self) -> list[str]:
-        return [f"  note: {n}" for n in self.notes]
-
     def _html_caption(self) -> str:
         return f"{self.source} -> {self.optimizer} of {self.model}: {self.summary()}"
-
-    def _html_rows(self) -> list[tuple[str, str, str]]:
-        return self._status_rows(None)
-
-    def _html_notes(self) -> list[str]:
-        return [f"note: {n}" for n in self.notes]
 
     def __repr__(self) -> str:
         return f"<OptimizerReport {self.summary()}; ok={self.ok}>"
@@ -407,11 +378,7 @@ def _plan(
             f"{report.optimizer} of {report.model} ({len(refused)} parameters):\n"
             + "\n".join(
                 first_n_lines(
-                    [
-                        f"{m.key}: old {format_shape(m.checkpoint_shape)} vs new "
-                        f"{format_shape(m.model_shape)}"
-                        for m in refused
-                    ],
+                    [f"{m.key}: {m.shapes('vs', 'old', 'new')}" for m in refused],
                     _LIST,
                 )
             )

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 from ._select import Selector, match_keys
-from ._table import _Table, first_n, first_n_lines, format_shape, status_rows
+from ._table import _StatusTable, first_n, first_n_lines, format_shape, status_rows
 from .errors import LoadError
 
 __all__ = ["LoadReport", "Mismatch"]
@@ -30,15 +30,19 @@ class Mismatch:
             "model_shape": list(self.model_shape),
         }
 
-    def __str__(self) -> str:
+    def shapes(self, sep: str = "vs", old: str = "checkpoint", new: str = "model") -> str:
+        """``'checkpoint (1000, 512) vs model (10, 512)'``; the words can be changed."""
         return (
-            f"{self.key}: checkpoint {format_shape(self.checkpoint_shape)} vs "
-            f"model {format_shape(self.model_shape)}"
+            f"{old} {format_shape(self.checkpoint_shape)} {sep} {new} "
+            f"{format_shape(self.model_shape)}"
         )
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.shapes()}"
 
 
 @dataclass
-class LoadReport(_Table):
+class LoadReport(_StatusTable):
     """What a load did (or, with ``dry_run=True``, would do), derived from its plan.
 
     Model keys are the model's ``state_dict()`` names; checkpoint keys are the names in the
@@ -186,6 +190,8 @@ class LoadReport(_Table):
         return s
 
     _header = ("status", "key", "detail")
+    _text_limit = _SHOW
+    _html_limit = 50
 
     def _status_rows(self, limit: int | None) -> list[tuple[str, str, str]]:
         """(status, key, detail) rows, at most ``limit`` keys per status."""
@@ -199,28 +205,8 @@ class LoadReport(_Table):
         if self.prefix:
             n = len(self.renamed)
             rows.append(("prefix", "", f"{describe_prefix(self.prefix)} ({n} keys)"))
-        add(
-            "mismatched",
-            [
-                (
-                    m.key,
-                    f"checkpoint {format_shape(m.checkpoint_shape)} vs model "
-                    f"{format_shape(m.model_shape)}, not loaded",
-                )
-                for m in self.mismatched
-            ],
-        )
-        add(
-            "adapted",
-            [
-                (
-                    m.key,
-                    f"checkpoint {format_shape(m.checkpoint_shape)} -> model "
-                    f"{format_shape(m.model_shape)}",
-                )
-                for m in self.adapted
-            ],
-        )
+        add("mismatched", [(m.key, f"{m.shapes()}, not loaded") for m in self.mismatched])
+        add("adapted", [(m.key, m.shapes("->")) for m in self.adapted])
         add("missing", [(k, "not in checkpoint") for k in self.missing])
         add("unexpected", [(k, "not in model") for k in self.unexpected])
         add("skipped", [(k, "skipped as asked") for k in self.skipped])
@@ -244,21 +230,12 @@ class LoadReport(_Table):
     def _caption(self) -> str:
         return f"LoadReport: {self.source} -> {self.model}\n  {self.summary()}"
 
-    def _rows(self) -> list[tuple[str, str, str]]:
-        return self._status_rows(_SHOW)
-
-    def _notes(self) -> list[str]:
-        return [f"  note: {n}" for n in self.notes]
-
     def _html_caption(self) -> str:
         return f"{self.source} -> {self.model}: {self.summary()}"
 
-    def _html_rows(self) -> list[tuple[str, str, str]]:
-        return self._status_rows(50)
-
     def _html_notes(self) -> list[str]:
         why = [] if self.ok else [f"not ok: {self.why_not_ok()}"]
-        return why + [f"note: {n}" for n in self.notes]
+        return why + super()._html_notes()
 
     def __repr__(self) -> str:
         why = "" if self.ok else f" ({self.why_not_ok()})"
