@@ -1,4 +1,4 @@
-"""Name matching shared by loading (``skip``), freezing and parameter grouping.
+"""Name patterns under :mod:`surgery._select` (the one selector vocabulary): globs, ``re:``.
 
 A string selector is a glob over dotted qualified names; a name also matches when one of its
 parent modules does, so ``"layer4"`` selects ``layer4.0.conv1.weight``. ``"re:..."`` is a regex
@@ -36,23 +36,6 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
         body = fnmatch.translate(pattern)
         body = body.removesuffix(r"\Z")
     return re.compile(f"(?:{body}){_PARENT_SUFFIX}", re.DOTALL)
-
-
-def compile_patterns(patterns: str | Iterable[str] | None) -> list[tuple[str, re.Pattern[str]]]:
-    """Normalise ``None`` / one pattern / several patterns into compiled ``(source, regex)``."""
-    if patterns is None:
-        return []
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    return [(p, compile_pattern(p)) for p in patterns]
-
-
-def first_match(compiled: list[tuple[str, re.Pattern[str]]], name: str) -> str | None:
-    """The source of the first compiled pattern matching ``name``, or ``None``."""
-    for source, rx in compiled:
-        if rx.fullmatch(name):
-            return source
-    return None
 
 
 def closest(word: str, names: Iterable[str], n: int = 3) -> list[str]:

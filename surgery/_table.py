@@ -108,6 +108,23 @@ def first_n_lines(items: Iterable[object], n: int = LIST_LIMIT, indent: str = " 
     return lines
 
 
+def status_rows(
+    status: str, items: Sequence[tuple[str, str]], limit: int | None = None
+) -> list[tuple[str, str, str]]:
+    """``(status, key, detail)`` table rows for the first ``limit`` items (all for ``None``),
+    then a ``'... K more'`` row if any were left out: the row form of :func:`first_n`.
+
+    Example:
+        >>> status_rows("missing", [("a", "x"), ("b", "y")], 1)
+        [('missing', 'a', 'x'), ('missing', '... 1 more', '')]
+    """
+    shown = items if limit is None else items[:limit]
+    rows = [(status, k, d) for k, d in shown]
+    if len(shown) < len(items):
+        rows.append((status, f"... {len(items) - len(shown)} more", ""))
+    return rows
+
+
 # --------------------------------------------------------------------------- base
 
 
@@ -117,32 +134,71 @@ class _Table:
     A subclass sets ``_header`` (column names) and ``_numeric`` (right-aligned columns in HTML)
     and defines ``_caption()`` and ``_rows()``; ``_notes()`` (plain lines after the table) is
     optional. ``_text_rows = False`` leaves the table out of ``str()`` (caption and notes only)
-    while the notebook view keeps it. Dataclass subclasses need ``@dataclass(repr=False)`` so
-    they keep this ``__repr__``.
+    while the notebook view keeps it; a table without rows is left out of ``str()``. The
+    notebook view may differ through ``_html_caption()``, ``_html_rows()`` (e.g. more rows)
+    and ``_html_notes()``, which default to the text ones. ``_indent`` starts each text table
+    line. Dataclass subclasses need ``@dataclass(repr=False)`` so they keep this ``__repr__``
+    (or define their own).
     """
 
     _header: tuple[str, ...] = ()
     _numeric: tuple[int, ...] = ()
     _text_rows: bool = True
+    _indent: str = "  "
 
     def _caption(self) -> str:
         raise NotImplementedError
 
-    def _rows(self) -> list[list[object]]:
+    def _rows(self) -> Sequence[Sequence[object]]:
         raise NotImplementedError
 
     def _notes(self) -> list[str]:
         return []
 
+    def _html_caption(self) -> str:
+        return self._caption()
+
+    def _html_rows(self) -> Sequence[Sequence[object]]:
+        return self._rows()
+
+    def _html_notes(self) -> list[str]:
+        return self._notes()
+
     def __str__(self) -> str:
         lines = [self._caption()]
-        if self._text_rows:
-            lines.append(text_table(self._header, self._rows(), indent="  "))
+        rows = self._rows() if self._text_rows else ()
+        if rows:
+            lines.append(text_table(self._header, rows, indent=self._indent))
         return "\n".join(lines + self._notes())
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._caption()!r})"
 
     def _repr_html_(self) -> str:
-        table = html_table(self._header, self._rows(), self._caption(), self._numeric)
-        return table + "".join(f"<p>{html.escape(line)}</p>" for line in self._notes())
+        table = html_table(self._header, self._html_rows(), self._html_caption(), self._numeric)
+        return table + "".join(f"<p>{html.escape(line)}</p>" for line in self._html_notes())
+
+
+class _StatusTable(_Table):
+    """A report listing keys by status: ``(status, key, detail)`` rows from
+    ``_status_rows(limit)``, at most ``_text_limit`` per status in ``str()`` and
+    ``_html_limit`` in the notebook (``None``: all), then the ``notes`` attribute."""
+
+    notes: list[str]
+    _text_limit: int | None = LIST_LIMIT
+    _html_limit: int | None = None
+
+    def _status_rows(self, limit: int | None) -> list[tuple[str, str, str]]:
+        raise NotImplementedError
+
+    def _rows(self) -> list[tuple[str, str, str]]:
+        return self._status_rows(self._text_limit)
+
+    def _html_rows(self) -> list[tuple[str, str, str]]:
+        return self._status_rows(self._html_limit)
+
+    def _notes(self) -> list[str]:
+        return [f"  note: {n}" for n in self.notes]
+
+    def _html_notes(self) -> list[str]:
+        return [f"note: {n}" for n in self.notes]

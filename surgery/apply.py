@@ -9,6 +9,7 @@ The :class:`~surgery.report.LoadReport` is derived from the plan and what apply 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _progress, _selfload, meta
-from ._table import format_shape
+from ._table import first_n_lines, format_shape
 from .errors import LoadError, SurgeryError, UsageError
 from .plan import (
     WRITES,
@@ -113,12 +114,8 @@ class Outcome:
     declined: set[str] = field(default_factory=set)  # adapt entries whose adapter said None
     notes: list[str] = field(default_factory=list)  # what the adapter said it did
     initialised: list[str] = field(default_factory=list)
-    tensors_loaded: int = 0
-    tensors_total: int = 0
-    params_loaded: int = 0
-    params_total: int = 0
-    buffers_loaded: int = 0
-    buffers_total: int = 0
+    # LoadReport's count fields by name: tensors_/params_/buffers_ + loaded/total
+    counts: Counter[str] = field(default_factory=Counter)
 
 
 def _outcome(
@@ -132,6 +129,7 @@ def _outcome(
     state, a quantized module's packed weights): not tensors of the model, or not the same
     object on every ``state_dict()`` call. Only tensors are counted."""
     out = Outcome(declined=declined, initialised=initialised)
+    counts = out.counts
     seen: set[int] = set()
     for mkey, t in state.items():
         tid = id(t)
@@ -143,14 +141,14 @@ def _outcome(
         seen.add(tid)
         if isinstance(t, nn.Parameter):
             n = t.numel()
-            out.tensors_total += 1
-            out.params_total += n
+            counts["tensors_total"] += 1
+            counts["params_total"] += n
             if hit:
-                out.tensors_loaded += 1
-                out.params_loaded += n
+                counts["tensors_loaded"] += 1
+                counts["params_loaded"] += n
         else:
-            out.buffers_total += 1
-            out.buffers_loaded += hit
+            counts["buffers_total"] += 1
+            counts["buffers_loaded"] += hit
     return out
 
 
@@ -194,13 +192,8 @@ def report_of(plan: LoadPlan, outcome: Outcome, *, dry_run: bool) -> LoadReport:
         notes=[*plan.notes, *outcome.notes],
         loaded=outcome.loaded,
         initialised=outcome.initialised,
-        tensors_loaded=outcome.tensors_loaded,
-        tensors_total=outcome.tensors_total,
-        params_loaded=outcome.params_loaded,
-        params_total=outcome.params_total,
-        buffers_loaded=outcome.buffers_loaded,
-        buffers_total=outcome.buffers_total,
         dry_run=dry_run,
+        **outcome.counts,
     )
     for e in plan.entries:
         a = e.action
@@ -284,17 +277,16 @@ def _verify_source(plan: LoadPlan, source: CheckpointSource) -> None:
         if spec is None and e.via is not None and e.ckpt_key in source.extras:
             continue  # a non-tensor entry, handed to its module's own loading
         if spec is None:
-            bad.append(f"    '{e.ckpt_key}': not in the checkpoint")
+            bad.append(f"'{e.ckpt_key}': not in the checkpoint")
         elif tuple(spec[0]) != e.ckpt_shape or dtype_name(spec[1]) != e.ckpt_dtype:
             bad.append(
-                f"    '{e.ckpt_key}': planned {format_shape(e.ckpt_shape)} {e.ckpt_dtype}, "
+                f"'{e.ckpt_key}': planned {format_shape(e.ckpt_shape)} {e.ckpt_dtype}, "
                 f"checkpoint has {format_shape(spec[0])} {dtype_name(spec[1])}"
             )
     if bad:
         raise LoadError(
             f"{source.description} does not hold what the plan reads ({len(bad)} tensors):\n"
-            + "\n".join(bad[:_LIST])
-            + (f"\n    ... and {len(bad) - _LIST} more" if len(bad) > _LIST else "")
+            + "\n".join(first_n_lines(bad, _LIST))
             + "\nNothing was loaded. Pass the checkpoint the plan was made from (ckpt=...), "
             "or plan again with surgery.plan_load()."
         )

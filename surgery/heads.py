@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ._table import first_n
 from .errors import LoadError, UsageError
 
 __all__ = ["Chain", "HeadRows", "chain", "head_rows"]
@@ -178,11 +179,10 @@ class HeadRows:
         for name, s in self.summary.items():
             n_old, n_new = s["rows"]
             new = s["new_labels"]
-            shown = ", ".join(repr(lb) for lb in new[:_SHOW])
-            more = f" and {len(new) - _SHOW} more" if len(new) > _SHOW else ""
+            shown = first_n([repr(lb) for lb in new], _SHOW)
             lines.append(
                 f"{name}: kept {s['kept']} of {n_new} rows by label (checkpoint had {n_old}); "
-                f"initialised {len(new)} ({s['init']})" + (f": {shown}{more}" if new else "")
+                f"initialised {len(new)} ({s['init']})" + (f": {shown}" if new else "")
             )
         if self.summary and not len(self._new_idx):
             lines.append(

@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._keymap import apply_remap
 from ._names import closest
-from ._table import format_shape, html_table, text_table
+from ._table import _Table, format_shape
 from .checkpoint import CheckpointLike, read_checkpoint
 from .errors import KeyCollisionError, SurgeryError, UsageError
 
@@ -80,8 +80,8 @@ class Layout:
         )
 
 
-@dataclass
-class Match:
+@dataclass(repr=False)
+class Match(_Table):
     """The result of :func:`match`: for each model key, its source key, confidence and reason.
 
     ``pairs`` maps model keys to :class:`MatchedKey`; ``unmatched_model`` and
@@ -161,7 +161,8 @@ class Match:
             "notes": list(self.notes),
         }
 
-    _HEADER = ("model key", "shape", "source key", "confidence", "reason")
+    _header = ("model key", "shape", "source key", "confidence", "reason")
+    _indent = ""
 
     def _rows(self) -> list[tuple[str, ...]]:
         rows = []
@@ -174,16 +175,16 @@ class Match:
                 rows.append((mkey, format_shape(shape), p.source, conf, p.reason))
         return rows
 
-    def _summary(self) -> str:
-        n, total = len(self.pairs), len(self.model_shapes)
-        low = len(self.low())
+    def _caption(self) -> str:
+        n, low = len(self.pairs), len(self.low())
+        matched = f"{n}/{len(self.model_shapes)} model tensors matched"
+        unused = f"{len(self.unmatched_source)} of {len(self.source_shapes)} source tensors unused"
         return (
-            f"match {self.source} -> {self.model}: {n}/{total} model tensors matched "
-            f"({n - low} high, {low} low confidence); "
-            f"{len(self.unmatched_source)} of {len(self.source_shapes)} source tensors unused"
+            f"match {self.source} -> {self.model}: {matched} ({n - low} high, {low} low "
+            f"confidence); {unused}"
         )
 
-    def _extra_lines(self) -> list[str]:
+    def _notes(self) -> list[str]:
         lines = []
         if self.unmatched_source:
             lines.append("source tensors without a partner:")
@@ -193,21 +194,6 @@ class Match:
             lines += [f"  {lay}" for lay in self.layouts]
         lines += [f"note: {n}" for n in self.notes]
         return lines
-
-    def __str__(self) -> str:
-        return "\n".join(
-            [self._summary(), text_table(self._HEADER, self._rows()), *self._extra_lines()]
-        )
-
-    def _repr_html_(self) -> str:
-        extra = "".join(f"<pre>{_html(line)}</pre>" for line in self._extra_lines())
-        return html_table(self._HEADER, self._rows(), caption=self._summary()) + extra
-
-
-def _html(text: str) -> str:
-    import html
-
-    return html.escape(text)
 
 
 # --------------------------------------------------------------------------- entries

@@ -10,7 +10,6 @@ before the optimizer is touched.
 
 from __future__ import annotations
 
-import html
 import os
 import warnings
 import zipfile
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 
 from ._keymap import Remap, apply_prefix, apply_remap, describe_prefix, detect_prefix
 from ._select import match_keys
-from ._table import format_shape, html_table, text_table
+from ._table import _StatusTable, first_n_lines, format_shape, status_rows
 from .checkpoint import read_checkpoint
 from .errors import CheckpointError, OptimizerStateError, UnsafeCheckpointError, UsageError
 from .report import Mismatch
@@ -64,7 +63,7 @@ Names = Sequence[str] | nn.Module | Mapping[str, Tensor] | str | os.PathLike
 
 
 @dataclass
-class OptimizerReport:
+class OptimizerReport(_StatusTable):
     """What :func:`restore_optimizer` did to each parameter's optimizer state.
 
     Names are the new model's parameter names. ``restored``: old state moved over as it was;
@@ -128,39 +127,21 @@ class OptimizerReport:
                 s += f", {len(items)} {what}"
         return s
 
-    def _rows(self, limit: int | None) -> list[tuple[str, str, str]]:
+    _header = ("status", "parameter", "detail")
+    _text_limit = _LIST
+
+    def _status_rows(self, limit: int | None) -> list[tuple[str, str, str]]:
         rows: list[tuple[str, str, str]] = []
 
         def add(status: str, items: list[tuple[str, str]]) -> None:
-            shown = items if limit is None else items[:limit]
-            rows.extend((status, k, d) for k, d in shown)
-            if len(shown) < len(items):
-                rows.append((status, f"... {len(items) - len(shown)} more", ""))
+            rows.extend(status_rows(status, items, limit))
 
         if self.prefix:
             rows.append(
                 ("prefix", "", f"{describe_prefix(self.prefix)} ({len(self.renamed)} names)")
             )
-        add(
-            "reset",
-            [
-                (
-                    m.key,
-                    f"old {format_shape(m.checkpoint_shape)} vs new {format_shape(m.model_shape)}",
-                )
-                for m in self.reset
-            ],
-        )
-        add(
-            "adapted",
-            [
-                (
-                    m.key,
-                    f"old {format_shape(m.checkpoint_shape)} -> new {format_shape(m.model_shape)}",
-                )
-                for m in self.adapted
-            ],
-        )
+        add("reset", [(m.key, m.shapes("vs", "old", "new")) for m in self.reset])
+        add("adapted", [(m.key, m.shapes("->", "old", "new")) for m in self.adapted])
         add("fresh", [(k, f"no old state, group '{self.groups.get(k, '')}'") for k in self.fresh])
         add("skipped", [(k, "left fresh as asked") for k in self.skipped])
         add("frozen", [(k, f"old state not restored: {self.frozen[k]}") for k in self.frozen])
@@ -169,25 +150,17 @@ class OptimizerReport:
             add("restored", [(k, f"group '{self.groups.get(k, '')}'") for k in self.restored])
         return rows
 
-    def __str__(self) -> str:
-        head = (
+    def _caption(self) -> str:
+        return (
             f"OptimizerReport: {self.source} ({self.form}) -> {self.optimizer} of "
             f"{self.model}\n  {self.summary()}"
         )
-        rows = self._rows(_LIST)
-        parts = [head]
-        if rows:
-            parts.append(text_table(("status", "parameter", "detail"), rows, indent="  "))
-        parts.extend(f"  note: {n}" for n in self.notes)
-        return "\n".join(parts)
+
+    def _html_caption(self) -> str:
+        return f"{self.source} -> {self.optimizer} of {self.model}: {self.summary()}"
 
     def __repr__(self) -> str:
         return f"<OptimizerReport {self.summary()}; ok={self.ok}>"
-
-    def _repr_html_(self) -> str:
-        caption = f"{self.source} -> {self.optimizer} of {self.model}: {self.summary()}"
-        table = html_table(("status", "parameter", "detail"), self._rows(None), caption=caption)
-        return table + "".join(f"<div>note: {html.escape(n)}</div>" for n in self.notes)
 
 
 # --------------------------------------------------------------------------- saving
@@ -404,11 +377,11 @@ def _plan(
             f"optimizer state of another shape restoring {old.description} into "
             f"{report.optimizer} of {report.model} ({len(refused)} parameters):\n"
             + "\n".join(
-                f"    {m.key}: old {format_shape(m.checkpoint_shape)} vs new "
-                f"{format_shape(m.model_shape)}"
-                for m in refused[:_LIST]
+                first_n_lines(
+                    [f"{m.key}: {m.shapes('vs', 'old', 'new')}" for m in refused],
+                    _LIST,
+                )
             )
-            + _more(refused)
             + "\nThe optimizer is unchanged. Pass on_mismatch='reset' to start these fresh, "
             "skip=[...] for a replaced head, or an adapter callable."
         )
@@ -438,10 +411,6 @@ def _plan(
             "unchanged."
         )
     return new_state
-
-
-def _more(items: list) -> str:
-    return f"\n    ... and {len(items) - _LIST} more" if len(items) > _LIST else ""
 
 
 def _is_scalar(v: Any) -> bool:
@@ -806,16 +775,18 @@ def _align(
             if not _fits(st, c[1])
         ]
         if bad:
-            lines = [
-                f"    position {i}: {_state_desc(by_pos[i])} vs '{name}' {format_shape(shape)}"
-                for i, (name, shape) in bad[:_LIST]
-            ]
+            lines = first_n_lines(
+                [
+                    f"position {i}: {_state_desc(by_pos[i])} vs '{name}' {format_shape(shape)}"
+                    for i, (name, shape) in bad
+                ],
+                _LIST,
+            )
             raise OptimizerStateError(
                 f"cannot name the parameters of the positional optimizer state {description} "
                 f"from {what}: in order, {len(bad)} of its {n} states have shapes that "
                 f"contradict the parameter they would belong to:\n"
                 + "\n".join(lines)
-                + _more(bad)
                 + "\nThe optimizer was not built from these weights' parameters in order (or "
                 "from other weights). Pass names= with the old parameter names in the "
                 "optimizer's order. The optimizer is unchanged."

@@ -59,7 +59,7 @@ from . import _peft, _selfload
 from ._keymap import Remap, apply_prefix, apply_remap, detect_prefix, prefix_hint
 from ._names import closest
 from ._select import Selector, match_keys
-from ._table import format_shape, text_table
+from ._table import first_n, first_n_lines, format_shape, text_table
 from .errors import KeyCollisionError, LoadError, UsageError
 from .report import Mismatch
 from .sources import CheckpointLike, CheckpointSource, open_source
@@ -831,8 +831,7 @@ def validate(
         raise LoadError(
             f"the plan names {len(unknown)} model key(s) {plan.model or 'the plan'} has but "
             f"{type(model).__name__} does not: "
-            + ", ".join(unknown[:_LIST])
-            + (f" and {len(unknown) - _LIST} more" if len(unknown) > _LIST else "")
+            + first_n(unknown, _LIST)
             + (f". Closest model keys: {', '.join(near)}" if near else "")
             + ". Was the plan made for another model? Plan again with surgery.plan_load()."
         )
@@ -840,8 +839,7 @@ def validate(
         raise LoadError(
             f"the plan loads {len(misfit)} checkpoint tensor(s) into {type(model).__name__} "
             "keys of another shape:\n"
-            + "\n".join(misfit[:_LIST])
-            + _more(misfit)
+            + "\n".join(first_n_lines(misfit, _LIST))
             + "\nNothing was loaded. Mark them 'mismatch' or drop them (plan.drop(...)), or "
             "plan again with surgery.plan_load()."
         )
@@ -891,8 +889,7 @@ def validate(
         items = [_mismatch(e) for e in mismatched]
         raise LoadError(
             f"size mismatch loading {plan.source} into {checked.model} ({len(items)} keys):\n"
-            + "\n".join(f"    {m}" for m in items[:_LIST])
-            + _more(items)
+            + "\n".join(first_n_lines(items, _LIST))
             + "\nNothing was loaded. Pass on_mismatch='skip' to load the rest, skip=[...] for "
             "a replaced head, or an adapter callable."
         )
@@ -964,7 +961,7 @@ def _index_edited(
         if action in ("load", "cast"):
             if e.ckpt_shape != mshape:
                 misfit.append(
-                    f"    {mkey}: checkpoint '{e.ckpt_key}' {format_shape(e.ckpt_shape)} vs "
+                    f"{mkey}: checkpoint '{e.ckpt_key}' {format_shape(e.ckpt_shape)} vs "
                     f"model {format_shape(mshape)}"
                 )
             action = "load" if e.ckpt_dtype == mdtype else "cast"
@@ -999,10 +996,6 @@ def _mapped_names(plan: LoadPlan) -> list[str]:
     ]
 
 
-def _more(items: list) -> str:
-    return f"\n    ... and {len(items) - _LIST} more" if len(items) > _LIST else ""
-
-
 def strict_failure(
     plan: LoadPlan, state: Mapping[str, Tensor], declined: Iterable[str] = ()
 ) -> str:
@@ -1033,8 +1026,7 @@ def strict_failure(
     for title, items in sections:
         if items:
             parts.append(f"  {title}:")
-            parts += [f"    {item}" for item in items[:_LIST]]
-            parts.append(_more(items).lstrip("\n"))  # "" (dropped below) when all are shown
+            parts += first_n_lines(items, _LIST)
     hint = prefix_hint(_mapped_names(plan), set(state)) if missing else ""
     if hint:
         parts.append(hint if not plan.auto_prefix else hint.replace(' (or prefix="auto")', ""))
@@ -1072,8 +1064,7 @@ def meta_to_initialise(model: nn.Module, written: set[int]) -> tuple[list[nn.Mod
     if no_reset:
         raise LoadError(
             f"{type(model).__name__} is on the meta device and these tensors get no value: "
-            + ", ".join(no_reset[:_LIST])
-            + (f" and {len(no_reset) - _LIST} more" if len(no_reset) > _LIST else "")
+            + first_n(no_reset, _LIST)
             + ". They are not in the checkpoint and their module has no reset_parameters() "
             "to initialise them. Build the model with surgery.empty_init() (keeps buffers "
             "real) or on CPU, or load a checkpoint that has them. Nothing was loaded."

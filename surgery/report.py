@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import html
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 from ._select import Selector, match_keys
-from ._table import format_shape, html_table, text_table
+from ._table import _StatusTable, first_n, first_n_lines, format_shape, status_rows
 from .errors import LoadError
 
 __all__ = ["LoadReport", "Mismatch"]
@@ -31,15 +30,19 @@ class Mismatch:
             "model_shape": list(self.model_shape),
         }
 
-    def __str__(self) -> str:
+    def shapes(self, sep: str = "vs", old: str = "checkpoint", new: str = "model") -> str:
+        """``'checkpoint (1000, 512) vs model (10, 512)'``; the words can be changed."""
         return (
-            f"{self.key}: checkpoint {format_shape(self.checkpoint_shape)} vs "
-            f"model {format_shape(self.model_shape)}"
+            f"{old} {format_shape(self.checkpoint_shape)} {sep} {new} "
+            f"{format_shape(self.model_shape)}"
         )
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.shapes()}"
 
 
 @dataclass
-class LoadReport:
+class LoadReport(_StatusTable):
     """What a load did (or, with ``dry_run=True``, would do), derived from its plan.
 
     Model keys are the model's ``state_dict()`` names; checkpoint keys are the names in the
@@ -128,12 +131,9 @@ class LoadReport:
         )
         bad = [k for k in not_loaded if k not in allowed]
         if bad:
-            lines = [f"    {k}" for k in bad[:20]] + (
-                [f"    ... and {len(bad) - 20} more"] if len(bad) > 20 else []
-            )
             raise LoadError(
                 f"{len(bad)} model tensor(s) of {self.model} got no value from {self.source}:\n"
-                + "\n".join(lines)
+                + "\n".join(first_n_lines(bad, 20))
                 + "\nPass allow_missing=[...] with their names (globs like 'fc.*') if that is "
                 "intended."
             )
@@ -154,12 +154,12 @@ class LoadReport:
             if keys:
                 parts.append(
                     f"{len(keys)} tensor{'s' * (len(keys) != 1)} not loaded: "
-                    f"{_first(keys)} ({what}); pass skip={_pattern(keys)} if intended"
+                    f"{first_n(keys, 3)} ({what}); pass skip={_pattern(keys)} if intended"
                 )
         if self.unexpected:
             n = len(self.unexpected)
             parts.append(
-                f"{n} unexpected checkpoint key{'s' * (n != 1)}: {_first(self.unexpected)}; "
+                f"{n} unexpected checkpoint key{'s' * (n != 1)}: {first_n(self.unexpected, 3)}; "
                 f"drop with remap=[(r'{_regex(self.unexpected)}', None)] if intended"
             )
         return "; ".join(parts)
@@ -189,43 +189,24 @@ class LoadReport:
             s += f", {len(self.adapter)} PEFT adapter tensors kept"
         return s
 
-    def _rows(self, limit: int | None) -> list[tuple[str, str, str]]:
+    _header = ("status", "key", "detail")
+    _text_limit = _SHOW
+    _html_limit = 50
+
+    def _status_rows(self, limit: int | None) -> list[tuple[str, str, str]]:
         """(status, key, detail) rows, at most ``limit`` keys per status."""
         from ._keymap import describe_prefix
 
         rows: list[tuple[str, str, str]] = []
 
         def add(status: str, items: list[tuple[str, str]]) -> None:
-            shown = items if limit is None else items[:limit]
-            rows.extend((status, k, d) for k, d in shown)
-            if len(shown) < len(items):
-                rows.append((status, f"... {len(items) - len(shown)} more", ""))
+            rows.extend(status_rows(status, items, limit))
 
         if self.prefix:
             n = len(self.renamed)
             rows.append(("prefix", "", f"{describe_prefix(self.prefix)} ({n} keys)"))
-        add(
-            "mismatched",
-            [
-                (
-                    m.key,
-                    f"checkpoint {format_shape(m.checkpoint_shape)} vs model "
-                    f"{format_shape(m.model_shape)}, not loaded",
-                )
-                for m in self.mismatched
-            ],
-        )
-        add(
-            "adapted",
-            [
-                (
-                    m.key,
-                    f"checkpoint {format_shape(m.checkpoint_shape)} -> model "
-                    f"{format_shape(m.model_shape)}",
-                )
-                for m in self.adapted
-            ],
-        )
+        add("mismatched", [(m.key, f"{m.shapes()}, not loaded") for m in self.mismatched])
+        add("adapted", [(m.key, m.shapes("->")) for m in self.adapted])
         add("missing", [(k, "not in checkpoint") for k in self.missing])
         add("unexpected", [(k, "not in model") for k in self.unexpected])
         add("skipped", [(k, "skipped as asked") for k in self.skipped])
@@ -246,31 +227,19 @@ class LoadReport:
             add("renamed", items)
         return rows
 
-    def __str__(self) -> str:
-        head = f"LoadReport: {self.source} -> {self.model}\n  {self.summary()}"
-        rows = self._rows(_SHOW)
-        parts = [head]
-        if rows:
-            parts.append(text_table(("status", "key", "detail"), rows, indent="  "))
-        parts.extend(f"  note: {n}" for n in self.notes)
-        return "\n".join(parts)
+    def _caption(self) -> str:
+        return f"LoadReport: {self.source} -> {self.model}\n  {self.summary()}"
+
+    def _html_caption(self) -> str:
+        return f"{self.source} -> {self.model}: {self.summary()}"
+
+    def _html_notes(self) -> list[str]:
+        why = [] if self.ok else [f"not ok: {self.why_not_ok()}"]
+        return why + super()._html_notes()
 
     def __repr__(self) -> str:
         why = "" if self.ok else f" ({self.why_not_ok()})"
         return f"<LoadReport {self.summary()}; ok={self.ok}{why}>"
-
-    def _repr_html_(self) -> str:
-        rows = self._rows(50)
-        caption = f"{self.source} -> {self.model}: {self.summary()}"
-        table = html_table(("status", "key", "detail"), rows, caption=caption)
-        why = "" if self.ok else f"<div>not ok: {html.escape(self.why_not_ok())}</div>"
-        notes = "".join(f"<div>note: {html.escape(n)}</div>" for n in self.notes)
-        return table + why + notes
-
-
-def _first(keys: list[str], n: int = 3) -> str:
-    shown = ", ".join(keys[:n])
-    return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
 def _common_parent(keys: list[str]) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .._table import first_n
 from ..errors import CheckpointError
 
 __all__ = [
@@ -143,10 +144,9 @@ def find_state_dict(obj: Any, where: str, *, explicit: bool) -> tuple[Mapping, l
         )
     bad = [(k, v) for k, v in obj.items() if not isinstance(v, Tensor)]
     if len(bad) < len(obj):
-        listing = ", ".join(f"'{k}' ({describe(v)})" for k, v in bad[:10])
-        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        listing = first_n([f"'{k}' ({describe(v)})" for k, v in bad], 10)
         raise CheckpointError(
-            f"{where} mixes tensors with non-tensor values: {listing}{more}. A state dict holds "
+            f"{where} mixes tensors with non-tensor values: {listing}. A state dict holds "
             "only tensors; remove those entries or pass entry= to pick the tensor dict"
         )
     if any(is_optimizer_state(v) for v in obj.values()):
