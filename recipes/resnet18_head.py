@@ -39,6 +39,7 @@ import json
 import os
 import random
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -68,6 +69,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "ResNet18_Weights.IMAGENET1K_V1, or 'timm:NAME' for a timm pretrained tag",
     )
     parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="--weights may hold pickled Python objects (a whole saved model): unpickling runs "
+        "code, so only for files you trust",
+    )
+    parser.add_argument(
         "--data",
         default=None,
         help="an ImageFolder-style folder; its classes set the new head. With DATA/train and "
@@ -94,13 +101,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
         "--out",
-        default="runs/resnet18_head/finetuned.safetensors",
-        help="where the fine-tuned weights are saved (safetensors)",
+        default=None,
+        help="where the fine-tuned weights are saved (safetensors); default: "
+        "WORKDIR/finetuned.safetensors (demo), runs/finetune/finetuned.safetensors (--data)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cpu (demo), cuda if available")
     parser.add_argument(
-        "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads; default: 1 for the demo (reproducible: more threads sum in "
+        "an order that can vary from run to run), torch's default for --data",
     )
     # --data only
     parser.add_argument("--image-size", type=int, default=224, help="--data: train crop size")
@@ -110,8 +122,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     demo = parser.add_argument_group("demo (no --weights/--data)")
     demo.add_argument(
         "--workdir",
-        default="runs/resnet18_head",
-        help="where the demo saves its pretrained checkpoint",
+        default=None,
+        help="where the demo saves its checkpoints; default: runs/resnet18_head, runs/quick "
+        "with --quick (so a smoke run never overwrites the full demo's files)",
     )
     demo.add_argument("--shots", type=int, default=10, help="labelled images per new class")
     demo.add_argument("--pretrain-epochs", type=int, default=20)
@@ -136,8 +149,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(model, loader, optimizer, *, epochs, device, desc):
-    """Cross-entropy training with a one-cycle schedule (warm-up, then cosine decay)."""
+def train(model, loader, optimizer, *, epochs, device, desc, val_loader=None):
+    """Cross-entropy training with a one-cycle schedule (warm-up, then cosine decay).
+
+    Prints one plain line per epoch (mean train loss, validation accuracy), so a log file or
+    a CI job sees the progress too; the tqdm bar shows only on a terminal.
+    """
     steps = epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
@@ -145,17 +162,25 @@ def train(model, loader, optimizer, *, epochs, device, desc):
         total_steps=steps,
         pct_start=0.15,
     )
-    model.train()  # frozen BatchNorm layers stay in eval mode: surgery.freeze holds them there
+    width = len(str(epochs))
     with tqdm(total=steps, desc=desc, unit="step", disable=None, leave=False) as bar:
-        for _ in range(epochs):
+        for epoch in range(1, epochs + 1):
+            model.train()  # frozen BatchNorm layers stay in eval mode: surgery.freeze holds them
+            start, loss_sum, seen = time.perf_counter(), 0.0, 0
             for images, targets in loader:
                 loss = F.cross_entropy(model(images.to(device)), targets.to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
+                loss_sum += loss.item() * len(targets)
+                seen += len(targets)
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
                 bar.update()
+            line = f"{desc} epoch {epoch:>{width}}/{epochs}  train loss {loss_sum / seen:.3f}"
+            if val_loader is not None:
+                line += f"  val acc {evaluate(model, val_loader, device=device):.3f}"
+            tqdm.write(f"{line}  ({time.perf_counter() - start:.1f}s)")
 
 
 def evaluate(model, loader, *, device) -> float:
@@ -170,16 +195,16 @@ def evaluate(model, loader, *, device) -> float:
     return correct / total
 
 
-def fine_tune(model, weights, train_loader, test_loader, args, *, freeze, desc):
+def fine_tune(model, weights, train_loader, test_loader, args, *, freeze, desc, val_loader=None):
     """Load what fits, freeze, build parameter groups, train, evaluate; returns the accuracy.
 
     ``weights``: what ``surgery.load_partial`` takes (a path, a state dict), or None to train
-    from scratch.
+    from scratch. ``val_loader``: evaluated after every epoch, for the printed progress only.
     """
     if weights is not None:
         # The head is new: skip the old one explicitly, even where its shape happens to fit
         # (here 5 classes -> 5 classes); other shape mismatches would be skipped and reported.
-        report = surgery.load_partial(model, weights, skip="fc.*")
+        report = surgery.load_partial(model, weights, skip="fc.*", trust_pickle=args.trust_pickle)
         print(report)
         report.assert_loaded(allow_missing=["fc.*"])  # anything else missing is an error
     if freeze == "head-only":
@@ -196,7 +221,15 @@ def fine_tune(model, weights, train_loader, test_loader, args, *, freeze, desc):
         )
     print(surgery.describe_groups(groups))
     optimizer = torch.optim.AdamW(groups)
-    train(model, train_loader, optimizer, epochs=args.epochs, device=args.device, desc=desc)
+    train(
+        model,
+        train_loader,
+        optimizer,
+        epochs=args.epochs,
+        device=args.device,
+        desc=desc,
+        val_loader=val_loader,
+    )
     return evaluate(model, test_loader, device=args.device)
 
 
@@ -211,18 +244,49 @@ def save_weights(model: nn.Module, path: str | Path, classes: list[str]) -> None
 # --------------------------------------------------------------------------- your data
 
 
-def load_weights(spec: str):
+class RecipeError(Exception):
+    """A problem with the arguments or the environment, said in one line with the fix."""
+
+
+def load_weights(spec: str, *, trust_pickle: bool = False):
     """--weights -> what load_partial takes. 'torchvision' and 'timm:NAME' download once."""
     if spec == "torchvision":
         weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-        state = source = torchvision.models.resnet18(weights=weights).state_dict()
+        try:
+            state = source = torchvision.models.resnet18(weights=weights).state_dict()
+        except OSError as e:  # offline: URLError, a refused connection, no DNS
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+            raise RecipeError(
+                f"--weights torchvision: cannot download {weights.url} ({e}). Offline, put "
+                f"that file at {cached} (torch's cache) or pass it as --weights PATH"
+            ) from None
     elif spec.startswith("timm:"):
         import timm
 
-        model = timm.create_model(spec.removeprefix("timm:"), pretrained=True)
+        name = spec.removeprefix("timm:")
+        if not timm.is_model(name):
+            raise RecipeError(
+                f"--weights {spec}: timm has no model {name!r}; see "
+                "timm.list_models('resnet18*', pretrained=True)"
+            )
+        try:
+            model = timm.create_model(name, pretrained=True)
+        except Exception as e:  # the Hugging Face Hub client raises many kinds when offline
+            raise RecipeError(
+                f"--weights {spec}: cannot get timm's pretrained weights ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}). Offline, "
+                "download model.safetensors from https://huggingface.co/timm/"
+                f"{name} elsewhere and pass it as --weights PATH"
+            ) from None
         state = source = model.state_dict()
     else:
-        state = surgery.read_checkpoint(spec)  # lazy (memory-mapped); any checkpoint form
+        if not Path(spec).exists():
+            raise RecipeError(
+                f"--weights {spec}: no such file. Pass a checkpoint file (.pth, .pt, .bin, "
+                ".safetensors, a sharded *.index.json), 'torchvision' or 'timm:NAME'"
+            )
+        # lazy (memory-mapped); any checkpoint form
+        state = surgery.read_checkpoint(spec, trust_pickle=trust_pickle)
         source = spec  # load_partial streams from the file and names it in its report
     heads = {k: tuple(v.shape) for k, v in state.items() if re.search(r"(^|\.)fc\.weight$", k)}
     print(f"read {spec}: {len(state)} tensors, old head {heads or 'none'}")
@@ -238,12 +302,26 @@ def folder_data(args):
     resize = round(args.image_size * 256 / 224)
     eval_tf = tf.Compose([tf.Resize(resize), tf.CenterCrop(args.image_size), tf.ToTensor(), norm])
     root = Path(args.data)
-    ImageFolder = torchvision.datasets.ImageFolder
+    if not root.is_dir():
+        raise RecipeError(
+            f"--data {root}: no such folder. Pass an ImageFolder: DATA/<class>/*.jpg, or "
+            "DATA/train/<class>/*.jpg and DATA/val/<class>/*.jpg"
+        )
+
+    def ImageFolder(folder, transform):
+        try:
+            return torchvision.datasets.ImageFolder(folder, transform)
+        except (FileNotFoundError, OSError) as e:  # no class folders, or no images in them
+            raise RecipeError(
+                f"--data {folder}: {str(e).rstrip('.')}. An ImageFolder holds one folder of "
+                "images per class"
+            ) from None
+
     if (root / "train").is_dir() and (root / "val").is_dir():
         train_set = ImageFolder(root / "train", train_tf)
         val_set = ImageFolder(root / "val", eval_tf)
         if val_set.classes != train_set.classes:
-            raise SystemExit(f"{root}/train and {root}/val hold different class folders")
+            raise RecipeError(f"{root}/train and {root}/val hold different class folders")
         classes = train_set.classes
     else:  # one folder: hold out a seeded fraction, seen without augmentation
         full_train, full_eval = ImageFolder(root, train_tf), ImageFolder(root, eval_tf)
@@ -267,13 +345,20 @@ def folder_data(args):
 
 def run_folder(args) -> dict:
     train_loader, val_loader, classes = folder_data(args)
-    weights = load_weights(args.weights)
+    weights = load_weights(args.weights, trust_pickle=args.trust_pickle)
     seed_everything(args.seed)
     model = torchvision.models.resnet18(num_classes=len(classes))  # the new head
     model.to(args.device)
     start = time.perf_counter()
     acc = fine_tune(
-        model, weights, train_loader, val_loader, args, freeze=args.freeze, desc="fine-tune"
+        model,
+        weights,
+        train_loader,
+        val_loader,
+        args,
+        freeze=args.freeze,
+        desc="fine-tune",
+        val_loader=val_loader,
     )
     seconds = time.perf_counter() - start
     save_weights(model, args.out, classes)
@@ -315,10 +400,14 @@ class PlacedDigits(Dataset):
         return ((image - 0.12) / 0.25).expand(3, -1, -1), self.labels[i]
 
 
+DEMO_VAL = 100  # images of digits 5-9 that show the per-epoch progress, apart from the test set
+
+
 def digits_demo_data(seed: int, shots: int, limit: int | None = None):
     """The two tasks, split by ``seed``: digits 0-4 to pretrain on (a fifth held out), and
-    digits 5-9 with ``shots`` labelled images per class, tested on all the others (at most
-    ``limit`` images to pretrain on and to test on, for a quick run)."""
+    digits 5-9 with ``shots`` labelled images per class, ``DEMO_VAL`` others to show progress
+    per epoch, tested on all the rest (at most ``limit`` images to pretrain on and to test on,
+    for a quick run)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()  # 1797 8x8 grey images, values 0..16
@@ -341,7 +430,8 @@ def digits_demo_data(seed: int, shots: int, limit: int | None = None):
         "pretrain": subset(old[n_val:][:limit], 0, jitter=True),
         "pretrain_val": subset(old[:n_val], 0),
         "train": subset(few, 5),
-        "test": subset(rest[:limit], 5),
+        "val": subset(rest[:DEMO_VAL], 5),
+        "test": subset(rest[DEMO_VAL:][:limit], 5),
     }
 
 
@@ -357,10 +447,16 @@ def pretrain(data, args, ckpt_path: Path) -> float:
         generator=torch.Generator().manual_seed(args.seed),
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    train(
-        model, loader, optimizer, epochs=args.pretrain_epochs, device=args.device, desc="pretrain"
-    )
     val_loader = DataLoader(data["pretrain_val"], batch_size=256)
+    train(
+        model,
+        loader,
+        optimizer,
+        epochs=args.pretrain_epochs,
+        device=args.device,
+        desc="pretrain",
+        val_loader=val_loader,
+    )
     acc = evaluate(model, val_loader, device=args.device)
     ckpt_path.parent.mkdir(parents=True, exist_ok=True)
     state_dict = {"module." + k: v for k, v in model.state_dict().items()}
@@ -381,7 +477,8 @@ def run_demo(args) -> dict:
     print(
         f"demo data: pretrain on digits 0-4 ({len(data['pretrain'])} images, "
         f"{len(data['pretrain_val'])} held out); new task digits 5-9 with {len(data['train'])} "
-        f"labelled images ({args.shots} per class), tested on the other {len(data['test'])}"
+        f"labelled images ({args.shots} per class), {len(data['val'])} to show progress, "
+        f"tested on the other {len(data['test'])}"
     )
 
     ckpt_path = Path(args.workdir) / "resnet18_digits0-4.pth"
@@ -392,12 +489,13 @@ def run_demo(args) -> dict:
         f"pretrained on digits 0-4: held-out accuracy {pretrain_acc:.3f} "
         f"({pretrain_time:.0f}s), saved {ckpt_path}"
     )
-    weights = load_weights(str(ckpt_path))
+    weights = load_weights(str(ckpt_path), trust_pickle=args.trust_pickle)
 
     train_loader_gen = torch.Generator()
     train_loader = DataLoader(
         data["train"], args.batch_size, shuffle=True, generator=train_loader_gen
     )
+    val_loader = DataLoader(data["val"], batch_size=256)
     test_loader = DataLoader(data["test"], batch_size=256)
     rows = {}
     runs = [
@@ -412,7 +510,14 @@ def run_demo(args) -> dict:
         model = torchvision.models.resnet18(num_classes=5).to(args.device)  # the new head
         start = time.perf_counter()
         acc = fine_tune(
-            model, row_weights, train_loader, test_loader, args, freeze=freeze, desc=key
+            model,
+            row_weights,
+            train_loader,
+            test_loader,
+            args,
+            freeze=freeze,
+            desc=key,
+            val_loader=val_loader,
         )
         rows[key] = (title, acc, time.perf_counter() - start)
         print(f"{title}: test accuracy {acc:.3f}")
@@ -420,13 +525,34 @@ def run_demo(args) -> dict:
             save_weights(model, args.out, [str(c) for c in range(5, 10)])
 
     total = time.perf_counter() - total_start
-    print(f"\ndigits 5-9, {args.shots} labels per class, {len(data['test'])} test images")
+    majority = data["test"].labels.bincount().max().item() / len(data["test"])
+    accs = {k: v[1] for k, v in rows.items()}
+    print(
+        f"\nThe new task: digits 5-9 from {args.shots} labelled images per class, "
+        f"{args.epochs} epochs; test accuracy on {len(data['test'])} other images"
+    )
     print(f"{'method':<30}  {'test acc':>8}  {'time':>6}")
     print(f"{'-' * 30}  {'-' * 8}  {'-' * 6}")
     for title, acc, seconds in rows.values():
         print(f"{title:<30}  {acc:>8.3f}  {seconds:>5.1f}s")
-    print(f"(pretraining on digits 0-4: {pretrain_time:.1f}s; total {total:.0f}s)")
-    accs = {k: v[1] for k, v in rows.items()}
+    print(
+        "  from scratch:   a randomly initialised resnet18, every layer trained on the "
+        f"{len(data['train'])} images\n"
+        "  new head only:  the digits 0-4 checkpoint, frozen; only a new 5-class fc trains\n"
+        "  full fine-tune: the checkpoint with a new fc; every layer trains, earlier blocks "
+        f"at smaller learning rates (layer decay {args.layer_decay})\n"
+        f"  chance: 0.200 (5 classes; always answering the most common one scores "
+        f"{majority:.3f})"
+    )
+    print(
+        f"transfer gain over from scratch: {accs['head'] - accs['scratch']:+.3f} (new head "
+        f"only), {accs['finetune'] - accs['scratch']:+.3f} (full fine-tune)"
+    )
+    print(
+        f"(pretraining on digits 0-4: {pretrain_time:.1f}s, held-out accuracy "
+        f"{pretrain_acc:.3f}; total {total:.0f}s on {torch.get_num_threads()} CPU "
+        f"thread{'s' * (torch.get_num_threads() != 1)})"
+    )
     print(
         f"RESULT scratch_acc={accs['scratch']:.3f} head_acc={accs['head']:.3f} "
         f"finetune_acc={accs['finetune']:.3f} total_time={total:.0f}s"
@@ -445,18 +571,26 @@ def run_demo(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     demo = args.weights is None and args.data is None
     if (args.weights is None) != (args.data is None):
-        get_args_parser().error("--weights and --data go together (neither: the demo)")
+        parser.error("--weights and --data go together (neither: the demo)")
     if args.epochs is None:
         args.epochs = (2 if args.quick else 30) if demo else 10
     if demo and args.quick:
         args.pretrain_epochs = 1
+    if args.workdir is None:
+        args.workdir = "runs/quick" if demo and args.quick else "runs/resnet18_head"
+    if args.out is None:
+        folder = args.workdir if demo else "runs/finetune"
+        args.out = str(Path(folder) / "finetuned.safetensors")
     if args.device is None:
         args.device = "cpu" if demo or not torch.cuda.is_available() else "cuda"
     if args.freeze not in ("head-only", "none"):
         args.freeze = [s for s in re.split(r"[,\s]+", args.freeze) if s]
+    if args.threads is None and demo:
+        args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
     # Deterministic under --seed: seeded generators everywhere, deterministic kernels.
@@ -469,7 +603,20 @@ def main(argv: list[str] | None = None) -> dict:
         f"mode: {'demo' if demo else 'your data'}, torch {torch.__version__}, "
         f"{threads} CPU thread{'s' * (threads != 1)}"
     )
-    return run_demo(args) if demo else run_folder(args)
+    try:
+        if isinstance(args.freeze, list):  # a typo fails now, not after a download
+            with surgery.empty_init():
+                probe = torchvision.models.resnet18()
+            try:
+                surgery.freeze(probe, *args.freeze)
+            except surgery.SelectorError as e:
+                raise RecipeError(f"--freeze {','.join(args.freeze)}: {e}") from None
+        return run_demo(args) if demo else run_folder(args)
+    except (RecipeError, surgery.SurgeryError) as e:
+        # The library's advice names Python arguments; here they are options.
+        message = str(e).replace("trust_pickle=True", "--trust-pickle")
+        print(f"resnet18_head: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
