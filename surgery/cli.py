@@ -3,30 +3,40 @@
     surgery inspect CKPT [--key K] [--depth D] [--json]
     surgery diff CKPT --model SPEC [--num-classes N] [--remap REGEX=REPL] [--skip GLOB] [--json]
     surgery match SRC_SPEC DST_SPEC --input 1,3,224,224 [--rules] [--json]
+    python -m surgery ...          (the same command)
 
 ``diff`` exits 0 when the load would pass ``strict=True`` (nothing missing, unexpected or
 mismatched; skipped keys are fine), 1 otherwise, and 2
 on bad input (missing or corrupt file, unknown model spec). Nothing is downloaded: models are
-built with ``empty_init`` (no random init) and given untouched, unfilled memory.
+built with ``empty_init`` (no random init) and given untouched, unfilled memory, so tensors the
+checkpoint lacks (a ViT's ``pos_embed``) are reported missing. The current directory is
+importable, as with ``python -m``: ``--model mypkg.models:build_net`` and ``--import
+mypkg.models`` work from the folder holding ``mypkg``.
+Text from the checkpoint (key names, entry names) is printed with control characters escaped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import importlib
 import json
+import os
 import re
 import sys
+import zipfile
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from ._table import format_count, format_shape
-from .errors import SurgeryError, UsageError
+from ._text import escape_control
+from .errors import CheckpointError, SurgeryError, UnsafeCheckpointError, UsageError
 from .load import load_partial
 from .meta import empty_init
 from .sources import CheckpointSource, open_source
@@ -76,8 +86,17 @@ def build_model(spec: str, num_classes: int | None = None) -> nn.Module:
         raise UsageError(f"unknown model spec {spec!r}: '{kind}' has no callable '{name}'")
     model = factory(**kwargs)
     if not isinstance(model, nn.Module):
-        raise UsageError(f"{spec} returned a {type(model).__name__}, not an nn.Module")
+        raise UsageError(f"{spec} returned {_article(type(model).__name__)}, not an nn.Module")
     return model
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
+def _article(word: str) -> str:
+    """'an int', 'a dict': the article by the first letter (good enough for type names)."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
 
 
 def _unknown(spec: str, name: str, names: Sequence[str], where: str) -> str:
@@ -191,24 +210,29 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         source.close()
     tree = info.pop("_tree")
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps(info, indent=2))  # ensure_ascii: control characters come out as \u001b
         return 0
     where = " -> ".join(repr(c) for c in info["nesting"]) or "top level"
-    print(f"checkpoint: {args.checkpoint}")
-    print(
+    lines = [
+        f"checkpoint: {args.checkpoint}",
         f"state dict: {where}"
-        + (f" (other entries: {', '.join(info['other_entries'])})" if info["other_entries"] else "")
-    )
-    print(
+        + (
+            f" (other entries: {', '.join(info['other_entries'])})" if info["other_entries"] else ""
+        ),
         f"tensors:    {info['tensors']}, {format_count(info['elements'])} elements, "
-        f"{info['bytes'] / 2**20:.1f} MiB"
-    )
-    print("dtypes:     " + ", ".join(f"{d} ({n})" for d, n in info["dtypes"].items()))
-    for n in info["notes"]:
-        print(f"note:       {n}")
-    print("keys:")
-    print("\n".join(tree))
+        f"{info['bytes'] / 2**20:.1f} MiB",
+        "dtypes:     " + ", ".join(f"{d} ({n})" for d, n in info["dtypes"].items()),
+        *(f"note:       {n}" for n in info["notes"]),
+        "keys:",
+        *tree,
+    ]
+    _emit("\n".join(lines))
     return 0
+
+
+def _emit(text: str, file: Any = None) -> None:
+    """Print text that holds names from a file: control characters escaped, lines kept."""
+    print(escape_control(text, keep="\n"), file=file or sys.stdout)
 
 
 # --------------------------------------------------------------------------- diff
@@ -232,15 +256,19 @@ def _parse_remap(rules: list[str] | None) -> list[tuple[str, str | None]] | None
     return out
 
 
-def _cmd_diff(args: argparse.Namespace) -> int:
-    remap = _parse_remap(args.remap)
+def _build(args: argparse.Namespace) -> nn.Module:
     try:
-        with empty_init():
-            model = build_model(args.model, args.num_classes)
+        return build_model(args.model, args.num_classes)
     except SurgeryError:
         raise
     except Exception as e:  # a factory of the user's failing: no traceback, say what failed
         raise UsageError(f"building {args.model} failed: {type(e).__name__}: {e}") from None
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    remap = _parse_remap(args.remap)
+    with empty_init():
+        model = _build(args)
     # The meta model is a planning device here, not a result: give it untouched, unfilled
     # memory so the report says what loading into a real model would do (nothing is
     # "initialised" by the meta machinery, missing keys read as missing).
@@ -258,11 +286,13 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        print(report)
-        print(
-            "ok: strict=True would load this checkpoint"
-            if report.ok
-            else f"not ok: {report.why_not_ok()}"
+        _emit(
+            f"{report}\n"
+            + (
+                "ok: strict=True would load this checkpoint"
+                if report.ok
+                else f"not ok: {report.why_not_ok()}"
+            )
         )
     return 0 if report.ok else 1
 
@@ -322,7 +352,150 @@ def _raw(text: str | None) -> str:
     return repr(text)
 
 
+# --------------------------------------------------------------------------- advice
+
+
+# The library's advice names Python arguments; on the command line these are options.
+_CLI_WORDS: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"trust_pickle=True"), "--trust-pickle"),
+    (re.compile(r"\bkey=(('[^']*'|\"[^\"]*\"))"), r"--key \1"),
+    (re.compile(r"\bkey= "), "--key "),
+    (re.compile(r"\bentry=(('[^']*'|\"[^\"]*\"))"), r"--key \1"),
+    (re.compile(r"\bentry= "), "--key "),
+    (re.compile(r"\bprefix=None\b"), "--no-prefix"),
+    (re.compile(r" \(or prefix=\"auto\"\)"), ""),
+    (re.compile(r"\bskip=\[\.\.\.\]"), "--skip GLOB"),
+    (re.compile(r"\bskip=('[^']*')"), r"--skip \1"),
+    (
+        re.compile(r"""remap=\[\(r(['"])(.*?)\1, (['"])(.*?)\3\)\]"""),
+        r"--remap '\2=\4'",
+    ),
+]
+
+
+def _cli_words(message: str) -> str:
+    for pattern, repl in _CLI_WORDS:
+        message = pattern.sub(repl, message)
+    return message
+
+
+def _pickle_globals(path: str) -> list[str]:
+    """'module.Name' of each global a torch zip checkpoint's pickle names (empty if unknown)."""
+    getter = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    try:
+        if getter is None or not zipfile.is_zipfile(path):
+            return []
+        return list(getter(path))
+    except Exception:  # the load error itself says what is wrong with the file
+        return []
+
+
+def _unresolved(names: list[str]) -> list[str]:
+    out = []
+    for name in names:
+        module, _, attr = name.rpartition(".")
+        try:
+            obj: Any = importlib.import_module(module)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except Exception:
+            out.append(name)
+    return out
+
+
+def _pickle_advice(missing: list[str]) -> str:
+    """What a command-line user can do about classes a pickled checkpoint cannot find."""
+    in_main = [n.removeprefix("__main__.") for n in missing if n.startswith("__main__.")]
+    elsewhere = [n for n in missing if not n.startswith("__main__.")]
+    parts = []
+    if in_main:
+        parts.append(
+            f"The file was pickled by a script that defined {', '.join(in_main)} itself "
+            "(as __main__); pass --import MODULE naming a module that defines "
+            f"{'it' if len(in_main) == 1 else 'them'} (run from the folder that holds it; a "
+            "script is imported without running its `if __name__ == '__main__':` block)."
+        )
+    if elsewhere:
+        parts.append(
+            f"Cannot import {', '.join(elsewhere)}: run from the folder that holds "
+            f"{elsewhere[0].split('.')[0]}, install it, or pass --import MODULE."
+        )
+    return " ".join(parts)
+
+
+def _message(e: SurgeryError, args: argparse.Namespace) -> str:
+    message = _cli_words(str(e))
+    if not isinstance(e, CheckpointError):
+        return message
+    if not getattr(args, "checkpoint", None):
+        return message
+    missing = _unresolved(_pickle_globals(args.checkpoint))
+    if not missing:
+        return message
+    if isinstance(e, UnsafeCheckpointError):  # refused: say what --trust-pickle will need
+        return message + "\n" + _pickle_advice(missing)
+    if args.trust_pickle:  # trusted, and classes are missing: the library's advice is Python's
+        return (
+            f"'{args.checkpoint}' holds a pickled model whose classes cannot be found: "
+            f"{', '.join(missing)}. {_pickle_advice(missing)} Better, re-save it once as a "
+            "plain state dict: torch.save(model.state_dict(), path)."
+        )
+    return message
+
+
 # --------------------------------------------------------------------------- entry point
+
+
+@contextlib.contextmanager
+def _user_modules(imports: Sequence[str]) -> Iterator[None]:
+    """The current directory importable (as under ``python -m``), then each --import module
+    imported; classes they define stand in for ``__main__``'s where a pickle names those."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    main = sys.modules.get("__main__")
+    aliased: list[str] = []
+    try:
+        for name in imports:
+            try:
+                module = importlib.import_module(name)
+            except Exception as e:
+                raise UsageError(
+                    f"--import {name}: cannot import it ({type(e).__name__}: {e}); run from the "
+                    "folder that holds it, or install it"
+                ) from None
+            for attr, obj in vars(module).items():
+                if (
+                    main is not None
+                    and isinstance(obj, type)
+                    and obj.__module__ == module.__name__
+                    and not hasattr(main, attr)
+                ):
+                    setattr(main, attr, obj)
+                    aliased.append(attr)
+        yield
+    finally:
+        for attr in aliased:
+            delattr(main, attr)
+        if added:
+            sys.path.remove(cwd)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"surgery {__version__} (torch {torch.__version__}, {Path(__file__).parent})"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -330,6 +503,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="surgery",
         description="Look inside checkpoints, dry-run loading them, match models by structure.",
     )
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("checkpoint", help="file, folder, or sharded *.index.json")
@@ -340,13 +514,24 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow arbitrary pickled objects (only for files you trust)",
     )
+    common.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first (repeatable), so that classes a pickled checkpoint names "
+        "resolve; classes it defines also stand in for a training script's __main__ classes",
+    )
     pi = sub.add_parser("inspect", parents=[common], help="what a checkpoint holds")
-    pi.add_argument("--depth", type=int, default=3, help="levels of the key tree to show")
+    pi.add_argument(
+        "--depth", type=_positive_int, default=3, help="levels of the key tree to show (1 or more)"
+    )
     pd = sub.add_parser("diff", parents=[common], help="dry-run load into a model")
     pd.add_argument(
         "--model", required=True, help="torchvision:NAME, timm:NAME or module.path:factory"
     )
-    pd.add_argument("--num-classes", type=int, help="passed to the model factory")
+    pd.add_argument("--num-classes", type=_positive_int, help="passed to the model factory")
     pd.add_argument(
         "--remap",
         action="append",
@@ -383,9 +568,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "match": _cmd_match,
     }
     try:
-        return commands[args.command](args)
+        with _user_modules(getattr(args, "imports", [])):
+            return commands[args.command](args)
     except SurgeryError as e:
-        print(f"surgery {args.command}: error: {e}", file=sys.stderr)
+        _emit(f"surgery {args.command}: error: {_message(e, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

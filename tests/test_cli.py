@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -107,3 +109,198 @@ def test_console_script_is_installed(ddp_ckpt):
     assert out.returncode == 1 and "fc.weight" in out.stdout
     out = subprocess.run([exe, "inspect", "nope.pt"], capture_output=True, text=True, check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr
+
+
+# --------------------------------------------------------------------------- issue 12
+
+
+def test_diff_reports_model_tensors_a_meta_model_cannot_initialise(tmp_path, capsys):
+    # A ViT's cls_token/pos_embed belong to the VisionTransformer itself, which has no
+    # reset_parameters(): on meta they cannot get a value, so diff plans on a real model.
+    import timm
+
+    state = timm.create_model("test_vit", num_classes=10).state_dict()
+    del state["pos_embed"]
+    torch.save(state, tmp_path / "vit.pth")
+    args = ["diff", str(tmp_path / "vit.pth"), "--model", "timm:test_vit", "--skip", "head.*"]
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert re.search(r"^\s+missing\s+pos_embed\s", captured.out, re.MULTILINE)
+    assert "not ok: 1 tensor not loaded: pos_embed" in captured.out
+    assert main([*args, "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["missing"] == ["pos_embed"] and report["initialised"] == []
+    state["pos_embed"] = torch.zeros(timm.create_model("test_vit").pos_embed.shape)
+    torch.save(state, tmp_path / "vit.pth")
+    assert main(args) == 0  # complete: planned on meta, nothing built for real
+
+
+def _write_package(root: Path, name: str) -> None:
+    (root / name).mkdir()
+    (root / name / "__init__.py").write_text("")
+    (root / name / "models.py").write_text(
+        "import torch\nfrom torch import nn\n\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self, num_classes=3):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(4, num_classes)\n\n\n"
+        "def build_net(num_classes=3):\n    return Net(num_classes)\n\n\n"
+        "def not_a_model(num_classes=3):\n    return 3\n\n\n"
+        "if __name__ == '__main__':\n    raise SystemExit('imported, not run')\n"
+    )
+
+
+def test_model_spec_imports_from_the_current_directory(tmp_path, monkeypatch, capsys):
+    _write_package(tmp_path, "cli_pkg_cwd")
+    torch.save({"fc.weight": torch.ones(3, 4), "fc.bias": torch.ones(3)}, tmp_path / "net.pt")
+    monkeypatch.chdir(tmp_path)
+    path_before = list(sys.path)
+    assert main(["diff", "net.pt", "--model", "cli_pkg_cwd.models:build_net"]) == 0
+    assert "ok: strict=True would load this checkpoint" in capsys.readouterr().out
+    assert sys.path == path_before  # the current directory was importable only for the command
+    assert main(["diff", "net.pt", "--model", "cli_pkg_cwd.models:not_a_model"]) == 2
+    assert "cli_pkg_cwd.models:not_a_model returned an int, not an nn.Module" in (
+        capsys.readouterr().err
+    )
+    sys.modules.pop("cli_pkg_cwd.models", None)
+    sys.modules.pop("cli_pkg_cwd", None)
+
+
+def test_python_dash_m_surgery_and_version(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run(
+        [sys.executable, "-m", "surgery", "--version"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
+    assert out.returncode == 0 and out.stdout.startswith("surgery 0.1.0 (torch ")
+    out = subprocess.run(
+        [sys.executable, "-m", "surgery", "inspect", str(tmp_path / "nope.pt")],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
+    assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_version_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("surgery 0.1.0")
+
+
+@pytest.mark.parametrize("argv", [["--depth", "0"], ["--depth", "-1"], ["--depth", "two"]])
+def test_bad_depth_is_refused_by_the_parser(argv, r18_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", r18_path, *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --depth: " in err
+    assert "must be 1 or more" in err or "'two' is not a whole number" in err
+
+
+def test_num_classes_must_be_positive(r18_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["diff", r18_path, "--model", "torchvision:resnet18", "--num-classes", "0"])
+    assert "argument --num-classes: must be 1 or more, not 0" in capsys.readouterr().err
+
+
+def test_depth_limits_the_tree(r18_path, capsys):
+    assert main(["inspect", r18_path, "--depth", "1"]) == 0
+    keys = capsys.readouterr().out.split("keys:\n", 1)[1].splitlines()
+    assert "  layer1  [24 tensors, 148.5K params]" in keys
+    assert all(line.startswith("  ") and not line.startswith("   ") for line in keys)
+
+
+PICKLING_SCRIPT = """\
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+
+if __name__ == "__main__":
+    torch.save(Net(), "whole.pt")
+"""
+
+
+@pytest.fixture()
+def whole_model(tmp_path, monkeypatch) -> Path:
+    """A whole model pickled by a training script that defines its class in __main__."""
+    (tmp_path / "train_cli_net.py").write_text(PICKLING_SCRIPT)
+    subprocess.run([sys.executable, "train_cli_net.py"], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path / "whole.pt"
+    sys.modules.pop("train_cli_net", None)
+
+
+def test_pickled_model_advice_names_command_line_options(whole_model, capsys):
+    assert main(["inspect", "whole.pt"]) == 2
+    err = capsys.readouterr().err
+    assert "pass --trust-pickle" in err and "trust_pickle=True" not in err
+    assert "__main__.Net" in err and "--import MODULE" in err
+
+    assert main(["inspect", "whole.pt", "--trust-pickle"]) == 2
+    err = capsys.readouterr().err
+    assert "classes cannot be found: __main__.Net" in err
+    assert "pass --import MODULE" in err
+    assert "import or define that class" not in err  # Python advice, not for a CLI user
+    assert "Traceback" not in err
+
+
+def test_import_option_resolves_a_scripts_main_classes(whole_model, capsys):
+    main_module = sys.modules["__main__"]
+    argv = ["inspect", "whole.pt", "--trust-pickle", "--import", "train_cli_net"]
+    assert main(argv) == 0
+    assert "weight  (3, 4) float32" in capsys.readouterr().out
+    assert not hasattr(main_module, "Net")  # the stand-in lasted only for the command
+    assert main(["inspect", "whole.pt", "--import", "no_such_module_xyz"]) == 2
+    assert "--import no_such_module_xyz: cannot import it" in capsys.readouterr().err
+
+
+def test_key_advice_names_the_option(tmp_path, capsys):
+    torch.save({"a": {"w": torch.zeros(2)}, "b": {"w": torch.ones(2)}}, tmp_path / "two.pt")
+    assert main(["inspect", str(tmp_path / "two.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "--key 'a'" in err and "key=" not in err
+
+
+EVIL_KEYS = ("fc.\x1b[31mred\x1b[0m", "fc.\x1b]8;;https://example.com\x07link\x1b]8;;\x07")
+
+
+def test_control_characters_in_key_names_are_escaped(tmp_path, capsys):
+    state = SmallCNN().state_dict()
+    state.update({k: torch.zeros(1) for k in EVIL_KEYS})
+    state[EVIL_KEYS[0] + "\u202e"] = torch.zeros(1)  # a right-to-left override
+    torch.save({"state_dict": state, "\x1b[2Jnote": 1}, tmp_path / "evil.pt")
+    for argv in (["inspect"], ["diff", "--model", "conftest:SmallCNN"]):
+        # diff: the evil keys are unexpected, so strict=True would fail -> exit 1
+        assert main([argv[0], str(tmp_path / "evil.pt"), *argv[1:]]) == (argv[0] == "diff")
+        out = capsys.readouterr().out
+        for bad in ("\x1b", "\x07", "\u202e"):
+            assert bad not in out, (argv, out)
+        assert "\\x1b[31mred" in out and "\\x07link" in out and "\\u202e" in out
+        if argv[0] == "inspect":
+            assert "(other entries: \\x1b[2Jnote)" in out
+    assert main(["inspect", str(tmp_path / "evil.pt"), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and EVIL_KEYS[1] in json.loads(out)["keys"]
+
+
+def test_escape_control():
+    from surgery._text import escape_control
+
+    assert escape_control("layer1.0.conv1.weight") == "layer1.0.conv1.weight"
+    assert escape_control("blocks.{0..11} ×12 é 层") == "blocks.{0..11} ×12 é 层"
+    assert escape_control("a\x1b[31mb\x9b\x7f\r") == "a\\x1b[31mb\\x9b\\x7f\\x0d"
+    assert escape_control("x\u202ey\u200bz\U000e0001") == "x\\u202ey\\u200bz\\U000e0001"
+    assert escape_control("one\ntwo\tthree", keep="\n") == "one\ntwo\\x09three"

@@ -22,22 +22,40 @@ RESULT = re.compile(r"^RESULT (.*)$", re.MULTILINE)
 METHODS = ("from scratch", "new head only", "full fine-tune, param groups")
 
 
-def run_recipe(*args: str, timeout: float = 600) -> str:
-    """Run the recipe in a fresh interpreter; return its stdout (fail with its stderr)."""
-    env = dict(os.environ)
+def run_recipe(
+    *args: str, timeout: float = 600, cwd: Path | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run the recipe in a fresh interpreter; return the finished process."""
+    env = {**os.environ, **(env or {})}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     # One thread: on a small shared CPU, competing OpenMP threads make runs many times slower.
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, str(RECIPE), *args],
         capture_output=True,
         text=True,
         env=env,
+        cwd=cwd,
         timeout=timeout,
         check=False,
     )
+
+
+def run_ok(*args: str, **kwargs) -> str:
+    """Run the recipe; return its stdout (fail with its stderr)."""
+    proc = run_recipe(*args, **kwargs)
     assert proc.returncode == 0, f"recipe failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
     return proc.stdout
+
+
+def run_fails(*args: str, **kwargs) -> str:
+    """Run the recipe, expecting exit status 2 and one line of error; return that line."""
+    proc = run_recipe(*args, **kwargs)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("resnet18_head: error: "), proc.stderr
+    return lines[0]
 
 
 def result(out: str) -> dict[str, str]:
@@ -54,7 +72,7 @@ def table_row(out: str, method: str) -> tuple[float, float]:
 
 
 def quick_demo(workdir: Path, seed: int = 0) -> str:
-    return run_recipe(
+    return run_ok(
         "--quick",
         "--seed",
         str(seed),
@@ -75,8 +93,42 @@ def test_demo_prints_resolved_arguments_first(quick):
     _, out = quick
     first = out.splitlines()[0]
     assert first.startswith("resnet18_head: ")
-    for arg in ("--quick=True", "--epochs=2", "--pretrain-epochs=1", "--seed=0", "--device=cpu"):
+    for arg in (
+        "--quick=True",
+        "--epochs=2",
+        "--pretrain-epochs=1",
+        "--seed=0",
+        "--device=cpu",
+        "--threads=1",
+    ):
         assert arg in first
+    assert "1 CPU thread" in out.splitlines()[1]
+
+
+def test_demo_prints_a_plain_line_per_epoch(quick):
+    # the output is not a terminal here: no tqdm bar, yet every epoch shows loss and accuracy
+    _, out = quick
+    epoch_line = r"^{} epoch {}/{}  train loss \d+\.\d{{3}}  val acc [01]\.\d{{3}}  \(\d+\.\ds\)$"
+    assert re.search(epoch_line.format("pretrain", 1, 1), out, re.MULTILINE), out
+    for row in ("scratch", "head", "finetune"):
+        for epoch in (1, 2):
+            assert re.search(epoch_line.format(row, epoch, 2), out, re.MULTILINE), (row, out)
+    assert "100 to show progress" in out
+
+
+def test_demo_table_says_what_each_row_is_and_the_chance_level(quick):
+    _, out = quick
+    assert "  from scratch:   a randomly initialised resnet18" in out
+    assert "  new head only:  the digits 0-4 checkpoint, frozen" in out
+    assert "  full fine-tune: the checkpoint with a new fc; every layer trains" in out
+    chance = re.search(r"chance: 0\.200 \(5 classes; .* scores (0\.\d+)\)", out)
+    assert chance and 0.2 <= float(chance.group(1)) < 0.35
+    accs = {k: float(v) for k, v in result(out).items() if k.endswith("_acc")}
+    gain = re.search(r"transfer gain over from scratch: ([+-]\d\.\d+) .* ([+-]\d\.\d+) ", out)
+    assert float(gain.group(1)) == pytest.approx(accs["head_acc"] - accs["scratch_acc"], abs=2e-3)
+    assert float(gain.group(2)) == pytest.approx(
+        accs["finetune_acc"] - accs["scratch_acc"], abs=2e-3
+    )
 
 
 def test_demo_saves_a_ddp_style_pretraining_checkpoint(quick):
@@ -133,22 +185,29 @@ def test_demo_fine_tuned_weights_load_into_a_fresh_model(quick):
     assert 0 < drift < 1e-2  # conv1 trains with the smallest layer-decayed lr
 
 
-def test_demo_is_deterministic_under_seed(quick, tmp_path):
+def test_demo_is_deterministic_under_seed_and_quick_has_its_own_folder(quick, tmp_path):
     workdir, out = quick
-    again = quick_demo(tmp_path)
+    again = run_ok("--quick", cwd=tmp_path)  # default folders, relative to the cwd
     assert {k: v for k, v in result(again).items() if k != "total_time"} == {
         k: v for k, v in result(out).items() if k != "total_time"
     }
+    assert "--workdir=runs/quick" in again.splitlines()[0]
+    quick_dir = tmp_path / "runs" / "quick"
+    assert sorted(p.name for p in quick_dir.iterdir()) == [
+        "finetuned.safetensors",
+        "resnet18_digits0-4.pth",
+    ]
+    assert not (tmp_path / "runs" / "resnet18_head").exists()  # the full demo's folder
     first, second = (
         load_file(workdir / "finetuned.safetensors"),
-        load_file(tmp_path / "finetuned.safetensors"),
+        load_file(quick_dir / "finetuned.safetensors"),
     )
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 @pytest.mark.slow
 def test_full_demo_transfer_beats_scratch(tmp_path):
-    out = run_recipe("--workdir", str(tmp_path), "--out", str(tmp_path / "ft.safetensors"))
+    out = run_ok("--workdir", str(tmp_path), "--out", str(tmp_path / "ft.safetensors"))
     scratch, head, finetune = (table_row(out, m)[0] for m in METHODS)
     assert "held-out accuracy 0.9" in out or "held-out accuracy 1.000" in out
     assert head > scratch + 0.05, out
@@ -181,7 +240,7 @@ def test_data_path_fine_tunes_from_a_checkpoint_and_saves_safetensors(tmp_path):
     ckpt = tmp_path / "resnet18_10class.safetensors"
     save_file(pretrained, ckpt)
     out_path = tmp_path / "out" / "ft.safetensors"
-    out = run_recipe(
+    out = run_ok(
         "--weights",
         str(ckpt),
         "--data",
@@ -208,6 +267,7 @@ def test_data_path_fine_tunes_from_a_checkpoint_and_saves_safetensors(tmp_path):
     assert "freeze ResNet: 15 tensors" in out  # conv1, bn1 and layer1's 4 convs and 4 BNs
     assert "BatchNorm: 5 held in eval mode" in out
     assert re.search(r"^\d+ parameter groups, 47 tensors", out, re.MULTILINE)
+    assert re.search(r"^fine-tune epoch 1/1  train loss \d\.\d{3}  val acc ", out, re.MULTILINE)
     val_acc = float(re.search(r"^RESULT val_acc=([0-9.]+) ", out, re.MULTILINE).group(1))
     assert 0.0 <= val_acc <= 1.0
 
@@ -230,3 +290,63 @@ def test_weights_and_data_go_together(capsys):
         recipe.main(["--weights", "x.pth"])  # an argument error: exits before doing anything
     assert exit_info.value.code == 2
     assert "--weights and --data go together" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny") / "data"
+    make_image_folder(root, per_class=4)
+    return root
+
+
+FAST = ("--epochs", "1", "--image-size", "32", "--workers", "0", "--batch-size", "5")
+
+
+def test_missing_weights_file_is_one_line_with_the_fix(tiny_folder, tmp_path):
+    line = run_fails("--weights", str(tmp_path / "nope.pth"), "--data", str(tiny_folder))
+    assert "nope.pth: no such file" in line and "'timm:NAME' or 'hf-hub:ORG/NAME'" in line
+
+
+def test_missing_data_folder(tmp_path):
+    torch.save({}, tmp_path / "w.pth")
+    line = run_fails("--weights", str(tmp_path / "w.pth"), "--data", str(tmp_path / "nodata"))
+    assert "nodata: no such folder. Pass an ImageFolder" in line
+
+
+def test_empty_data_folder(tmp_path):
+    torch.save({}, tmp_path / "w.pth")
+    (tmp_path / "empty").mkdir()
+    line = run_fails("--weights", str(tmp_path / "w.pth"), "--data", str(tmp_path / "empty"))
+    assert "Couldn't find any class folder" in line and "one folder of images per class" in line
+
+
+def test_freeze_selector_matching_nothing_fails_before_any_work(tiny_folder, tmp_path):
+    line = run_fails(
+        "--weights", "torchvision", "--data", str(tiny_folder), "--freeze", "conv1,layer5"
+    )
+    assert "--freeze conv1,layer5: " in line and "'layer5' matched nothing" in line
+    assert "layer4" in line  # the closest names
+
+
+def test_torchvision_weights_offline_say_where_the_file_goes(tiny_folder, tmp_path):
+    # no network: a proxy on a closed port refuses every connection at once
+    offline = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    env = {**offline, "TORCH_HOME": str(tmp_path / "torch_home"), "NO_PROXY": "", "no_proxy": ""}
+    line = run_fails("--weights", "torchvision", "--data", str(tiny_folder), env=env)
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert "from https://download.pytorch.org/models/resnet18-f37072fd.pth" in line
+    assert str(cached) in line and "--weights PATH" in line and "load_partial" not in line
+
+
+def test_pickled_model_needs_trust_pickle(tiny_folder, tmp_path):
+    whole = tmp_path / "whole.pt"
+    torch.save(torchvision.models.resnet18(num_classes=7), whole)
+    args = ("--weights", str(whole), "--data", str(tiny_folder), "--freeze", "none", *FAST)
+    line = run_fails(*args, "--out", str(tmp_path / "ft.safetensors"))
+    assert "pass --trust-pickle" in line and "trust_pickle=True" not in line
+    out = run_ok(*args, "--trust-pickle", "--out", str(tmp_path / "ft.safetensors"))
+    assert "old head {'fc.weight': (7, 512)}" in out
+    assert (tmp_path / "ft.safetensors").exists()
