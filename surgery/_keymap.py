@@ -210,8 +210,7 @@ def _rewrite_arg(rewrite: tuple[str, str]) -> str:
 
 def _tie_error(best: list[tuple[int, tuple[str, str]]]) -> PrefixTieError:
     lines = "\n".join(
-        f"    {describe_prefix(rw)} ({score} keys match): {_rewrite_arg(rw)}"
-        for score, rw in best
+        f"    {describe_prefix(rw)} ({score} keys match): {_rewrite_arg(rw)}" for score, rw in best
     )
     return PrefixTieError(
         f"{len(best)} prefix rewrites match the model equally well, so the checkpoint holds "

@@ -74,3 +74,144 @@ def test_equivalent_rewrites_are_no_tie():
     report = surgery.load_partial(model, sd)
     assert len(report.loaded) == len(sd)
     assert_same_state(model, snapshot(src))
+
+
+# --- folders -----------------------------------------------------------------------------
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=32, n_positions=16)
+    cfg.bos_token_id = cfg.eos_token_id = 0
+    return GPT2LMHeadModel(cfg)
+
+
+@pytest.fixture(scope="module")
+def trainer_folder(tmp_path_factory):
+    """A real transformers Trainer checkpoint folder (one step, CPU) and the trained model."""
+    from transformers import Trainer, TrainingArguments
+
+    class Tokens(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            x = torch.arange(8) % 32
+            return {"input_ids": x, "labels": x}
+
+    torch.manual_seed(3)
+    model = _tiny_gpt2()
+    out = tmp_path_factory.mktemp("trainer")
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=1,
+        save_steps=1,
+        report_to=[],
+        use_cpu=True,
+        per_device_train_batch_size=2,
+        disable_tqdm=True,
+    )
+    Trainer(model=model, args=args, train_dataset=Tokens()).train()
+    return out / "checkpoint-1", model
+
+
+def _gpt2_values_land(folder, trained):
+    model = _tiny_gpt2()
+    report = surgery.load_partial(model, folder, strict=True)
+    assert report.ok and len(report.loaded) > 0
+    assert_same_state(model, snapshot(trained))
+
+
+def test_trainer_folder_picks_model_safetensors(trainer_folder):
+    folder, trained = trainer_folder
+    names = {p.name for p in folder.iterdir()}
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"} <= names
+    assert "training_args.bin" in names
+    _gpt2_values_land(folder, trained)
+
+
+def test_old_trainer_folders_pick_pytorch_model_bin_and_indexes(trainer_folder, tmp_path):
+    import shutil
+
+    src, trained = trainer_folder
+    old = tmp_path / "old"
+    shutil.copytree(src, old)
+    (old / "model.safetensors").unlink()
+    torch.save(trained.state_dict(), old / "pytorch_model.bin")  # the pre-safetensors name
+    _gpt2_values_land(old, trained)
+    (old / "scheduler.pt").unlink()  # once picked optimizer.pt silently
+    _gpt2_values_land(old, trained)
+    for safe in (True, False):  # sharded, with an index, beside the training state
+        sharded = tmp_path / f"sharded{safe}"
+        shutil.copytree(src, sharded)
+        (sharded / "model.safetensors").unlink()
+        trained.save_pretrained(sharded, max_shard_size="2KB", safe_serialization=safe)
+        assert any(p.name.endswith(".index.json") for p in sharded.iterdir())
+        _gpt2_values_land(sharded, trained)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(src / "optimizer.pt", bare)
+    model = _tiny_gpt2()
+    before = snapshot(model)
+    with pytest.raises(surgery.CheckpointError, match=r"training state \(optimizer\.pt\)"):
+        surgery.load_partial(model, bare)
+    assert_same_state(model, before)
+
+
+def test_accelerate_save_state_folder(tmp_path):
+    from accelerate import Accelerator
+
+    torch.manual_seed(4)
+    acc = Accelerator(cpu=True)
+    net = SmallCNN()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    net, opt = acc.prepare(net, opt)
+    acc.save_state(str(tmp_path / "state"))
+    names = {p.name for p in (tmp_path / "state").iterdir()}
+    assert "optimizer.bin" in names and any(n.startswith("random_states_") for n in names)
+    model = SmallCNN()
+    surgery.load_partial(model, tmp_path / "state", strict=True)
+    assert_same_state(model, snapshot(acc.unwrap_model(net)))
+
+
+def test_lightning_checkpoints_folder_asks_which(tmp_path):
+    import lightning as L
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = SmallCNN()
+
+        def training_step(self, batch, i):
+            return self.net(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(5)
+    module = Tiny()
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(2, 3, 4, 4)))
+    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
+    trainer = L.Trainer(
+        max_steps=1,
+        enable_progress_bar=False,
+        logger=False,
+        enable_model_summary=False,
+        callbacks=[ckpt_cb],
+        accelerator="cpu",
+    )
+    trainer.fit(module, data)
+    folder = tmp_path / "checkpoints"
+    names = sorted(p.name for p in folder.iterdir())
+    assert "last.ckpt" in names and any(n.startswith("epoch=") for n in names)
+    model = SmallCNN()
+    before = snapshot(model)
+    with pytest.raises(surgery.CheckpointError) as err:
+        surgery.load_partial(model, folder, remap=[(r"^net\.", "")])
+    for n in names:
+        assert n in str(err.value)
+    assert "'last.ckpt' is the latest" in str(err.value)
+    assert_same_state(model, before)
+    surgery.load_partial(model, folder / "last.ckpt", remap=[(r"^net\.", "")], strict=True)
+    assert_same_state(model, snapshot(module.net))

@@ -8,6 +8,7 @@ reads still go straight into the destination.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -83,18 +84,54 @@ class ShardedSource(CheckpointSource):
             src.close()
 
 
+# Files that training frameworks save beside the model weights (transformers Trainer,
+# accelerate save_state, torch AMP): never the model, so never picked from a folder.
+_TRAINING_STATE = re.compile(
+    r"^(optimizer|scheduler|scaler|sampler|dl_state_dict)(_\d+)?\.(pt|bin)$"
+    r"|^rng_state(_\d+)?\.pth$|^random_states_\d+\.pkl$|^custom_checkpoint_\d+\.pkl$"
+    r"|^training_args\.bin$",
+    re.IGNORECASE,
+)
+
+
 def pick_in_folder(folder: Path) -> Path:
-    """The one checkpoint in a folder: an index first, safetensors before pickles."""
+    """The one checkpoint in a folder: an index first, safetensors before pickles.
+
+    Training state saved beside the weights (``optimizer.pt``, ``scheduler.pt``,
+    ``rng_state.pth``, ``training_args.bin``, accelerate's ``optimizer.bin`` and
+    ``random_states_0.pkl``) is set aside, so a transformers ``Trainer`` or accelerate
+    ``save_state`` folder gives its ``model.safetensors`` / ``pytorch_model.bin``. Two
+    candidates of the same kind (Lightning's ``last.ckpt`` beside ``epoch=3-step=40.ckpt``)
+    raise, naming both: which one is meant cannot be guessed.
+    """
     files = sorted(p for p in folder.iterdir() if p.is_file())
+    state = [p for p in files if _TRAINING_STATE.match(p.name)]
+    files = [p for p in files if p not in state]
     for pattern in _FOLDER_PATTERNS:
         found = [p for p in files if p.name.lower().endswith(pattern)]
         if len(found) == 1:
             return found[0]
         if len(found) > 1:
             names = ", ".join(p.name for p in found)
-            raise CheckpointError(
-                f"folder '{folder}' holds several checkpoints ({names}); pass the file path"
+            last = [p for p in found if p.name.lower().startswith("last.")]
+            why = (
+                f" '{last[0].name}' is the latest save, the others are the best or periodic ones."
+                if last
+                else ""
             )
+            raise CheckpointError(
+                f"folder '{folder}' holds several checkpoints ({names}) and none is "
+                f"obviously the one to load.{why} Pass the file path, e.g. "
+                f"'{folder / (last or found)[0].name}'"
+            )
+    if state:
+        names = ", ".join(p.name for p in state)
+        raise CheckpointError(
+            f"folder '{folder}' holds training state ({names}) but no model weights (looked "
+            "for model.safetensors, pytorch_model.bin, *.index.json, *.safetensors, "
+            f"{', '.join('*' + s for s in SUFFIXES)}). Save the model beside it "
+            "(trainer.save_model, accelerator.save_model) or pass the weights file"
+        )
     raise CheckpointError(
         f"folder '{folder}' holds no checkpoint (looked for *.index.json, *.safetensors, "
         f"{', '.join('*' + s for s in SUFFIXES)})"
