@@ -215,3 +215,25 @@ def test_lightning_checkpoints_folder_asks_which(tmp_path):
     assert_same_state(model, before)
     surgery.load_partial(model, folder / "last.ckpt", remap=[(r"^net\.", "")], strict=True)
     assert_same_state(model, snapshot(module.net))
+
+
+# --- files ---------------------------------------------------------------------------------
+
+
+def test_torchscript_archive_is_named_and_loads_when_trusted(tmp_path):
+    torch.manual_seed(6)
+    src = SmallCNN()
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(src), str(path))
+    model = SmallCNN()
+    before = snapshot(model)
+    with pytest.raises(surgery.UnsafeCheckpointError) as err:
+        surgery.load_partial(model, path)
+    msg = str(err.value)
+    assert "TorchScript" in msg and "trust_pickle=True" in msg
+    assert "torch.jit.load(path).state_dict()" in msg
+    assert "truncated" not in msg and "corrupt" not in msg
+    assert_same_state(model, before)
+    report = surgery.load_partial(model, path, trust_pickle=True, strict=True)
+    assert report.ok
+    assert_same_state(model, snapshot(src))
