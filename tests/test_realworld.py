@@ -237,3 +237,37 @@ def test_torchscript_archive_is_named_and_loads_when_trusted(tmp_path):
     report = surgery.load_partial(model, path, trust_pickle=True, strict=True)
     assert report.ok
     assert_same_state(model, snapshot(src))
+
+
+def test_timm_training_checkpoint_with_namespace_args_loads_without_trust(tmp_path):
+    import argparse
+
+    import timm
+    from timm.utils import CheckpointSaver
+
+    torch.manual_seed(7)
+    src = timm.create_model("resnet10t", num_classes=5)
+    opt = torch.optim.SGD(src.parameters(), lr=0.1)
+    args = argparse.Namespace(model="resnet10t", lr=0.1, epochs=1)
+    saver = CheckpointSaver(
+        src, opt, args=args, checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path)
+    )
+    saver.save_checkpoint(0, metric=0.5)
+    model = timm.create_model("resnet10t", num_classes=5)
+    report = surgery.load_partial(model, tmp_path / "last.pth.tar", strict=True)
+    assert report.ok
+    assert_same_state(model, snapshot(src))
+    # Allowed for that load only, not registered for the whole process.
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()
+
+    class Custom:  # anything else is still refused, naming it
+        pass
+
+    globals()["Custom"] = Custom
+    Custom.__module__, Custom.__qualname__ = __name__, "Custom"
+    torch.save({"state_dict": src.state_dict(), "args": Custom()}, tmp_path / "other.pth")
+    fresh = timm.create_model("resnet10t", num_classes=5)
+    before = snapshot(fresh)
+    with pytest.raises(surgery.UnsafeCheckpointError, match="Custom"):
+        surgery.load_partial(fresh, tmp_path / "other.pth")
+    assert_same_state(fresh, before)

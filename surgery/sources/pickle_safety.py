@@ -8,6 +8,7 @@ model whose class is gone from both.
 
 from __future__ import annotations
 
+import argparse
 import pickle
 import re
 import warnings
@@ -19,7 +20,13 @@ import torch
 
 from ..errors import CheckpointError, UnsafeCheckpointError
 
-__all__ = ["is_torchscript", "torch_load"]
+__all__ = ["SAFE_GLOBALS", "is_torchscript", "torch_load"]
+
+# Globals weights-only loading accepts beyond torch's own, for this load only (a context, not
+# a process-wide registration). Each is plain data that runs no code when unpickled:
+# - argparse.Namespace: timm's train.py saves its arguments as ``args``; timm's own loader
+#   allows it the same way. Unpickling sets attributes on an empty Namespace, nothing more.
+SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 
 _UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
@@ -46,7 +53,10 @@ def torch_load(path: Path, *, trust_pickle: bool, mmap: bool) -> Any:
                 "custom ops and classes are available and save its state_dict()."
             ) from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
+        if trust_pickle:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # the unpickler raises anything on junk; classify it below
         raise _load_error(path, e, trust_pickle) from None
 
