@@ -271,3 +271,40 @@ def test_timm_training_checkpoint_with_namespace_args_loads_without_trust(tmp_pa
     with pytest.raises(surgery.UnsafeCheckpointError, match="Custom"):
         surgery.load_partial(fresh, tmp_path / "other.pth")
     assert_same_state(fresh, before)
+
+
+def _linear_gpt2():
+    """GPT-2 with every Conv1D replaced by the nn.Linear a port would write (same names)."""
+    from transformers.pytorch_utils import Conv1D
+
+    model = _tiny_gpt2()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Conv1D):
+            n_in, n_out = module.weight.shape
+            parent, _, child = name.rpartition(".")
+            model.get_submodule(parent).add_module(child, torch.nn.Linear(n_in, n_out))
+    return model.eval()
+
+
+def test_gpt2_conv1d_square_weights_are_noted_and_the_fix_works():
+    from surgery.adapters import transpose_linear, transposed
+
+    torch.manual_seed(8)
+    gpt2 = _tiny_gpt2().eval()
+    sd = gpt2.state_dict()
+    model = _linear_gpt2()
+    report = surgery.load_partial(model, sd, on_mismatch=transpose_linear)
+    notes = " ".join(report.notes)
+    assert "Conv1D" in notes and "transformer.h.0.attn.c_proj.weight" in notes
+    assert "surgery.adapters.transposed" in notes
+    square = [k for k, v in sd.items() if k.endswith("c_proj.weight") and v.shape[0] == v.shape[1]]
+    assert square and all(k in notes for k in square)
+    ids = torch.arange(8)[None]
+    # As loaded, the square weights are silently wrong: the outputs differ.
+    assert not torch.allclose(model(ids).logits, gpt2(ids).logits, atol=1e-5)
+    # The fix the note offers gives GPT-2's outputs exactly.
+    fixed = _linear_gpt2()
+    report = surgery.load_partial(fixed, transposed(sd, square), on_mismatch=transpose_linear)
+    torch.testing.assert_close(fixed(ids).logits, gpt2(ids).logits)
+    # Into GPT-2's own Conv1D there is nothing to say.
+    assert not any("Conv1D" in n for n in surgery.load_partial(_tiny_gpt2(), sd).notes)
