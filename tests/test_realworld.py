@@ -308,3 +308,21 @@ def test_gpt2_conv1d_square_weights_are_noted_and_the_fix_works():
     torch.testing.assert_close(fixed(ids).logits, gpt2(ids).logits)
     # Into GPT-2's own Conv1D there is nothing to say.
     assert not any("Conv1D" in n for n in surgery.load_partial(_tiny_gpt2(), sd).notes)
+
+
+def test_two_container_entries_with_different_weights_ask(tmp_path):
+    torch.manual_seed(9)
+    a, b = SmallCNN(), SmallCNN()
+    torch.save({"model": a.state_dict(), "state_dict": b.state_dict()}, tmp_path / "two.pth")
+    model = SmallCNN()
+    before = snapshot(model)
+    with pytest.raises(surgery.CheckpointError, match=r"'state_dict' \(16 tensors\).*'model'"):
+        surgery.load_partial(model, tmp_path / "two.pth")
+    assert_same_state(model, before)
+    surgery.load_partial(model, tmp_path / "two.pth", entry="model")
+    assert_same_state(model, snapshot(a))
+    # One state dict saved under two names is one reading: it loads.
+    sd = b.state_dict()
+    torch.save({"model": sd, "state_dict": sd}, tmp_path / "same.pth")
+    surgery.load_partial(model, tmp_path / "same.pth")
+    assert_same_state(model, snapshot(b))
