@@ -326,3 +326,19 @@ def test_two_container_entries_with_different_weights_ask(tmp_path):
     torch.save({"model": sd, "state_dict": sd}, tmp_path / "same.pth")
     surgery.load_partial(model, tmp_path / "same.pth")
     assert_same_state(model, snapshot(b))
+
+
+def test_folder_with_files_of_different_names_asks_whatever_their_format(tmp_path):
+    torch.manual_seed(10)
+    live, ema = SmallCNN(), SmallCNN()
+    save_file(live.state_dict(), tmp_path / "weights.safetensors")
+    torch.save(ema.state_dict(), tmp_path / "ema.pth")  # once: safetensors won, unsaid
+    model = SmallCNN()
+    before = snapshot(model)
+    with pytest.raises(surgery.CheckpointError, match=r"several checkpoints \(ema.pth, weights"):
+        surgery.load_partial(model, tmp_path)
+    assert_same_state(model, before)
+    (tmp_path / "ema.pth").unlink()
+    torch.save(live.state_dict(), tmp_path / "weights.pth")  # one model, two formats: fine
+    surgery.load_partial(model, tmp_path, strict=True)
+    assert_same_state(model, snapshot(live))
