@@ -10,7 +10,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from .errors import KeyCollisionError, UsageError
+from .errors import KeyCollisionError, PrefixTieError, UsageError
 
 Remap = Mapping[str, str] | Sequence[tuple[str, str | None]] | Callable[[str], str | None]
 
@@ -144,33 +144,80 @@ def detect_prefix(ckpt_keys: Iterable[str], model_keys: set[str]) -> tuple[str, 
     ``None`` when no rewrite more than doubles the keys that already match. Candidates are
     the most common leading components on each side; they are scored on an evenly spaced
     sample of the checkpoint keys (exact below 4096 keys), so 100k keys take milliseconds.
+    Two rewrites that match equally many keys but pair different keys (a MoCo checkpoint's
+    ``module.encoder_q.`` and ``module.encoder_k.``, ``model.`` and ``model_ema.``) raise
+    :class:`PrefixTieError` naming both: the key order of the file must not decide.
+    """
+    best = _best_rewrites(ckpt_keys, model_keys)
+    if not best:
+        return None
+    if len(best) > 1:
+        raise _tie_error(best)
+    return best[0][1]
+
+
+def _best_rewrites(
+    ckpt_keys: Iterable[str], model_keys: set[str]
+) -> list[tuple[int, tuple[str, str]]]:
+    """The best-scoring rewrites, one per distinct pairing of keys, shortest prefix first.
+
+    Empty when none more than doubles the keys that already match.
     """
     ckpt = _sample(list(ckpt_keys))
     matched = [k in model_keys for k in ckpt]
     base = sum(matched)
     if base == len(ckpt):
-        return None
+        return []
     strip_cands = ["", *_top_prefixes(k for k, hit in zip(ckpt, matched, strict=True) if not hit)]
     hit_set = {k for k, hit in zip(ckpt, matched, strict=True) if hit}
     model_sample = _sample([k for k in model_keys if k not in hit_set])
     add_cands = ["", *_top_prefixes(model_sample)]
-    best: tuple[int, int, tuple[str, str]] | None = None
+    top = 0
+    found: list[tuple[int, tuple[str, str], frozenset[tuple[str, str]]]] = []
     for cp in strip_cands:
         n = len(cp)
-        rests = [k[n:] for k in ckpt if k.startswith(cp)]
         # Keys outside the stripped prefix keep their names (and their identity matches).
-        kept = sum(1 for k in hit_set if not k.startswith(cp))
+        kept = [(k, k) for k in hit_set if not k.startswith(cp)]
         for mp in add_cands:
             if cp == mp:
                 continue
-            score = (sum(1 for r in rests if mp + r in model_keys) + kept, -(n + len(mp)), (cp, mp))
-            if best is None or score[:2] > best[:2]:
-                best = score
+            pairs = [(k, mp + k[n:]) for k in ckpt if k.startswith(cp)]
+            pairs = [(k, m) for k, m in pairs if m in model_keys]
+            score = len(pairs) + len(kept)
+            if score < top or score == 0:
+                continue
+            if score > top:
+                top, found = score, []
+            found.append((n + len(mp), (cp, mp), frozenset(pairs + kept)))
     # A prefix describes the checkpoint as a whole (a wrapper, a backbone inside a bigger
     # model): it must more than double the matches, not rename a few stray keys.
-    if best is None or best[0] <= 2 * base:
-        return None
-    return best[2]
+    if not found or top <= 2 * base:
+        return []
+    found.sort(key=lambda f: f[0])
+    distinct: list[tuple[int, tuple[str, str]]] = []
+    seen: list[frozenset[tuple[str, str]]] = []
+    for _, rewrite, pairs in found:  # a.b. -> b. pairs the same keys as a. -> '': one reading
+        if pairs not in seen:
+            seen.append(pairs)
+            distinct.append((top, rewrite))
+    return distinct
+
+
+def _rewrite_arg(rewrite: tuple[str, str]) -> str:
+    cp, mp = rewrite
+    return f'remap=[(r"^{re.escape(cp)}", "{mp}")]'
+
+
+def _tie_error(best: list[tuple[int, tuple[str, str]]]) -> PrefixTieError:
+    lines = "\n".join(
+        f"    {describe_prefix(rw)} ({score} keys match): {_rewrite_arg(rw)}" for score, rw in best
+    )
+    return PrefixTieError(
+        f"{len(best)} prefix rewrites match the model equally well, so the checkpoint holds "
+        f"several models (an EMA or teacher copy, a momentum encoder) and the order of its keys "
+        f"would decide which one loads:\n{lines}\nPass the remap= that picks the one you "
+        "want, or prefix=None to load the names as they are."
+    )
 
 
 def apply_prefix(new_to_old: dict[str, str], rewrite: tuple[str, str]) -> dict[str, str]:
@@ -197,7 +244,8 @@ def describe_prefix(rewrite: tuple[str, str]) -> str:
 
 def prefix_hint(ckpt_keys: Sequence[str], model_keys: set[str]) -> str:
     """A sentence suggesting the remap that would make the key sets line up."""
-    rewrite = detect_prefix(ckpt_keys, model_keys)
+    best = _best_rewrites(ckpt_keys, model_keys)
+    rewrite = best[0][1] if best else None
     present = set(ckpt_keys)
     unmatched = [k for k in ckpt_keys if k not in model_keys]
     missing = sorted(k for k in model_keys if k not in present)

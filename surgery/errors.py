@@ -10,6 +10,7 @@ __all__ = [
     "KeyCollisionError",
     "LoadError",
     "OptimizerStateError",
+    "PrefixTieError",
     "SelectorError",
     "SurgeryError",
     "UnsafeCheckpointError",
@@ -37,6 +38,11 @@ class LoadError(SurgeryError, RuntimeError):
 
 class KeyCollisionError(LoadError):
     """Two checkpoint keys map onto the same model key (after remap, prefix or plan edits)."""
+
+
+class PrefixTieError(LoadError):
+    """Several prefix rewrites match the model equally well (``encoder_q.``/``encoder_k.``,
+    ``model.``/``model_ema.``); pass ``remap=`` to pick one or ``prefix=None``."""
 
 
 class OptimizerStateError(LoadError):

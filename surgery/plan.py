@@ -634,6 +634,43 @@ def dtype_name(dtype: torch.dtype) -> str:
     return name
 
 
+_CONV1D_NAMES = frozenset({"c_attn", "c_fc", "c_proj"})  # GPT-2's Conv1D layers
+
+
+def _conv1d_note(model: nn.Module, entries: list[PlanEntry]) -> list[str]:
+    """A note when square weights named like GPT-2's ``Conv1D`` load into ``nn.Linear``.
+
+    ``Conv1D`` stores ``(in, out)``, ``nn.Linear`` ``(out, in)``: a square weight fits either
+    way, so no shape check catches it. Said, not refused: the names are only a hint.
+    """
+    square = []
+    for e in entries:
+        if e.action not in ("load", "cast") or e.model_key is None or e.ckpt_key is None:
+            continue
+        parts = e.ckpt_key.split(".")
+        shape = e.ckpt_shape or ()
+        if len(parts) < 2 or parts[-1] != "weight" or parts[-2] not in _CONV1D_NAMES:
+            continue
+        if len(shape) != 2 or shape[0] != shape[1]:
+            continue
+        try:
+            module = model.get_submodule(e.model_key.rpartition(".")[0])
+        except AttributeError:
+            continue
+        if isinstance(module, nn.Linear):
+            square.append(e.ckpt_key)
+    if not square:
+        return []
+    shown = ", ".join(square[:3]) + (f" and {len(square) - 3} more" if len(square) > 3 else "")
+    return [
+        f"{len(square)} square weight(s) named like GPT-2's Conv1D ({shown}) loaded into "
+        "nn.Linear as they are. Conv1D stores (in, out) and Linear (out, in), so if they come "
+        "from Conv1D they are transposed: load surgery.adapters.transposed(state, keys) "
+        "instead (and pass on_mismatch=surgery.adapters.transpose_linear for the non-square "
+        "ones)."
+    ]
+
+
 def make_plan(
     model: nn.Module,
     source: CheckpointSource,
@@ -747,6 +784,8 @@ def make_plan(
                 )
 
     entries.extend(unit_entries)
+    notes.extend(_conv1d_note(model, entries))
+
     plan = LoadPlan(
         entries=entries,
         source=source.description,

@@ -8,8 +8,10 @@ model whose class is gone from both.
 
 from __future__ import annotations
 
+import argparse
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,13 @@ import torch
 
 from ..errors import CheckpointError, UnsafeCheckpointError
 
-__all__ = ["torch_load"]
+__all__ = ["SAFE_GLOBALS", "is_torchscript", "torch_load"]
+
+# Globals weights-only loading accepts beyond torch's own, for this load only (a context, not
+# a process-wide registration). Each is plain data that runs no code when unpickled:
+# - argparse.Namespace: timm's train.py saves its arguments as ``args``; timm's own loader
+#   allows it the same way. Unpickling sets attributes on an empty Namespace, nothing more.
+SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 
 _UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
@@ -30,10 +38,54 @@ def torch_load(path: Path, *, trust_pickle: bool, mmap: bool) -> Any:
     refused, or :class:`CheckpointError` saying whether the file is corrupt or a pickled
     object's class cannot be imported.
     """
+    if is_torchscript(path):
+        if not trust_pickle:
+            raise _torchscript_error(path)
+        try:
+            with warnings.catch_warnings():  # asked for explicitly: no deprecation notice
+                warnings.filterwarnings("ignore", r".*torch\.jit\.load.*", DeprecationWarning)
+                warnings.filterwarnings("ignore", r".*torch\.jit\.load.*", FutureWarning)
+                return torch.jit.load(str(path), map_location="cpu")
+        except Exception as e:  # a custom op or class this torch lacks, or a broken archive
+            raise CheckpointError(
+                f"'{path}' is a TorchScript archive that torch.jit.load could not load "
+                f"({_first_line(str(e)) or type(e).__name__}). Load it where the module's "
+                "custom ops and classes are available and save its state_dict()."
+            ) from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
+        if trust_pickle:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # the unpickler raises anything on junk; classify it below
         raise _load_error(path, e, trust_pickle) from None
+
+
+def is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (``torch.jit.save``): a zip with ``code/``.
+
+    Example:
+        >>> is_torchscript(Path("model.pt"))  # doctest: +SKIP
+        True
+    """
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return any(n.endswith("/constants.pkl") or "/code/__torch__/" in n for n in names)
+
+
+def _torchscript_error(path: Path) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"'{path}' is a TorchScript archive (saved with torch.jit.save): a compiled module with "
+        "its code, not a plain state dict. Loading it runs that module's TorchScript code, so "
+        "weights-only loading refuses it. If you trust this file, pass trust_pickle=True (it "
+        "is then read with torch.jit.load), or take the weights yourself with "
+        "torch.jit.load(path).state_dict()."
+    )
 
 
 def _load_error(path: Path, e: Exception, trust_pickle: bool) -> CheckpointError:

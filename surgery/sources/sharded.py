@@ -8,6 +8,7 @@ reads still go straight into the destination.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -83,18 +84,92 @@ class ShardedSource(CheckpointSource):
             src.close()
 
 
+# Files that training frameworks save beside the model weights (transformers Trainer,
+# accelerate save_state, torch AMP): never the model, so never picked from a folder.
+_TRAINING_STATE = re.compile(
+    r"^(optimizer|scheduler|scaler|sampler|dl_state_dict)(_\d+)?\.(pt|bin)$"
+    r"|^rng_state(_\d+)?\.pth$|^random_states_\d+\.pkl$|^custom_checkpoint_\d+\.pkl$"
+    r"|^training_args\.bin$",
+    re.IGNORECASE,
+)
+
+
+# A shard of a sharded checkpoint, by the name transformers gives it.
+_SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.", re.IGNORECASE)
+
+
+def _indexed_shards(files: list[Path]) -> set[str]:
+    """File names that an ``*.index.json`` in ``files`` lists as its shards."""
+    out: set[str] = set()
+    for p in files:
+        if p.name.lower().endswith(".index.json"):
+            try:
+                out.update(str(v) for v in json.loads(p.read_text())["weight_map"].values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                pass  # a broken index is reported when it is opened
+    return out
+
+
+def _stem(name: str) -> str:
+    """The model a file holds, by name: ``pytorch_model.bin`` and ``model.safetensors`` agree."""
+    name = name.lower().removesuffix(".index.json")
+    changed = True
+    while changed:
+        changed = False
+        for suffix in (".safetensors", *SUFFIXES):
+            if name.endswith(suffix):
+                name, changed = name[: -len(suffix)], True
+    return "model" if name == "pytorch_model" else name
+
+
 def pick_in_folder(folder: Path) -> Path:
-    """The one checkpoint in a folder: an index first, safetensors before pickles."""
+    """The one checkpoint in a folder: an index first, safetensors before pickles.
+
+    Training state saved beside the weights (``optimizer.pt``, ``scheduler.pt``,
+    ``rng_state.pth``, ``training_args.bin``, accelerate's ``optimizer.bin`` and
+    ``random_states_0.pkl``) and shards named by an index are set aside, so a transformers
+    ``Trainer`` or accelerate ``save_state`` folder gives its ``model.safetensors`` /
+    ``pytorch_model.bin`` (or index). One model in several formats (``model.safetensors``
+    beside ``pytorch_model.bin``) gives the preferred format; files of different names
+    (Lightning's ``last.ckpt`` beside ``epoch=3-step=40.ckpt``) raise, naming each: which one
+    is meant cannot be guessed.
+    """
     files = sorted(p for p in folder.iterdir() if p.is_file())
-    for pattern in _FOLDER_PATTERNS:
-        found = [p for p in files if p.name.lower().endswith(pattern)]
-        if len(found) == 1:
-            return found[0]
-        if len(found) > 1:
-            names = ", ".join(p.name for p in found)
-            raise CheckpointError(
-                f"folder '{folder}' holds several checkpoints ({names}); pass the file path"
-            )
+    state = [p for p in files if _TRAINING_STATE.match(p.name)]
+    files = [p for p in files if p not in state]
+    shards = _indexed_shards(files)
+    found = [
+        p
+        for p in files
+        if p.name not in shards
+        and not _SHARD_NAME.search(p.name)
+        and p.name.lower().endswith(_FOLDER_PATTERNS)
+    ]
+    stems = {_stem(p.name) for p in found}
+    if len(stems) > 1:
+        names = ", ".join(p.name for p in found)
+        last = [p for p in found if p.name.lower().startswith("last.")]
+        why = (
+            f" '{last[0].name}' is the latest save, the others are the best or periodic ones."
+            if last
+            else ""
+        )
+        raise CheckpointError(
+            f"folder '{folder}' holds several checkpoints ({names}) and none is obviously "
+            f"the one to load.{why} Pass the file path, e.g. '{folder / (last or found)[0].name}'"
+        )
+    for pattern in _FOLDER_PATTERNS:  # one model, perhaps in several formats: the best one
+        for p in found:
+            if p.name.lower().endswith(pattern):
+                return p
+    if state:
+        names = ", ".join(p.name for p in state)
+        raise CheckpointError(
+            f"folder '{folder}' holds training state ({names}) but no model weights (looked "
+            "for model.safetensors, pytorch_model.bin, *.index.json, *.safetensors, "
+            f"{', '.join('*' + s for s in SUFFIXES)}). Save the model beside it "
+            "(trainer.save_model, accelerator.save_model) or pass the weights file"
+        )
     raise CheckpointError(
         f"folder '{folder}' holds no checkpoint (looked for *.index.json, *.safetensors, "
         f"{', '.join('*' + s for s in SUFFIXES)})"

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..errors import CheckpointError
 from .filebytes import OffsetReader
 from .memory import MemorySource
-from .pickle_safety import torch_load
+from .pickle_safety import is_torchscript, torch_load
 from .unwrap import unwrap
 
 __all__ = ["SUFFIXES", "TorchFileSource"]
@@ -46,6 +46,9 @@ class TorchFileSource(MemorySource):
                 f"{path.name}: legacy (non-zip) torch format cannot be memory-mapped; loaded "
                 "into memory. Re-save with torch.save to load it lazily."
             )
+        if is_zip and mmap and trust_pickle and is_torchscript(path):
+            mmap = False  # torch.jit.load reads the archive into memory
+            notes.append(f"{path.name}: TorchScript archive, loaded with torch.jit.load")
         obj = torch_load(path, trust_pickle=trust_pickle, mmap=mmap)
         found = unwrap(obj, entry, str(path))
         super().__init__(

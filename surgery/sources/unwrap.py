@@ -131,9 +131,18 @@ def find_state_dict(obj: Any, where: str, *, explicit: bool) -> tuple[Mapping, l
     if not obj:
         raise CheckpointError(f"{where} is empty: it holds no tensors")
     candidates = _candidates(obj)
-    for k in CONTAINER_KEYS:
-        if k in candidates:
-            return candidates[k]
+    named = [k for k in CONTAINER_KEYS if k in candidates]
+    if named:
+        first = candidates[named[0]]
+        others = [k for k in named[1:] if not _same_tensors(candidates[k][0], first[0])]
+        if others:  # 'model' and 'state_dict' both holding weights: no order decides
+            listing = ", ".join(f"'{k}' ({len(candidates[k][0])} tensors)" for k in named)
+            raise CheckpointError(
+                f"{where} holds several model state dicts: {listing}, each under a name "
+                f"training scripts use for the weights. Pass entry= to choose one, e.g. "
+                f"entry={named[0]!r}"
+            )
+        return first
     if len(candidates) == 1:
         return next(iter(candidates.values()))
     if len(candidates) > 1:
@@ -203,6 +212,27 @@ def _is_tensor_dict(obj: Any) -> bool:
     return isinstance(getattr(obj, "_metadata", None), Mapping) and any(
         isinstance(v, Tensor) for v in obj.values()
     )
+
+
+def _same_tensors(a: Mapping, b: Mapping) -> bool:
+    """The same keys holding the same tensors (one dict saved under two names)."""
+    if a is b:
+        return True
+    if a.keys() != b.keys():
+        return False
+    for k, x in a.items():
+        y = b[k]
+        if x is y:
+            continue
+        if (
+            x.shape != y.shape
+            or x.dtype != y.dtype
+            or x.device != y.device
+            or x.stride() != y.stride()
+            or x.data_ptr() != y.data_ptr()
+        ):
+            return False
+    return True
 
 
 def _candidates(obj: Mapping) -> dict[str, tuple[Mapping, list[str]]]:
