@@ -310,3 +310,18 @@ def test_inspect_renders_unicode_digits_and_very_deep_keys(
     assert cli.main(["inspect", str(tmp_path / "odd.safetensors"), "--depth", "100"]) == 0
     out = capsys.readouterr().out
     assert ("²" in out and "3 tensors" in out) or "tensors:" in out
+
+
+def test_huge_sparse_file_is_refused_without_mapping_it(tmp_path: Path) -> None:
+    torch.save(values(), tmp_path / "ok.pth")
+    path = tmp_path / "huge.pth"
+    try:
+        with open(path, "wb") as f:  # 4 TB of holes, then a valid torch zip
+            f.seek(4 << 40)
+            f.write((tmp_path / "ok.pth").read_bytes())
+    except OSError:
+        pytest.skip("this file system cannot hold a 4 TB sparse file")
+    assert_refused(path, "huge.pth")
+    with open(tmp_path / "zeros.safetensors", "wb") as f:
+        f.truncate(4 << 40)
+    assert_refused(tmp_path / "zeros.safetensors", "zeros.safetensors")
