@@ -325,3 +325,11 @@ def test_huge_sparse_file_is_refused_without_mapping_it(tmp_path: Path) -> None:
     with open(tmp_path / "zeros.safetensors", "wb") as f:
         f.truncate(4 << 40)
     assert_refused(tmp_path / "zeros.safetensors", "zeros.safetensors")
+
+
+def test_uncopiable_tensor_in_a_shard_is_refused_before_any_write(tmp_path: Path) -> None:
+    torch.save({"a": values()["a"]}, tmp_path / "s1.bin")
+    torch.save({"b": torch.ones(3).to_sparse()}, tmp_path / "s2.bin")
+    index = tmp_path / "pytorch_model.bin.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": "s1.bin", "b": "s2.bin"}}))
+    assert_refused(index, "sparse_coo")

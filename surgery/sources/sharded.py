@@ -48,6 +48,9 @@ class ShardedSource(CheckpointSource):
                     )
                 self._owner[name] = src
                 self.specs[name] = src.specs[name]
+                why = getattr(src, "unreadable", {}).get(name)
+                if why:
+                    self.unreadable[name] = why
                 self.files[name] = src.files.get(name, src.description)
         except BaseException:
             self.close()
