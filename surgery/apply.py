@@ -9,6 +9,7 @@ The :class:`~surgery.report.LoadReport` is derived from the plan and what apply 
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from .plan import (
     Adapter,
     LoadPlan,
     PlanEntry,
+    copy_failure,
+    copy_problems,
     dtype_name,
     gc_paused,
     meta_to_initialise,
@@ -248,11 +251,51 @@ def run(
     initialised: list[str] = []
     if _any_meta(state):
         init_modules, initialised = meta_to_initialise(model, written)
+        _check_memory(model, state)
     outcome = _outcome(state, written, initialised, declined, _by_modules(plan))
     outcome.notes = _adapter_notes(adapter)
     _write(model, plan, state, source, values, init_modules, progress)
     _selfload.commit(model, rehearsed, source)
     return report_of(plan, outcome, dry_run=False)
+
+
+def _check_memory(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Refuse, before the first write, to materialise meta tensors that do not fit in memory."""
+    sizes: dict[int, int] = {}
+    for t in state.values():
+        if t.is_meta:
+            sizes[id(t)] = t.numel() * t.element_size()
+    need = sum(sizes.values())
+    free = available_memory()
+    if free is not None and need > free:
+        raise LoadError(
+            f"materialising {type(model).__name__} from the meta device needs "
+            f"{_gb(need)} of memory, only {_gb(free)} is available. Nothing was loaded. Load "
+            "a part of it (skip=...), a smaller dtype (model.to(torch.float16) before loading), "
+            "or on a machine with more memory."
+        )
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to allocate now (psutil if installed, else the OS's count of
+    free pages); ``None`` when neither can tell."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            return int(psutil.virtual_memory().available)
+        except Exception:  # psutil cannot read this system's counters
+            pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def _adapter_notes(adapter: Adapter | None) -> list[str]:
@@ -283,6 +326,10 @@ def _verify_source(plan: LoadPlan, source: CheckpointSource) -> None:
                 f"'{e.ckpt_key}': planned {format_shape(e.ckpt_shape)} {e.ckpt_dtype}, "
                 f"checkpoint has {format_shape(spec[0])} {dtype_name(spec[1])}"
             )
+    if not bad:
+        problems = copy_problems(plan, source)
+        if problems:
+            raise LoadError(copy_failure(problems, source.description))
     if bad:
         raise LoadError(
             f"{source.description} does not hold what the plan reads ({len(bad)} tensors):\n"

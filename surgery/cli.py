@@ -108,11 +108,17 @@ def _unknown(spec: str, name: str, names: Sequence[str], where: str) -> str:
 # --------------------------------------------------------------------------- inspect
 
 
+# Key parts beyond this depth stay joined in one node (a hostile key can have thousands).
+_MAX_DEPTH = 64
+
+
 def _tree(keys: dict[str, tuple[torch.Size, torch.dtype]]) -> dict:
     root: dict = {}
     for key, spec in keys.items():
         node = root
         parts = key.split(".")
+        if len(parts) > _MAX_DEPTH:  # the tree is walked recursively: keep it shallow
+            parts = [*parts[: _MAX_DEPTH - 1], ".".join(parts[_MAX_DEPTH - 1 :])]
         for p in parts[:-1]:
             nxt = node.setdefault(p, {})
             if not isinstance(nxt, dict):  # a key that is also a prefix of others
@@ -149,11 +155,11 @@ def _render(node: dict, depth: int, indent: str = "  ") -> list[str]:
         name, child = items[i]
         # Collapse a run of numbered siblings with identical structure: blocks.{0..11}.
         j = i
-        if name.isdigit() and isinstance(child, dict):
+        if _is_index(name) and isinstance(child, dict):
             sig = _signature(child)
             while (
                 j + 1 < len(items)
-                and items[j + 1][0].isdigit()
+                and _is_index(items[j + 1][0])
                 and isinstance(items[j + 1][1], dict)
                 and _signature(items[j + 1][1]) == sig
             ):
@@ -172,6 +178,11 @@ def _render(node: dict, depth: int, indent: str = "  ") -> list[str]:
             )
         i = j + 1
     return lines
+
+
+def _is_index(name: str) -> bool:
+    """A numbered sibling (``0``, ``12``): ASCII digits only, so ``²`` stays a plain name."""
+    return name.isascii() and name.isdigit()
 
 
 def _run_label(numbers: list[int]) -> str:

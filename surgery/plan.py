@@ -801,7 +801,7 @@ def make_plan(
         checkpoint=ckpt,
         adapter=adapter,
     )
-    return validate(
+    checked = validate(
         plan,
         model,
         state,
@@ -809,6 +809,43 @@ def make_plan(
         index=(entries, at, writer),
         adapters=set() if view is None else view.adapter,
         units=units,
+    )
+    problems = copy_problems(checked, source)
+    if problems:
+        raise LoadError(copy_failure(problems, source.description))
+    return checked
+
+
+def copy_problems(plan: LoadPlan, source: CheckpointSource) -> list[tuple[str, str]]:
+    """(checkpoint key, why) for each tensor the plan writes that cannot be copied.
+
+    A sparse, quantized, nested or meta tensor cannot fill a dense parameter, nor a complex one
+    a real parameter; found here, before the first write, the load is refused whole.
+    """
+    out: list[tuple[str, str]] = []
+    unreadable: Mapping[str, str] = getattr(source, "unreadable", {})
+    for e in plan.entries:
+        if e.action not in ("load", "cast") or e.ckpt_key is None:
+            continue
+        why = unreadable.get(e.ckpt_key)
+        if why is None and e.model_dtype is not None and e.ckpt_dtype is not None:
+            if e.ckpt_dtype.startswith("complex") and not e.model_dtype.startswith("complex"):
+                why = f"complex ({e.ckpt_dtype}) for a real {e.model_dtype} tensor"
+        if why:
+            out.append((e.ckpt_key, why))
+    return out
+
+
+def copy_failure(problems: list[tuple[str, str]], description: str) -> str:
+    """The message refusing a plan whose copies cannot all happen."""
+    lines = [f"    '{k}': {why}" for k, why in problems[:_LIST]]
+    more = f"\n    ... and {len(problems) - _LIST} more" if len(problems) > _LIST else ""
+    keys = ", ".join(repr(k) for k, _ in problems[:3])
+    return (
+        f"{description} holds {len(problems)} tensor(s) the plan would load that cannot be "
+        "copied into the model:\n" + "\n".join(lines) + more + "\nNothing was loaded. "
+        f"Leave them out (skip=[{keys}]) or convert them in the file first (e.g. "
+        "dequantize() or to_dense())."
     )
 
 

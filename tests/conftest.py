@@ -7,6 +7,9 @@ import torch
 import torchvision
 from torch import nn
 
+# tests/fuzz holds an atheris harness run by hand (see the README), not tests.
+collect_ignore = ["fuzz"]
+
 
 class SmallCNN(nn.Module):
     """A 2-layer CNN with BatchNorm: the smallest model with every kind of state."""

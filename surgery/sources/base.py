@@ -53,6 +53,7 @@ class CheckpointSource:
         self.specs: dict[str, tuple[torch.Size, torch.dtype]] = {}
         self.files: dict[str, str] = {}
         self.notes: list[str] = []
+        self.unreadable: dict[str, str] = {}
         self.container: list[str] = []
         self.other_entries: list[str] = []
         # What a torch state dict holds beside tensors, for modules that load themselves:

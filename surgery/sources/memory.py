@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from ..errors import CheckpointError
 from .base import CheckpointSource
 from .unwrap import unwrap
 
@@ -36,12 +38,35 @@ class MemorySource(CheckpointSource):
         metadata = getattr(state, "_metadata", None)
         self.metadata = dict(metadata) if isinstance(metadata, Mapping) else None
         self._tensors = tensors
-        self.specs = {k: (t.shape, t.dtype) for k, t in tensors.items()}
+        for k, t in tensors.items():
+            if not isinstance(k, str):
+                raise CheckpointError(
+                    f"{description} has a tensor under the key {k!r}, a {type(k).__name__}: "
+                    "state dict keys are strings. The file is not a state dict; convert it "
+                    "with {str(k): v for k, v in sd.items()} if you trust it."
+                )
+            shape, why = _spec(t)
+            self.specs[k] = (shape, t.dtype)
+            if why:
+                self.unreadable[k] = why
         self.container = list(container)
         self.other_entries = list(other_entries)
 
     def read(self, key: str) -> Tensor:
         return self._tensors[key]
+
+
+def _spec(t: Tensor) -> tuple[torch.Size, str]:
+    """A tensor's shape, and why it cannot be copied into a dense tensor ('' when it can)."""
+    if t.is_nested:
+        return torch.Size([t.size(0)]), "a nested tensor"
+    if t.layout != torch.strided:
+        return t.shape, f"a {str(t.layout).removeprefix('torch.')} tensor"
+    if t.is_quantized:
+        return t.shape, f"a quantized tensor ({str(t.dtype).removeprefix('torch.')})"
+    if t.is_meta:
+        return t.shape, "a meta tensor (the file holds no data for it)"
+    return t.shape, ""
 
 
 def from_mapping(obj: Mapping, *, entry: str | None = None) -> MemorySource:

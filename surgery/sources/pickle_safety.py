@@ -53,11 +53,15 @@ def torch_load(path: Path, *, trust_pickle: bool, mmap: bool) -> Any:
                 "custom ops and classes are available and save its state_dict()."
             ) from None
     try:
-        if trust_pickle:
-            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols 4/5; a failure is explained below instead.
+            warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
+            if trust_pickle:
+                return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+            with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # the unpickler raises anything on junk; classify it below
+        _forget_pending_sparse()
         raise _load_error(path, e, trust_pickle) from None
 
 
@@ -88,6 +92,17 @@ def _torchscript_error(path: Path) -> UnsafeCheckpointError:
     )
 
 
+def _forget_pending_sparse() -> None:
+    """Drop the sparse tensors a failed load queued for validation in torch's module state.
+
+    torch checks sparse tensors after unpickling; a load that fails midway leaves them queued
+    (views of a file mapping), and the next load would touch them, even after that file changed.
+    """
+    pending = getattr(torch._utils, "_sparse_tensors_to_validate", None)
+    if isinstance(pending, list):
+        pending.clear()
+
+
 def _load_error(path: Path, e: Exception, trust_pickle: bool) -> CheckpointError:
     msg = str(e)
     if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in msg:
@@ -97,6 +112,14 @@ def _load_error(path: Path, e: Exception, trust_pickle: bool) -> CheckpointError
             return _unsafe_error(path, names)
         detail = re.search(r"WeightsUnpickler error: \s*(.+)", msg)
         msg = detail.group(1).strip() if detail else "not a pickle torch can read"
+    protocol = _pickle_protocol(path)
+    if not trust_pickle and protocol >= 4 and "Unsupported operand" in msg:
+        return CheckpointError(
+            f"'{path}' was saved with pickle protocol {protocol}, which torch's weights-only "
+            "loader cannot read. If you trust the file, pass trust_pickle=True (it is then "
+            "unpickled without limits) and re-save it with torch.save's default protocol or as "
+            "safetensors."
+        )
     if trust_pickle and isinstance(e, (AttributeError, ImportError)):
         # A whole pickled model whose class cannot be found.
         return CheckpointError(
@@ -112,6 +135,24 @@ def _load_error(path: Path, e: Exception, trust_pickle: bool) -> CheckpointError
         f"cannot read torch checkpoint '{path}' ({detail}): the file is truncated or corrupt, "
         "or not a checkpoint; download or save it again."
     )
+
+
+def _pickle_protocol(path: Path) -> int:
+    """The pickle protocol of a torch file's data pickle (0 when unknown)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                name = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+                if name is None:
+                    return 0
+                with zf.open(name) as f:
+                    head = f.read(2)
+        else:
+            with open(path, "rb") as f:
+                head = f.read(2)
+    except Exception:  # a broken file has no protocol to report
+        return 0
+    return head[1] if len(head) == 2 and head[0] == 0x80 else 0
 
 
 def _unsafe_globals(path: Path, msg: str) -> list[str]:

@@ -95,7 +95,16 @@ def read_checkpoint(
 def open_file(
     path: Path, *, entry: str | None = None, trust_pickle: bool = False, mmap: bool = True
 ) -> CheckpointSource:
-    """Open one checkpoint file by its kind: index, safetensors (by name or content), torch."""
+    """Open one checkpoint file by its kind: index, safetensors (by name or content), torch.
+
+    Only regular files are read (a symlink to one counts): a device such as ``/dev/zero`` or
+    a named pipe would never end or never answer.
+    """
+    if not path.is_file():
+        what = "does not exist" if not os.path.lexists(path) else "is not a regular file"
+        raise CheckpointError(
+            f"checkpoint '{path}' {what}; pass a checkpoint file or a folder holding one"
+        )
     name = path.name.lower()
     if name.endswith(".index.json"):
         if entry is not None:

@@ -42,6 +42,8 @@ _DTYPES = {
 
 # The safetensors library refuses headers above 100 MB; so does this reader.
 _MAX_HEADER = 100_000_000
+# torch sizes and strides are signed 64-bit: a shape whose extents multiply past that overflows.
+_MAX_NUMEL = 2**62
 
 
 class SafetensorsSource(CheckpointSource):
@@ -127,15 +129,22 @@ def _entry(path: Path, name: str, info: Any) -> tuple[list[int], torch.dtype, in
         begin, end = (int(x) for x in info["data_offsets"])
         code = info["dtype"]
     except (KeyError, TypeError, ValueError):
-        _corrupt(path, f"tensor '{name}' has a malformed header entry {info!r}")
+        _corrupt(path, f"tensor '{name}' has a malformed header entry {_short(info)}")
     if any(d < 0 for d in shape) or begin < 0 or end < begin:
-        _corrupt(path, f"tensor '{name}' has a malformed header entry {info!r}")
+        _corrupt(path, f"tensor '{name}' has a malformed header entry {_short(info)}")
+    if math.prod(max(d, 1) for d in shape) >= _MAX_NUMEL:
+        _corrupt(path, f"tensor '{name}' has shape {_short(shape)}, too large for any tensor")
     dtype = _DTYPES.get(code)
     if dtype is None:
         raise CheckpointError(
             f"'{path}': tensor '{name}' has dtype {code}, which this torch cannot hold"
         )
     return shape, dtype, begin, end
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _corrupt(path: Path, detail: str) -> NoReturn:

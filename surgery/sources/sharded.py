@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from torch import Tensor
 
@@ -18,7 +18,10 @@ from ..errors import CheckpointError
 from .base import CheckpointSource
 from .torchfile import SUFFIXES
 
-__all__ = ["ShardedSource", "pick_in_folder"]
+__all__ = ["ShardedSource", "pick_in_folder", "shard_path"]
+
+# An index of a million keys is about 100 MB; anything larger is not an index.
+_MAX_INDEX = 200_000_000
 
 # What a folder may hold, in order of preference: an index, then safetensors, then pickles.
 _FOLDER_PATTERNS = (".safetensors.index.json", ".index.json", ".safetensors", *SUFFIXES)
@@ -33,14 +36,7 @@ class ShardedSource(CheckpointSource):
 
     def __init__(self, index: Path, open_shard: Callable[[Path], CheckpointSource]) -> None:
         super().__init__(str(index))
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            items = list(weight_map.items())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(
-                f"'{index}' is not a sharded-checkpoint index (expected a JSON object with a "
-                f"'weight_map' of key -> shard file): {e}"
-            ) from None
+        items = _weight_map(index)
         self._owner: dict[str, CheckpointSource] = {}
         self._shards: dict[str, CheckpointSource] = {}
         try:
@@ -53,6 +49,9 @@ class ShardedSource(CheckpointSource):
                     )
                 self._owner[name] = src
                 self.specs[name] = src.specs[name]
+                why = getattr(src, "unreadable", {}).get(name)
+                if why:
+                    self.unreadable[name] = why
                 self.files[name] = src.files.get(name, src.description)
         except BaseException:
             self.close()
@@ -64,7 +63,7 @@ class ShardedSource(CheckpointSource):
         self, index: Path, shard: str, name: str, open_shard: Callable[[Path], CheckpointSource]
     ) -> CheckpointSource:
         if shard not in self._shards:
-            path = index.parent / shard
+            path = shard_path(index, shard, name)
             if not path.is_file():
                 raise CheckpointError(
                     f"shard '{shard}' listed in '{index}' (for '{name}') does not exist in "
@@ -120,6 +119,69 @@ def _stem(name: str) -> str:
             if name.endswith(suffix):
                 name, changed = name[: -len(suffix)], True
     return "model" if name == "pytorch_model" else name
+
+
+def _weight_map(index: Path) -> list[tuple[str, str]]:
+    """The index's ``weight_map`` as (key, shard file) pairs, every value checked for type."""
+    try:
+        with open(index, "rb") as f:
+            raw = f.read(_MAX_INDEX + 1)
+    except OSError as e:
+        raise CheckpointError(f"cannot open sharded-checkpoint index '{index}': {e}") from None
+    if len(raw) > _MAX_INDEX:
+        raise CheckpointError(
+            f"'{index}' is over {_MAX_INDEX // 1_000_000} MB, too big for a sharded-checkpoint "
+            "index (a weight_map of key -> shard file); is it the right file?"
+        )
+    try:
+        weight_map = json.loads(raw)["weight_map"]
+        items = list(weight_map.items())
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:
+        raise CheckpointError(
+            f"'{index}' is not a sharded-checkpoint index (expected a JSON object with a "
+            f"'weight_map' of key -> shard file): {type(e).__name__}: {e}"
+        ) from None
+    for name, shard in items:
+        if not isinstance(shard, str) or not shard:
+            raise CheckpointError(
+                f"'{index}' maps '{name}' to {shard!r}, which is not a shard file name; the "
+                "index is malformed, download it again"
+            )
+    return items
+
+
+def shard_path(index: Path, shard: str, name: str) -> Path:
+    """The file ``shard`` named by ``index``, refused unless it lies inside the index's folder.
+
+    The index's folder is the boundary: a name with ``..``, an absolute path or a symlink
+    whose target lies outside both the folder and the folder the index itself resolves to
+    (a hub cache links every file of a snapshot to its blob folder) is refused. Another index
+    as a shard is refused too.
+    """
+    where = f"'{index}' maps '{name}' to '{shard}'"
+    pure = PurePosixPath(shard.replace("\\", "/"))
+    if pure.is_absolute() or PureWindowsPath(shard).drive or ".." in pure.parts or "\0" in shard:
+        raise CheckpointError(
+            f"{where}, a path outside the index's folder {index.parent}; surgery reads shards "
+            "only from the folder of their index. Move the shards next to the index."
+        )
+    if shard.lower().endswith(".index.json"):
+        raise CheckpointError(
+            f"{where}, which is an index itself, not a shard; the index is malformed"
+        )
+    path = index.parent / pure
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return path  # missing or a dangling link: the caller says it does not exist
+    allowed = (index.parent.resolve(), index.resolve().parent)
+    if not any(real.is_relative_to(a) for a in allowed):
+        raise CheckpointError(
+            f"{where}, a symlink to '{real}' outside the index's folder {index.parent}; "
+            "surgery does not follow links a checkpoint names out of its folder. Copy the "
+            "shard into the folder if you trust it."
+        )
+    return path
 
 
 def pick_in_folder(folder: Path) -> Path:

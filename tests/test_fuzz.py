@@ -1,0 +1,161 @@
+"""Property test: mutated checkpoint files raise nothing but SurgeryError, model unchanged.
+
+Small valid ``.safetensors``, ``.pth`` (zip) and ``*.index.json`` files are built once, then
+hypothesis flips bytes, truncates them or rewrites the index JSON. ``read_checkpoint``,
+``load_partial`` and ``surgery inspect`` must each either succeed or raise a ``SurgeryError``,
+and a refused load leaves the model bit-for-bit as it was. A fixed example budget keeps it in
+the suite (``slow``); tests/fuzz/fuzz_load.py runs the same checks under atheris for longer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import resource
+import tempfile
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import surgery
+from surgery import cli
+from surgery.errors import SurgeryError
+
+hypothesis = pytest.importorskip("hypothesis")
+st = pytest.importorskip("hypothesis.strategies")
+
+pytestmark = pytest.mark.slow
+
+_SETTINGS = hypothesis.settings(
+    max_examples=50,
+    deadline=timedelta(seconds=20),
+    derandomize=True,
+    suppress_health_check=list(hypothesis.HealthCheck),
+)
+_MAX_GROWTH_KB = 500 * 1024  # peak memory may grow by at most 500 MB over the whole run
+
+
+class Small(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+
+def _state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {k: v.clone() for k, v in Small().state_dict().items()}
+
+
+def _originals() -> dict[str, bytes]:
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d)
+        save_file(_state(), folder / "m.safetensors")
+        torch.save(_state(), folder / "m.pth")
+        # Outside the checkpoint's folder: values no load may ever bring in.
+        save_file({k: torch.full_like(v, 7) for k, v in _state().items()}, folder / "o")
+        return {
+            "m.safetensors": (folder / "m.safetensors").read_bytes(),
+            "m.pth": (folder / "m.pth").read_bytes(),
+            "outside": (folder / "o").read_bytes(),
+        }
+
+
+_ORIGINALS = _originals()
+_BASELINE_KB = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _check(path: Path) -> None:
+    """The three entry points on ``path``: success or SurgeryError, nothing written on a
+    refusal, and nothing read from outside the checkpoint's folder (the value 7)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with contextlib.suppress(SurgeryError):
+            sd = surgery.read_checkpoint(path)
+            assert not any(bool((t == 7).any()) for t in sd.values()), "read outside the folder"
+        model = Small()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        try:
+            surgery.load_partial(model, path, strict=False)
+        except SurgeryError:
+            for k, v in model.state_dict().items():
+                assert torch.equal(v, before[k]), f"{k} changed by a refused load"
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(["inspect", str(path)])
+        assert code in (0, 2), err.getvalue()
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - _BASELINE_KB
+    assert grown < _MAX_GROWTH_KB, f"peak memory grew by {grown // 1024} MB"
+
+
+_edits = st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), max_size=8)
+
+
+def _mutate(data: bytes, edits: list[tuple[int, int]], cut: int | None) -> bytes:
+    raw = bytearray(data)
+    for pos, value in edits:
+        raw[pos % len(raw)] = value
+    if cut is not None:
+        raw = raw[: cut % (len(raw) + 1)]
+    return bytes(raw)
+
+
+@_SETTINGS
+@hypothesis.given(
+    name=st.sampled_from(["m.pth", "m.safetensors"]),
+    edits=_edits,
+    cut=st.none() | st.integers(0, 1 << 20),
+    header_bias=st.booleans(),
+)
+def test_mutated_files_raise_only_surgery_errors(
+    name: str, edits: list[tuple[int, int]], cut: int | None, header_bias: bool
+) -> None:
+    data = _ORIGINALS[name]
+    if header_bias and name.endswith(".safetensors"):
+        # Most flips land in the JSON header, where the parser has decisions to make.
+        n = int.from_bytes(data[:8], "little") + 8
+        edits = [(pos % n, v) for pos, v in edits]
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / name
+        path.write_bytes(_mutate(data, edits, cut))
+        _check(path)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner),
+    max_leaves=10,
+)
+_names = st.sampled_from(
+    ["w.safetensors", "./w.safetensors", "../w.safetensors", "link", "OUTSIDE", "x.index.json"]
+)
+
+
+@_SETTINGS
+@hypothesis.given(
+    weight_map=st.dictionaries(st.sampled_from(["fc.weight", "fc.bias", "steps"]), _names),
+    junk=st.none() | st.tuples(st.sampled_from(["fc.weight", "other"]), _json),
+    top=st.none() | _json,
+)
+def test_mutated_indexes_raise_only_surgery_errors(
+    weight_map: dict, junk: tuple | None, top: object
+) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d) / "ckpt"
+        folder.mkdir()
+        outside = Path(d) / "w.safetensors"
+        (folder / "w.safetensors").write_bytes(_ORIGINALS["m.safetensors"])
+        outside.write_bytes(_ORIGINALS["outside"])
+        (folder / "link").symlink_to(outside)
+        weight_map = {k: str(outside) if v == "OUTSIDE" else v for k, v in weight_map.items()}
+        if junk is not None:
+            weight_map[junk[0]] = junk[1]
+        index = folder / "model.safetensors.index.json"
+        index.write_text(json.dumps({"weight_map": weight_map} if top is None else top))
+        _check(index)

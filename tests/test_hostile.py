@@ -1,0 +1,335 @@
+"""Hostile and broken checkpoint files: refused with a SurgeryError, model left as it was.
+
+Each test builds its file in ``tmp_path`` with the real libraries, then breaks it the way an
+attacker or a bad download would.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pickle
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import surgery
+from surgery import cli
+from surgery.errors import CheckpointError, LoadError, SurgeryError, UnsafeCheckpointError
+from surgery.sources import torchfile
+
+apply_module = importlib.import_module("surgery.apply")
+
+
+class Two(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.zeros(4))
+        self.b = nn.Parameter(torch.zeros(3))
+
+
+def values() -> dict[str, torch.Tensor]:
+    return {"a": torch.arange(4.0) + 1, "b": torch.arange(3.0) + 10}
+
+
+def assert_refused(ckpt: object, match: str | None = None, **kwargs: object) -> SurgeryError:
+    """load_partial raises a SurgeryError naming ``match`` and leaves the model unchanged."""
+    model = Two()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SurgeryError, match=match) as info:
+        surgery.load_partial(model, ckpt, **kwargs)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    return info.value
+
+
+def rewrite_zip(src: Path, dst: Path, edit) -> None:
+    """Copy a torch zip record by record through ``edit(name, data) -> data``."""
+    with zipfile.ZipFile(src) as zi, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zo:
+        for info in zi.infolist():
+            zo.writestr(info.filename, edit(info.filename, zi.read(info)))
+
+
+# --------------------------------------------------------------------------- folder boundary
+
+
+def sharded(folder: Path, shard: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": shard, "b": shard}}))
+    return index
+
+
+def test_index_entry_outside_its_folder_is_refused(tmp_path: Path) -> None:
+    save_file(values(), tmp_path / "other.safetensors")
+    for shard in ["../other.safetensors", str(tmp_path / "other.safetensors"), "x/../../o"]:
+        err = assert_refused(sharded(tmp_path / "ckpt", shard), "outside the index's folder")
+        assert shard in str(err)
+
+
+def test_symlinked_shard_pointing_outside_is_refused(tmp_path: Path) -> None:
+    save_file(values(), tmp_path / "secret.safetensors")
+    index = sharded(tmp_path / "ckpt", "w.safetensors")
+    os.symlink(tmp_path / "secret.safetensors", tmp_path / "ckpt" / "w.safetensors")
+    assert_refused(index, "symlink")
+
+
+def test_symlinks_inside_the_folder_and_hub_cache_layout_load(tmp_path: Path) -> None:
+    # A hub cache: the snapshot's index and shards are links into the repo's blob folder.
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "rev"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    save_file(values(), blobs / "h1")
+    (blobs / "h2").write_text(
+        json.dumps({"weight_map": {"a": "w.safetensors", "b": "w.safetensors"}})
+    )
+    os.symlink(blobs / "h1", snap / "w.safetensors")
+    os.symlink(blobs / "h2", snap / "model.safetensors.index.json")
+    model = Two()
+    surgery.load_partial(model, snap / "model.safetensors.index.json")
+    assert torch.equal(model.a, values()["a"])
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "[]",
+        '{"weight_map": []}',
+        '{"weight_map": 3}',
+        '{"weight_map": {"a": 3}}',
+        '{"weight_map": {"a": null}}',
+        '{"weight_map": {"a": ""}}',
+        '{"weight_map": {"a": "model.safetensors.index.json"}}',
+        '{"weight_map": {"a": "other.index.json"}}',
+        "{",
+        "[" * 100_000,
+    ],
+)
+def test_malformed_index_is_refused_naming_it(tmp_path: Path, content: str) -> None:
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(content)
+    err = assert_refused(index)
+    assert str(index) in str(err)
+
+
+def test_devices_and_pipes_are_refused(tmp_path: Path) -> None:
+    fifo = tmp_path / "weights.pth"
+    os.mkfifo(fifo)
+    assert_refused(fifo, "not a regular file")
+    if Path("/dev/zero").exists():
+        assert_refused("/dev/zero", "not a regular file")
+
+
+# --------------------------------------------------------------------------- atomicity
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["quantized", "sparse", "meta", "complex"],
+)
+def test_tensor_that_cannot_be_copied_is_refused_before_any_write(
+    tmp_path: Path, kind: str
+) -> None:
+    w = {
+        "quantized": lambda: torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.qint8),
+        "sparse": lambda: torch.ones(3).to_sparse(),
+        "meta": lambda: torch.empty(3, device="meta"),
+        "complex": lambda: torch.ones(3, dtype=torch.complex64),
+    }[kind]()
+    path = tmp_path / f"{kind}.pth"
+    # 'a' comes first, so a late check would have written it already.
+    torch.save({"a": values()["a"], "b": w}, path)
+    err = assert_refused(path, "cannot be copied")
+    assert "'b'" in str(err)
+    # Leaving it out loads the rest.
+    model = Two()
+    surgery.load_partial(model, path, skip=["b"], strict=False)
+    assert torch.equal(model.a, values()["a"])
+
+
+def test_meta_model_too_big_for_memory_is_refused_before_materialising(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "w.safetensors"
+    save_file(values(), path)
+    with surgery.empty_init():
+        model = Two()
+    monkeypatch.setattr(apply_module, "available_memory", lambda: 10)
+    with pytest.raises(LoadError, match=r"needs .*only .* available"):
+        surgery.load_partial(model, path)
+    assert model.a.is_meta and model.b.is_meta
+    monkeypatch.setattr(apply_module, "available_memory", lambda: None)
+    surgery.load_partial(model, path)
+    assert torch.equal(model.b, values()["b"])
+
+
+def test_available_memory_is_a_positive_count() -> None:
+    n = apply_module.available_memory()
+    assert n is None or n > 0
+
+
+def test_zip_record_shorter_than_its_storage_is_refused(tmp_path: Path) -> None:
+    torch.save(values(), tmp_path / "ok.pth")
+    rewrite_zip(
+        tmp_path / "ok.pth",
+        tmp_path / "short.pth",
+        lambda name, data: data[:8] if name.endswith("data/0") else data,
+    )
+    for mmap in (True, False):
+        with pytest.raises(CheckpointError, match="short.pth"):
+            surgery.read_checkpoint(tmp_path / "short.pth", mmap=mmap)
+    assert_refused(tmp_path / "short.pth", "short.pth")
+
+
+# --------------------------------------------------------------------------- values
+
+
+def test_big_endian_torch_file_loads_correct_values(tmp_path: Path) -> None:
+    torch.save(values(), tmp_path / "little.pth")
+
+    def to_big(name: str, data: bytes) -> bytes:
+        if name.endswith("/byteorder"):
+            return b"big"
+        if "/data/" in name:
+            return np.frombuffer(data, dtype="<f4").astype(">f4").tobytes()
+        return data
+
+    path = tmp_path / "big.pth"
+    rewrite_zip(tmp_path / "little.pth", path, to_big)
+    expected = torch.load(path, weights_only=True)
+    assert torch.equal(expected["a"], values()["a"])  # torch swaps them back
+    sd = surgery.read_checkpoint(path)
+    assert all(torch.equal(sd[k], expected[k]) for k in expected)
+    model = Two()
+    report = surgery.load_partial(model, path)
+    assert torch.equal(model.a, expected["a"]) and torch.equal(model.b, expected["b"])
+    assert any("big-endian" in n for n in report.notes)
+
+
+# --------------------------------------------------------------------------- malformed inputs
+
+
+@pytest.mark.parametrize("key", [3, (1, 2), b"a"])
+def test_non_string_state_dict_keys_are_refused(tmp_path: Path, key: object) -> None:
+    path = tmp_path / "keys.pth"
+    torch.save({key: torch.ones(4), "b": torch.ones(3)}, path)
+    err = assert_refused(path, "key")
+    assert str(path) in str(err)
+
+
+def safetensors_with_header(path: Path, header: dict, data: bytes = b"") -> Path:
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return path
+
+
+@pytest.mark.parametrize("shape", [[0, 2**63], [0, 2**62, 4], [2**64]])
+def test_safetensors_shape_overflowing_is_refused(tmp_path: Path, shape: list[int]) -> None:
+    path = safetensors_with_header(
+        tmp_path / "big.safetensors",
+        {"a": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}},
+    )
+    with pytest.raises(CheckpointError, match="big.safetensors"):
+        surgery.read_checkpoint(path)
+    assert_refused(path, "big.safetensors")
+
+
+def test_broken_zip_structures_are_refused(tmp_path: Path) -> None:
+    torch.save(values(), tmp_path / "ok.pth")
+    raw = bytearray((tmp_path / "ok.pth").read_bytes())
+    # A compression method zipfile does not know, in every central-directory entry.
+    cd = raw.rfind(b"PK\x05\x06")
+    start = int.from_bytes(raw[cd + 16 : cd + 20], "little")
+    pos = start
+    while raw[pos : pos + 4] == b"PK\x01\x02":
+        raw[pos + 10 : pos + 12] = (99).to_bytes(2, "little")
+        n, m, k = (int.from_bytes(raw[pos + i : pos + i + 2], "little") for i in (28, 30, 32))
+        pos += 46 + n + m + k
+    (tmp_path / "method.pth").write_bytes(bytes(raw))
+    assert_refused(tmp_path / "method.pth", "method.pth")
+    # A central directory whose entries are overwritten (zipfile: BadZipFile).
+    raw = bytearray((tmp_path / "ok.pth").read_bytes())
+    raw[start : start + 4] = b"JUNK"
+    (tmp_path / "cd.pth").write_bytes(bytes(raw))
+    assert_refused(tmp_path / "cd.pth", "cd.pth")
+
+
+def test_pickle_record_inflating_too_far_is_refused_before_torch_reads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.save(values(), tmp_path / "ok.pth")
+    monkeypatch.setattr(torchfile, "_MAX_PICKLE", 64)
+
+    def no_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", no_load)
+    assert_refused(tmp_path / "ok.pth", "inflates to")
+
+
+def test_failed_load_leaves_no_pending_sparse_tensors(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.pth"
+    torch.save({"s": torch.ones(3).to_sparse(), "x": surgery.LoadPlan}, path)
+    with pytest.raises(UnsafeCheckpointError):
+        surgery.read_checkpoint(path)
+    assert torch._utils._sparse_tensors_to_validate == []
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_pickle_protocol_4_and_5_are_named(tmp_path: Path, protocol: int) -> None:
+    path = tmp_path / "p.pth"
+    torch.save(values(), path, pickle_protocol=protocol)
+    with pytest.raises(CheckpointError, match=f"pickle protocol {protocol}.*trust_pickle=True"):
+        surgery.read_checkpoint(path)
+    sd = surgery.read_checkpoint(path, trust_pickle=True)
+    assert torch.equal(sd["a"], values()["a"])
+
+
+def test_legacy_tar_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "old.tar"
+    with tarfile.open(path, "w") as tf:
+        (tmp_path / "sys_info").write_bytes(pickle.dumps({}))
+        tf.add(tmp_path / "sys_info", arcname="sys_info")
+    with pytest.raises(CheckpointError, match="legacy tar format.*trust_pickle=True"):
+        surgery.read_checkpoint(path)
+
+
+def test_inspect_renders_unicode_digits_and_very_deep_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    deep = ".".join(["l"] * 3000)
+    sd = {"blocks.².w": torch.ones(1), "blocks.0.w": torch.ones(1), deep: torch.ones(1)}
+    save_file(sd, tmp_path / "odd.safetensors")
+    assert cli.main(["inspect", str(tmp_path / "odd.safetensors"), "--depth", "100"]) == 0
+    out = capsys.readouterr().out
+    assert ("²" in out and "3 tensors" in out) or "tensors:" in out
+
+
+def test_huge_sparse_file_is_refused_without_mapping_it(tmp_path: Path) -> None:
+    torch.save(values(), tmp_path / "ok.pth")
+    path = tmp_path / "huge.pth"
+    try:
+        with open(path, "wb") as f:  # 4 TB of holes, then a valid torch zip
+            f.seek(4 << 40)
+            f.write((tmp_path / "ok.pth").read_bytes())
+    except OSError:
+        pytest.skip("this file system cannot hold a 4 TB sparse file")
+    assert_refused(path, "huge.pth")
+    with open(tmp_path / "zeros.safetensors", "wb") as f:
+        f.truncate(4 << 40)
+    assert_refused(tmp_path / "zeros.safetensors", "zeros.safetensors")
+
+
+def test_uncopiable_tensor_in_a_shard_is_refused_before_any_write(tmp_path: Path) -> None:
+    torch.save({"a": values()["a"]}, tmp_path / "s1.bin")
+    torch.save({"b": torch.ones(3).to_sparse()}, tmp_path / "s2.bin")
+    index = tmp_path / "pytorch_model.bin.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": "s1.bin", "b": "s2.bin"}}))
+    assert_refused(index, "sparse_coo")
