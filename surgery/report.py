@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import html
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 from ._select import Selector, match_keys
-from ._table import format_shape, html_table, text_table
+from ._table import (
+    format_count,
+    format_shape,
+    html_bar,
+    html_table,
+    html_verdict,
+    text_table,
+)
 from .errors import LoadError
 
 __all__ = ["LoadReport", "Mismatch"]
@@ -259,11 +267,19 @@ class LoadReport:
         why = "" if self.ok else f" ({self.why_not_ok()})"
         return f"<LoadReport {self.summary()}; ok={self.ok}{why}>"
 
+    def _loaded_fraction(self) -> str:
+        """'99.9% of parameters loaded (11.2M of 11.2M)': rounded down, never '100' short."""
+        done = "would load" if self.dry_run else "loaded"
+        part, whole = self.params_loaded, self.params_total
+        pct = math.floor(1000 * part / whole) / 10 if whole else 0.0
+        return f"{pct:.1f}% of parameters {done} ({format_count(part)} of {format_count(whole)})"
+
     def _repr_html_(self) -> str:
         rows = self._rows(50)
         caption = f"{self.source} -> {self.model}: {self.summary()}"
-        table = html_table(("status", "key", "detail"), rows, caption=caption)
-        why = "" if self.ok else f"<div>not ok: {html.escape(self.why_not_ok())}</div>"
+        table = html_table(("status", "key", "detail"), rows, caption=caption, status_column=0)
+        table += html_bar(self.params_loaded, self.params_total, self._loaded_fraction())
+        why = html_verdict(self.ok, self.why_not_ok())
         notes = "".join(f"<div>note: {html.escape(n)}</div>" for n in self.notes)
         return table + why + notes
 
