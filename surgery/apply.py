@@ -32,6 +32,7 @@ from .plan import (
 )
 from .report import LoadReport, Mismatch
 from .sources import CheckpointLike, CheckpointSource, open_source
+from .sources.memory import MemorySource
 
 __all__ = ["apply_plan"]
 
@@ -437,7 +438,7 @@ def _write(
                     target = torch.empty(target.shape, dtype=target.dtype, device=dev)
                 if e.action == "adapt":
                     target.copy_(adapted[(id(orig), ckey)])
-                elif target.is_cuda:
+                elif target.is_cuda and not _in_device_memory(source, ckey):
                     staging.read_into(source, ckey, target)
                 else:
                     source.read_into(ckey, target)
@@ -446,6 +447,11 @@ def _write(
                 bars.update(file, nbytes)
         finally:
             staging.finish()
+
+
+def _in_device_memory(source: CheckpointSource, key: str) -> bool:
+    """An in-memory source's tensor already on a GPU: copied device to device, not staged."""
+    return isinstance(source, MemorySource) and source.read(key).device.type != "cpu"
 
 
 def check_device(

@@ -170,3 +170,19 @@ def test_cuda_model_loads_through_staging_and_ties_stay(trained):
     src = {"embed.weight": torch.randn(11, 4)}
     surgery.load_partial(tied, src, device="cuda")
     assert tied.out.weight is tied.embed.weight and tied.embed.weight.is_cuda
+
+
+@cuda
+def test_gpu_tensors_in_memory_copy_device_to_device(monkeypatch, trained):
+    """A state dict already on the GPU is not staged through CPU memory."""
+    staged: list[str] = []
+    orig = _Staging.read_into
+    monkeypatch.setattr(
+        _Staging, "read_into", lambda self, src, k, out: (staged.append(k), orig(self, src, k, out))
+    )
+    model = SmallCNN().cuda()
+    assert surgery.load_partial(model, {k: v.cuda() for k, v in trained.items()}).ok
+    assert staged == []
+    _assert_loaded(model, trained, "cuda")
+    surgery.load_partial(SmallCNN().cuda(), trained)
+    assert staged, "CPU tensors into a CUDA model go through the pinned staging buffers"
