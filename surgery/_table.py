@@ -48,19 +48,56 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[object]], indent: 
 _TH_STYLE = "text-align:left;padding:2px 10px;border-bottom:1px solid #999"
 _NUM_STYLE = "text-align:right"
 
+# Status cell colours: (background, text). Both are set, so a status reads on light and dark
+# notebook themes alike; the status word itself stays in the cell, so plain HTML says it too.
+_BAD = ("#fde2e1", "#8a1c1c")  # the load is not ok because of these
+_CHANGED = ("#fff3cd", "#7a5200")  # loaded, but not as stored (adapted, cast, initialised)
+_DONE = ("#dcf5e3", "#1f6b35")  # loaded or restored as asked
+_ASIDE = ("#ececec", "#444444")  # left out on purpose
+STATUS_COLOURS: dict[str, tuple[str, str]] = {
+    "mismatched": _BAD,
+    "missing": _BAD,
+    "unexpected": _BAD,
+    "dropped": _BAD,
+    "adapted": _CHANGED,
+    "cast": _CHANGED,
+    "initialised": _CHANGED,
+    "fresh": _CHANGED,
+    "frozen": _CHANGED,
+    "loaded": _DONE,
+    "restored": _DONE,
+    "renamed": _DONE,
+    "prefix": _DONE,
+    "skipped": _ASIDE,
+    "defaulted": _ASIDE,
+    "adapter": _ASIDE,
+}
+
+
+def _status_style(status: object) -> str:
+    colours = STATUS_COLOURS.get(str(status))
+    if colours is None:
+        return ""
+    return f" style='background:{colours[0]};color:{colours[1]};padding:0 6px'"
+
 
 def html_table(
     header: Sequence[str],
     rows: Sequence[Sequence[object]],
     caption: str | None = None,
     numeric: Collection[int] = (),
+    status_column: int | None = None,
 ) -> str:
     """A plain HTML table (escaped), for Jupyter's ``_repr_html_``; ``numeric`` columns (by
-    index) are right-aligned. Text cells stay bare ``<td>``s so the markup reads plainly."""
+    index) are right-aligned. ``status_column`` (an index) colours that column's cells by
+    their word (:data:`STATUS_COLOURS`: red what makes a load not ok, amber what changed,
+    green what loaded, grey what was left out on purpose). Inline CSS only, no script: other
+    cells stay bare ``<td>``s so the markup reads plainly."""
     out = ["<table>"]
     if caption:
         out.append(
-            f"<caption style='text-align:left;font-weight:bold'>{html.escape(caption)}</caption>"
+            "<caption style='text-align:left;font-weight:bold;white-space:nowrap'>"
+            f"{html.escape(caption)}</caption>"
         )
     out.append(
         "<thead><tr>"
@@ -68,15 +105,45 @@ def html_table(
         + "</tr></thead><tbody>"
     )
     for r in rows:
-        cells = (
-            f"<td style='{_NUM_STYLE}'>{html.escape(str(c))}</td>"
-            if i in numeric
-            else f"<td>{html.escape(str(c))}</td>"
-            for i, c in enumerate(r)
-        )
+        cells = []
+        for i, c in enumerate(r):
+            if i == status_column:
+                style = _status_style(c)
+            elif i in numeric:
+                style = f" style='{_NUM_STYLE}'"
+            else:
+                style = ""
+            cells.append(f"<td{style}>{html.escape(str(c))}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
     return "".join(out)
+
+
+def html_bar(part: float, whole: float, label: str) -> str:
+    """A small inline bar filled ``part / whole``, then ``label`` (the text says it all; the
+    bar only shows it). Inline CSS, no script.
+
+    Example:
+        >>> bar = html_bar(1, 4, "1 of 4 loaded")
+        >>> "width:25.0%" in bar, bar.endswith("</span></span> 1 of 4 loaded</div>")
+        (True, True)
+    """
+    frac = min(max(part / whole, 0.0), 1.0) if whole else 0.0
+    return (
+        "<div style='margin:2px 0'>"
+        "<span style='display:inline-block;width:120px;height:0.7em;background:#e3e3e3;"
+        "border:1px solid #bbb;vertical-align:middle'>"
+        f"<span style='display:block;height:100%;width:{100 * frac:.1f}%;background:#3a7bd5'>"
+        f"</span></span> {html.escape(label)}</div>"
+    )
+
+
+def html_verdict(ok: bool, why: str = "") -> str:
+    """One line: a green ``ok`` or a red ``not ok`` followed by ``why``."""
+    if ok:
+        return "<div style='color:#1f6b35;font-weight:bold'>&#10003; ok</div>"
+    reason = f": <span style='font-weight:normal'>{html.escape(why)}</span>" if why else ""
+    return f"<div style='color:#b42318;font-weight:bold'>&#10007; not ok{reason}</div>"
 
 
 # --------------------------------------------------------------------------- lists
@@ -133,7 +200,8 @@ class _Table:
 
     A subclass sets ``_header`` (column names) and ``_numeric`` (right-aligned columns in HTML)
     and defines ``_caption()`` and ``_rows()``; ``_notes()`` (plain lines after the table) is
-    optional. ``_text_rows = False`` leaves the table out of ``str()`` (caption and notes only)
+    optional; ``_status_column`` (an index) colours that column's cells by status.
+    ``_text_rows = False`` leaves the table out of ``str()`` (caption and notes only)
     while the notebook view keeps it; a table without rows is left out of ``str()``. The
     notebook view may differ through ``_html_caption()``, ``_html_rows()`` (e.g. more rows)
     and ``_html_notes()``, which default to the text ones. ``_indent`` starts each text table
@@ -143,6 +211,7 @@ class _Table:
 
     _header: tuple[str, ...] = ()
     _numeric: tuple[int, ...] = ()
+    _status_column: int | None = None
     _text_rows: bool = True
     _indent: str = "  "
 
@@ -175,7 +244,13 @@ class _Table:
         return f"{type(self).__name__}({self._caption()!r})"
 
     def _repr_html_(self) -> str:
-        table = html_table(self._header, self._html_rows(), self._html_caption(), self._numeric)
+        table = html_table(
+            self._header,
+            self._html_rows(),
+            self._html_caption(),
+            self._numeric,
+            self._status_column,
+        )
         return table + "".join(f"<p>{html.escape(line)}</p>" for line in self._html_notes())
 
 
@@ -187,6 +262,7 @@ class _StatusTable(_Table):
     notes: list[str]
     _text_limit: int | None = LIST_LIMIT
     _html_limit: int | None = None
+    _status_column: int | None = 0
 
     def _status_rows(self, limit: int | None) -> list[tuple[str, str, str]]:
         raise NotImplementedError

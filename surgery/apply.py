@@ -36,6 +36,7 @@ from .plan import (
 )
 from .report import LoadReport, Mismatch
 from .sources import CheckpointLike, CheckpointSource, open_source
+from .sources.memory import MemorySource
 
 __all__ = ["apply_plan"]
 
@@ -50,6 +51,7 @@ def apply_plan(
     on_mismatch: Adapter | None = None,
     dry_run: bool = False,
     progress: bool | None = None,
+    device: str | torch.device | None = None,
 ) -> LoadReport:
     """Check ``plan`` against ``model``, load what it says, and report what happened.
 
@@ -60,7 +62,9 @@ def apply_plan(
     planning), the model is left as it was. ``dry_run=True`` checks and reports without
     reading a tensor (adapters are not run: ``adapt`` entries are reported as adapted).
     ``progress`` shows a tqdm bar of the bytes read, one per shard: ``None`` on a terminal
-    for loads over about 1 GB, ``True`` always, ``False`` never.
+    for loads over about 1 GB, ``True`` always, ``False`` never. Tensors load onto the
+    model's device whatever device the checkpoint was saved from; ``device`` places a meta
+    model (see :func:`empty_init`) on that device (default CPU), see :func:`check_device`.
 
     Example:
         >>> plan = surgery.plan_load(model, "resnet18.pth")  # doctest: +SKIP
@@ -82,6 +86,7 @@ def apply_plan(
     _progress.check(progress)
     with gc_paused():
         state = model.state_dict(keep_vars=True)
+        dev = check_device(state, device)
         checked = validate(plan, model, state, refuse_empty=not dry_run)
         if dry_run:
             return preview(checked, model, state)
@@ -101,7 +106,7 @@ def apply_plan(
             )
         source = open_source(ckpt, entry=plan.entry, trust_pickle=plan.trust_pickle)
         try:
-            return run(checked, model, state, source, adapter, progress)
+            return run(checked, model, state, source, adapter, progress, dev)
         finally:
             source.close()
 
@@ -236,10 +241,12 @@ def run(
     source: CheckpointSource,
     adapter: Adapter | None,
     progress: bool | None = None,
+    device: torch.device | None = None,
 ) -> LoadReport:
     """Apply a checked plan: verify the source, run adapters, then write. Errors come first.
 
-    ``progress`` shows a bar of the bytes read (see :mod:`surgery._progress`)."""
+    ``progress`` shows a bar of the bytes read (see :mod:`surgery._progress`); ``device``
+    (from :func:`check_device`) is where a meta model is materialised (``None``: CPU)."""
     _verify_source(plan, source)
     values, declined = _run_adapters(plan, state, source, adapter)
     if plan.strict and declined:
@@ -254,7 +261,7 @@ def run(
         _check_memory(model, state)
     outcome = _outcome(state, written, initialised, declined, _by_modules(plan))
     outcome.notes = _adapter_notes(adapter)
-    _write(model, plan, state, source, values, init_modules, progress)
+    _write(model, plan, state, source, values, init_modules, progress, device)
     _selfload.commit(model, rehearsed, source)
     return report_of(plan, outcome, dry_run=False)
 
@@ -410,19 +417,30 @@ def _write(
     adapted: dict[tuple[int, str], Tensor],
     init_modules: list[nn.Module],
     progress: bool | None = None,
+    device: torch.device | None = None,
 ) -> None:
     owners = meta.holders(model) if _any_meta(state) else {}
     replaced: dict[int, Tensor] = {}
+    dev = device or torch.device("cpu")
 
     def current(t: Tensor) -> Tensor:
         return replaced.get(id(t), t)
+
+    # A meta model placed on a device: its real tensors (buffers computed in __init__, kept on
+    # CPU by empty_init) join it there, before anything is loaded into them.
+    if owners and device is not None:
+        for where in owners.values():
+            mod, name, is_param = where[0]
+            t = (mod._parameters if is_param else mod._buffers)[name]
+            if not t.is_meta and t.device != dev:
+                replaced[id(t)] = meta.replace(t, t.to(dev), where)
 
     # Modules with tensors the checkpoint lacks: materialise (zeros) and reset them first, so
     # the loads below land on real memory and are not overwritten by the reset.
     for mod in init_modules:
         for t in [*mod._parameters.values(), *mod._buffers.values()]:
             if t is not None and t.is_meta and id(t) not in replaced:
-                new = torch.zeros(t.shape, dtype=t.dtype)
+                new = torch.zeros(t.shape, dtype=t.dtype, device=dev)
                 replaced[id(t)] = meta.replace(t, new, owners[id(t)])
         mod.reset_parameters()
 
@@ -449,18 +467,113 @@ def _write(
         order = {f: i for i, f in enumerate(files)}
         todo.sort(key=lambda item: order[item[3]])
 
+    staging = _Staging()
     with _progress.Bars(files, progress) as bars:
-        for e, orig, ckey, file, nbytes in todo:
-            target = current(orig)
-            if target.is_meta:
-                new = torch.empty(target.shape, dtype=target.dtype)
+        try:
+            for e, orig, ckey, file, nbytes in todo:
+                target = current(orig)
+                fresh = target.is_meta
+                if fresh:
+                    target = torch.empty(target.shape, dtype=target.dtype, device=dev)
                 if e.action == "adapt":
-                    new.copy_(adapted[(id(orig), ckey)])
+                    target.copy_(adapted[(id(orig), ckey)])
+                elif target.is_cuda and not _in_device_memory(source, ckey):
+                    staging.read_into(source, ckey, target)
                 else:
-                    source.read_into(ckey, new)
-                replaced[id(orig)] = meta.replace(target, new, owners[id(orig)])
-            elif e.action == "adapt":
-                target.copy_(adapted[(id(orig), ckey)])
-            else:
-                source.read_into(ckey, target)
-            bars.update(file, nbytes)
+                    source.read_into(ckey, target)
+                if fresh:
+                    replaced[id(orig)] = meta.replace(current(orig), target, owners[id(orig)])
+                bars.update(file, nbytes)
+        finally:
+            staging.finish()
+
+
+def _in_device_memory(source: CheckpointSource, key: str) -> bool:
+    """An in-memory source's tensor already on a GPU: copied device to device, not staged."""
+    return isinstance(source, MemorySource) and source.read(key).device.type != "cpu"
+
+
+def check_device(
+    state: Mapping[str, Tensor], device: str | torch.device | None
+) -> torch.device | None:
+    """The device a meta model is materialised on, checked before anything is written.
+
+    ``None`` keeps today's rule: tensors load onto the device the model's tensors are on
+    (a meta model's on CPU). A device places a meta model's tensors there; a model that is not
+    on ``meta`` and has tensors on another device is refused rather than moved.
+    """
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as ex:
+        raise UsageError(
+            f"device={device!r} is not a torch device; pass 'cpu', 'cuda', 'cuda:1', ..."
+        ) from ex
+    if dev.type == "meta":
+        raise UsageError(
+            "device='meta' would load nothing; build the model under surgery.empty_init() and "
+            "pass the device to put it on (device='cpu' or 'cuda')"
+        )
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"device={device!r}, but torch.cuda.is_available() is False here; pass "
+                "device='cpu' or leave it out"
+            )
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    tensors = [t for t in state.values() if isinstance(t, Tensor)]
+    if not any(t.is_meta for t in tensors):
+        elsewhere = sorted({str(t.device) for t in tensors if t.device != dev})
+        if elsewhere:
+            raise UsageError(
+                f"the model already lives on {', '.join(elsewhere)}; device= only places a meta "
+                f"model's tensors (built under surgery.empty_init()). Leave device= out to "
+                f"load onto the model's device, or move it first with model.to('{dev}')."
+            )
+    return dev
+
+
+class _Staging:
+    """Reads into CUDA memory through page-locked (pinned) CPU buffers.
+
+    The file is read into a pinned buffer, then copied with ``non_blocking=True``, so reading
+    the next tensor overlaps copying this one. Two buffers alternate; each is reused only
+    after the copy out of it has finished (a CUDA event). ``pin=False`` (tests without a GPU)
+    uses ordinary memory and the same bookkeeping.
+    """
+
+    def __init__(self, pin: bool = True) -> None:
+        self._pin = pin
+        self._buffers: list[Tensor | None] = [None, None]
+        self._events: list[object | None] = [None, None]
+        self._turn = 0
+
+    def read_into(self, source: CheckpointSource, key: str, out: Tensor) -> None:
+        i, self._turn = self._turn, self._turn ^ 1
+        self._wait(i)
+        nbytes = out.numel() * out.element_size()
+        buf = self._buffers[i]
+        if buf is None or buf.numel() < nbytes:
+            self._buffers[i] = None  # free the smaller buffer before taking a larger one
+            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self._pin)
+            self._buffers[i] = buf
+        staged = buf[:nbytes].view(out.dtype).view(out.shape)
+        source.read_into(key, staged)
+        out.copy_(staged, non_blocking=self._pin)
+        if out.is_cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(out.device))
+            self._events[i] = event
+
+    def _wait(self, i: int) -> None:
+        event = self._events[i]
+        if event is not None:
+            event.synchronize()  # type: ignore[attr-defined]
+            self._events[i] = None
+
+    def finish(self) -> None:
+        """Wait for every copy still in flight, so the model's tensors are ready."""
+        for i in range(len(self._events)):
+            self._wait(i)

@@ -12,12 +12,13 @@ import warnings
 from collections.abc import Iterable
 from typing import Literal
 
+import torch
 from torch import nn
 
 from . import _progress
 from ._keymap import Remap
 from ._select import Selector
-from .apply import preview, run
+from .apply import check_device, preview, run
 from .errors import UsageError
 from .plan import OnMismatch, check_args, gc_paused, make_plan
 from .report import LoadReport
@@ -40,6 +41,7 @@ def load_partial(
     trust_pickle: bool = False,
     key: str | None = None,
     progress: bool | None = None,
+    device: str | torch.device | None = None,
 ) -> LoadReport:
     """Load every checkpoint tensor that fits ``model`` and report what happened.
 
@@ -55,12 +57,14 @@ def load_partial(
     ``(name, ckpt_tensor, model_tensor) -> Tensor | None``. Floating tensors are cast to the
     model's dtype. ``strict=True`` raises one error listing every missing, unexpected or
     mismatched key. Whatever error is raised, the model is left as it was; ``dry_run=True``
-    only plans (adapters are not run). A model on the ``meta`` device (see
-    :func:`empty_init`) is materialised on CPU. A model wrapped by ``peft.get_peft_model``
-    gets the base weights under the wrapper's names; its adapter weights are left as they are
-    (``report.adapter``). ``progress`` shows a tqdm bar of the bytes read (one per shard):
-    ``None`` on a terminal when the load reads over about 1 GB, ``True`` always, ``False``
-    never. To review or edit the plan first, use :func:`plan_load`.
+    only plans (adapters are not run). Tensors load onto the model's device, whatever device
+    the checkpoint was saved from. A model on the ``meta`` device (see :func:`empty_init`) is
+    materialised on ``device`` (default CPU; ``"cuda"`` reads through pinned memory straight
+    into GPU memory); ``device`` on a model already placed elsewhere is refused. A model
+    wrapped by ``peft.get_peft_model`` gets the base weights under the wrapper's names; its
+    adapter weights are left as they are (``report.adapter``). ``progress`` shows a tqdm bar
+    of the bytes read (one per shard): ``None`` on a terminal when the load reads over about
+    1 GB, ``True`` always, ``False`` never. To review or edit the plan first, use :func:`plan_load`.
 
     Example:
         >>> import torchvision, surgery
@@ -85,6 +89,7 @@ def load_partial(
         source = open_source(ckpt, entry=entry, trust_pickle=trust_pickle)
         try:
             state = model.state_dict(keep_vars=True)
+            dev = check_device(state, device)
             plan = make_plan(
                 model,
                 source,
@@ -102,6 +107,6 @@ def load_partial(
             # The plan was checked against this model a moment ago: apply it as it is.
             if dry_run:
                 return preview(plan, model, state)
-            return run(plan, model, state, source, plan.adapter, progress)
+            return run(plan, model, state, source, plan.adapter, progress, dev)
         finally:
             source.close()

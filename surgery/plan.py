@@ -393,6 +393,7 @@ class LoadPlan:
         on_mismatch: Adapter | None = None,
         dry_run: bool = False,
         progress: bool | None = None,
+        device: str | torch.device | None = None,
     ) -> LoadReport:
         """Check the plan against ``model`` and carry it out; see :func:`surgery.apply_plan`.
 
@@ -402,7 +403,13 @@ class LoadPlan:
         from .apply import apply_plan
 
         return apply_plan(
-            model, self, ckpt, on_mismatch=on_mismatch, dry_run=dry_run, progress=progress
+            model,
+            self,
+            ckpt,
+            on_mismatch=on_mismatch,
+            dry_run=dry_run,
+            progress=progress,
+            device=device,
         )
 
     # ------------------------------------------------------------------ saving

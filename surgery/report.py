@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 from ._select import Selector, match_keys
-from ._table import _StatusTable, first_n, first_n_lines, format_shape, status_rows
+from ._table import (
+    _StatusTable,
+    first_n,
+    first_n_lines,
+    format_count,
+    format_shape,
+    html_bar,
+    html_verdict,
+    status_rows,
+)
 from .errors import LoadError
 
 __all__ = ["LoadReport", "Mismatch"]
@@ -233,13 +243,24 @@ class LoadReport(_StatusTable):
     def _html_caption(self) -> str:
         return f"{self.source} -> {self.model}: {self.summary()}"
 
-    def _html_notes(self) -> list[str]:
-        why = [] if self.ok else [f"not ok: {self.why_not_ok()}"]
-        return why + super()._html_notes()
-
     def __repr__(self) -> str:
         why = "" if self.ok else f" ({self.why_not_ok()})"
         return f"<LoadReport {self.summary()}; ok={self.ok}{why}>"
+
+    def _loaded_fraction(self) -> str:
+        """'99.9% of parameters loaded (11.2M of 11.2M)': rounded down, never '100' short."""
+        done = "would load" if self.dry_run else "loaded"
+        part, whole = self.params_loaded, self.params_total
+        pct = math.floor(1000 * part / whole) / 10 if whole else 0.0
+        return f"{pct:.1f}% of parameters {done} ({format_count(part)} of {format_count(whole)})"
+
+    def _repr_html_(self) -> str:
+        # The table (status cells coloured), the loaded fraction as a bar, the ok / not-ok line
+        # with its reason, then the notes.
+        table = super()._repr_html_()
+        cut = table.index("</table>") + len("</table>")
+        bar = html_bar(self.params_loaded, self.params_total, self._loaded_fraction())
+        return table[:cut] + bar + html_verdict(self.ok, self.why_not_ok()) + table[cut:]
 
 
 def _common_parent(keys: list[str]) -> str:

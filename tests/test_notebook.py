@@ -41,6 +41,35 @@ def _stdout(nb) -> str:
     return "".join(o.text for o in _outputs(nb, "stream") if o.name == "stdout")
 
 
+# What the notebook may write to stderr: its tqdm bars ("fine-tune:  50%|#####  | 6/12 ..."),
+# nothing else (no warnings such as tqdm.auto's "IProgress not found", no deprecations).
+TQDM_LINE = re.compile(r"^[\w -]+: +\d+%\|.*\| *\d+/\d+ \[")
+
+
+def _stderr_noise(nb) -> list[str]:
+    lines = [
+        line.strip()
+        for o in _outputs(nb, "stream")
+        if o.name == "stderr"
+        for line in re.split(r"[\r\n]+", o.text)
+    ]
+    return [line for line in lines if line and not TQDM_LINE.match(line)]
+
+
+def test_stderr_noise_keeps_tqdm_bars_and_catches_warnings():
+    stream = nbformat.v4.new_output(
+        "stream",
+        name="stderr",
+        text="\rfine-tune:   0%|          | 0/12 [00:00<?, ?it/s]"
+        "\rfine-tune: 100%|##########| 12/12 [00:01<00:00,  9.1it/s]\n"
+        "/x/tqdm/auto.py:21: TqdmWarning: IProgress not found. Please update jupyter\n",
+    )
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("", outputs=[stream])])
+    assert _stderr_noise(nb) == [
+        "/x/tqdm/auto.py:21: TqdmWarning: IProgress not found. Please update jupyter"
+    ]
+
+
 def test_notebook_is_stored_without_outputs():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(nb)
@@ -74,6 +103,8 @@ def test_notebook_executes_and_renders_html_tables(tmp_path, monkeypatch):
     )
     errors = _outputs(nb, "error")
     assert not errors, [f"{o.ename}: {o.evalue}" for o in errors]
+    noise = _stderr_noise(nb)
+    assert not noise, f"the notebook writes warnings or other noise to stderr: {noise}"
 
     tables = _html_tables(nb)
     assert len(tables) >= 3, (
