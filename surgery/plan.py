@@ -432,8 +432,11 @@ class LoadPlan:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> LoadPlan:
+    def from_dict(cls, d: Mapping[str, Any], *, trust_pickle: bool = False) -> LoadPlan:
         """A plan from :meth:`to_dict` output (e.g. read back from JSON).
+
+        A plan file is data from wherever it came from: it cannot grant itself
+        ``trust_pickle``. Pass ``trust_pickle=True`` here to unpickle the checkpoint it names.
 
         Example:
             >>> plan = surgery.LoadPlan.from_dict(json.load(open("plan.json")))  # doctest: +SKIP
@@ -469,7 +472,7 @@ class LoadPlan:
                 notes=[str(n) for n in d.get("notes") or []],
                 strict=bool(d.get("strict", False)),
                 on_mismatch=on_mismatch,
-                trust_pickle=bool(d.get("trust_pickle", False)),
+                trust_pickle=trust_pickle is True,
             )
         except TypeError as e:
             raise UsageError(f"malformed plan: {e}") from None

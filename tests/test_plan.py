@@ -631,3 +631,11 @@ def test_readme_plan_review_apply_example_runs(tmp_path, monkeypatch, r18_imagen
     assert "mismatch" in out and "fc.weight" in out
     saved = json.loads((tmp_path / "plan.json").read_text())
     assert sum(e["action"] == "skip" for e in saved["entries"]) == 2
+
+
+def test_plan_file_cannot_grant_itself_trust_pickle():
+    """A plan JSON is data from elsewhere: from_dict ignores its trust_pickle unless passed."""
+    d = surgery.plan_load(SmallCNN(), SmallCNN(), trust_pickle=True).to_dict()
+    assert d["trust_pickle"] is True
+    assert surgery.LoadPlan.from_dict(d).trust_pickle is False
+    assert surgery.LoadPlan.from_dict(d, trust_pickle=True).trust_pickle is True
