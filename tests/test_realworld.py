@@ -342,3 +342,16 @@ def test_folder_with_files_of_different_names_asks_whatever_their_format(tmp_pat
     torch.save(live.state_dict(), tmp_path / "weights.pth")  # one model, two formats: fine
     surgery.load_partial(model, tmp_path, strict=True)
     assert_same_state(model, snapshot(live))
+
+
+def test_dcp_folder_is_named_with_the_conversion(tmp_path):
+    """A torch.distributed.checkpoint folder (dcp.save on one process) is named as such."""
+    import torch.distributed.checkpoint as dcp
+
+    src = torch.nn.Linear(3, 2)
+    dcp.save(src.state_dict(), checkpoint_id=str(tmp_path / "dcp"))
+    model = torch.nn.Linear(3, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(surgery.CheckpointError, match=r"torch.distributed.checkpoint \(DCP\)"):
+        surgery.load_partial(model, tmp_path / "dcp")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
