@@ -169,6 +169,13 @@ def case_fsdp(rank: int, world: int, tmp: Path) -> None:
     # an adapter on a sharded target: computed at full size, then sharded
     r = load_and_compare(make, paths["dcp"], tmp, "adapted", on_mismatch=pad_head)
     assert sorted(m["key"] for m in r["adapted"]) == ["head.bias", "head.weight"]
+    # plan_load, then apply_plan: the same load as load_partial, agreed the same way
+    model, ref = make(), make()
+    plan = surgery.plan_load(model, paths["hf"], on_mismatch=pad_head)
+    report = surgery.apply_plan(model, plan)
+    ref_report = surgery.load_partial(ref, paths["hf"], on_mismatch=pad_head)
+    assert_states_equal(full_state(model), full_state(ref), "apply_plan")
+    assert report.to_dict() == ref_report.to_dict() and len(report.adapted) == 2
     if world == 2:
         _errors(rank, world, make, paths)
 
