@@ -66,6 +66,9 @@ def load_partial(
     adapter weights are left as they are (``report.adapter``). ``progress`` shows a tqdm bar
     of the bytes read (one per shard): ``None`` on a terminal when the load reads over about
     1 GB, ``True`` always, ``False`` never. To review or edit the plan first, use :func:`plan_load`.
+    A sharded model (``DTensor`` parameters from FSDP2 ``fully_shard`` or tensor parallelism)
+    is loaded shard by shard: call it on every rank with the same arguments; the ranks agree on
+    the plan before any writes (see README "Sharded models" and surgery/distributed.py).
 
     Example:
         >>> import torchvision, surgery
@@ -87,6 +90,11 @@ def load_partial(
         raise UsageError(f"dry_run must be True or False, not {dry_run!r}")
     _progress.check(progress)
     if is_sharded(model):  # DTensor parameters (FSDP2, tensor parallel): on every rank
+        if device is not None:
+            raise UsageError(
+                f"device={device!r} places a meta model's tensors; {type(model).__name__} is "
+                "sharded and its shards are placed already. Leave device= out."
+            )
         return _load_sharded(
             model,
             ckpt,
