@@ -16,6 +16,7 @@ from .adapters import adapt_shapes
 from .apply import apply_plan
 from .errors import (
     CheckpointError,
+    DistributedError,
     KeyCollisionError,
     LoadError,
     OptimizerStateError,
@@ -54,6 +55,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Chain",
     "CheckpointError",
+    "DistributedError",
     "FreezeSummary",
     "GroupTable",
     "HeadRows",

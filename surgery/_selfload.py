@@ -72,11 +72,23 @@ def loads_itself(module: nn.Module) -> str | None:
     """Why ``load_state_dict`` does more for ``module`` than copy its tensors (or ``None``)."""
     why = _type_why(type(module))
     if why is None:
-        if module._load_state_dict_pre_hooks:
+        if _own_hooks(module._load_state_dict_pre_hooks):
             return "a load_state_dict pre-hook"
-        if module._load_state_dict_post_hooks:
+        if _own_hooks(module._load_state_dict_post_hooks):
             return "a load_state_dict post-hook"
     return why
+
+
+def _own_hooks(hooks: Mapping[int, Any]) -> bool:
+    """Hooks other than FSDP2's: ``fully_shard`` adds a post-hook that re-registers the
+    sharded parameters after ``load_state_dict``; surgery writes into those shards in place,
+    so the parameters stay registered and the hook has nothing to do."""
+    return any(
+        not str(getattr(getattr(h, "hook", h), "__module__", "")).startswith(
+            "torch.distributed.fsdp"
+        )
+        for h in hooks.values()
+    )
 
 
 _TYPE_WHY: weakref.WeakKeyDictionary[type, str | None] = weakref.WeakKeyDictionary()

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from . import _progress, _selfload, meta
+from . import distributed as _dist
 from ._table import first_n_lines, format_shape
 from .errors import LoadError, SurgeryError, UsageError
 from .plan import (
@@ -36,6 +37,7 @@ from .plan import (
 )
 from .report import LoadReport, Mismatch
 from .sources import CheckpointLike, CheckpointSource, open_source
+from .sources.dcp import DCPSource
 from .sources.memory import MemorySource
 
 __all__ = ["apply_plan"]
@@ -103,6 +105,14 @@ def apply_plan(
             raise UsageError(
                 f"the plan for {plan.source} has no checkpoint to read (it was made from an "
                 "in-memory dict or module and saved); pass ckpt= to apply"
+            )
+        if _dist.is_sharded(model):  # DTensor parameters: every rank applies the same plan
+            return apply_sharded_plan(
+                checked,
+                model,
+                state,
+                lambda: open_source(ckpt, entry=plan.entry, trust_pickle=plan.trust_pickle),
+                adapter,
             )
         source = open_source(ckpt, entry=plan.entry, trust_pickle=plan.trust_pickle)
         try:
@@ -264,6 +274,70 @@ def run(
     _write(model, plan, state, source, values, init_modules, progress, device)
     _selfload.commit(model, rehearsed, source)
     return report_of(plan, outcome, dry_run=False)
+
+
+def apply_sharded_plan(
+    plan: LoadPlan,
+    model: nn.Module,
+    state: dict[str, Tensor],
+    open_: Callable[[], CheckpointSource],
+    adapter: Adapter | None,
+    make: Callable[[CheckpointSource], LoadPlan] | None = None,
+) -> LoadReport:
+    """Apply a plan to a sharded model (DTensor parameters); collective, see
+    surgery/distributed.py. Every rank opens the source (``open_``), plans (``make``, or
+    takes ``plan`` as it is), verifies it and runs adapters on full tensors; one
+    :func:`~surgery.distributed.agree` then checks that every rank succeeded with the same
+    plan before any rank writes. Each rank then reads only its own shards."""
+    model_name = _dist.model_class_name(model)
+    wrapped = _dist.global_view(adapter) if adapter is not None else None
+
+    def prepare() -> tuple[CheckpointSource, LoadPlan, dict[str, Tensor], set[str]]:
+        _dist.check_materialised(state, model_name)
+        source = open_()
+        try:
+            checked = make(source) if make is not None else plan
+            _verify_source(checked, source)
+            values, declined = _run_adapters(checked, state, source, wrapped)
+            if checked.strict and declined:
+                raise LoadError(strict_failure(checked, state, declined))
+        except BaseException:
+            source.close()
+            raise
+        adapted: dict[str, Tensor] = {}
+        for e in checked.entries:
+            k = (id(state[str(e.model_key)]), str(e.ckpt_key)) if e.model_key else None
+            if e.action == "adapt" and k in values:
+                adapted[str(e.model_key)] = values[k]
+        return source, checked, adapted, declined
+
+    with gc_paused():
+        source, checked, adapted, declined = _dist.agree(
+            prepare,
+            fingerprint=lambda r: _dist.plan_fingerprint(r[1].entries, r[2]),
+            summary=lambda r: str(r[1].counts()),
+            abort=lambda r: r[0].close(),
+        )
+        try:
+            via = [e.key for e in checked.entries if e.via is not None and e.action in WRITES]
+            if via:
+                raise UsageError(
+                    f"{model_name} is sharded and has modules that load themselves "
+                    f"({', '.join(via[:5])}); surgery cannot load those into DTensors"
+                )
+            loads = [
+                (str(e.model_key), str(e.ckpt_key))
+                for e in checked.entries
+                if e.action in ("load", "cast") and not e.tied_to
+            ]
+            loads = list(dict.fromkeys(loads))
+            _dist.apply_sharded(source, state, loads, adapted)
+        finally:
+            source.close()
+    written = _written(checked, state, declined)
+    outcome = _outcome(state, written, [], declined, _by_modules(checked))
+    outcome.notes = _adapter_notes(adapter)
+    return report_of(checked, outcome, dry_run=False)
 
 
 def _check_memory(model: nn.Module, state: Mapping[str, Tensor]) -> None:
@@ -467,9 +541,22 @@ def _write(
         order = {f: i for i, f in enumerate(files)}
         todo.sort(key=lambda item: order[item[3]])
 
+    if isinstance(source, DCPSource):
+        # A DCP folder: one dcp.load for every tensor already in real memory (per-key loads
+        # would each re-plan and re-open the folder).
+        batch: dict[str, Tensor] = {}
+        for e, orig, ckey, _, _ in todo:
+            if e.action != "adapt" and not current(orig).is_meta and not current(orig).is_cuda:
+                batch.setdefault(ckey, current(orig))
+        batched = [t for t in todo if batch.get(t[2]) is current(t[1])]
+        todo = [t for t in todo if batch.get(t[2]) is not current(t[1])]
     staging = _Staging()
     with _progress.Bars(files, progress) as bars:
         try:
+            if isinstance(source, DCPSource):
+                source.read_many_into(batch)
+                for _, _, _, file, nbytes in batched:
+                    bars.update(file, nbytes)
             for e, orig, ckey, file, nbytes in todo:
                 target = current(orig)
                 fresh = target.is_meta

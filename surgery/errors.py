@@ -7,6 +7,7 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
+    "DistributedError",
     "KeyCollisionError",
     "LoadError",
     "OptimizerStateError",
@@ -48,6 +49,11 @@ class PrefixTieError(LoadError):
 class OptimizerStateError(LoadError):
     """``restore_optimizer`` refused: parameter names cannot be trusted, a shape change set to
     error, a bad adapter. The optimizer is left unchanged."""
+
+
+class DistributedError(LoadError):
+    """A load into a sharded model failed on some rank, or the ranks planned differently; raised
+    alike on every rank, before any of them wrote."""
 
 
 class UsageError(SurgeryError, ValueError):

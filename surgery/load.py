@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -18,11 +18,12 @@ from torch import nn
 from . import _progress
 from ._keymap import Remap
 from ._select import Selector
-from .apply import check_device, preview, run
+from .apply import apply_sharded_plan, check_device, preview, run
+from .distributed import agree, is_sharded, plan_fingerprint
 from .errors import UsageError
-from .plan import OnMismatch, check_args, gc_paused, make_plan
+from .plan import LoadPlan, OnMismatch, check_args, gc_paused, make_plan
 from .report import LoadReport
-from .sources import CheckpointLike, open_source
+from .sources import CheckpointLike, CheckpointSource, open_source
 
 __all__ = ["load_partial"]
 
@@ -65,6 +66,9 @@ def load_partial(
     adapter weights are left as they are (``report.adapter``). ``progress`` shows a tqdm bar
     of the bytes read (one per shard): ``None`` on a terminal when the load reads over about
     1 GB, ``True`` always, ``False`` never. To review or edit the plan first, use :func:`plan_load`.
+    A sharded model (``DTensor`` parameters from FSDP2 ``fully_shard`` or tensor parallelism)
+    is loaded shard by shard: call it on every rank with the same arguments; the ranks agree on
+    the plan before any writes (see README "Sharded models" and surgery/distributed.py).
 
     Example:
         >>> import torchvision, surgery
@@ -85,6 +89,19 @@ def load_partial(
     if not isinstance(dry_run, bool):
         raise UsageError(f"dry_run must be True or False, not {dry_run!r}")
     _progress.check(progress)
+    if is_sharded(model):  # DTensor parameters (FSDP2, tensor parallel): on every rank
+        if device is not None:
+            raise UsageError(
+                f"device={device!r} places a meta model's tensors; {type(model).__name__} is "
+                "sharded and its shards are placed already. Leave device= out."
+            )
+        return _load_sharded(
+            model,
+            ckpt,
+            dry_run=dry_run,
+            **dict(entry=entry, remap=remap, prefix=prefix, skip=skip),
+            **dict(on_mismatch=on_mismatch, strict=strict, trust_pickle=trust_pickle),
+        )
     with gc_paused():
         source = open_source(ckpt, entry=entry, trust_pickle=trust_pickle)
         try:
@@ -105,3 +122,38 @@ def load_partial(
             return run(plan, model, state, source, plan.adapter, progress, dev)
         finally:
             source.close()
+
+
+def _load_sharded(
+    model: nn.Module, ckpt: CheckpointLike, *, dry_run: bool, **options: Any
+) -> LoadReport:
+    """``load_partial`` on a sharded model: every rank plans from metadata (global shapes),
+    the ranks agree before any write, then each reads its own shards (surgery/distributed.py).
+    """
+    state = model.state_dict(keep_vars=True)
+    entry, trust_pickle = options["entry"], options["trust_pickle"]
+
+    def open_() -> CheckpointSource:
+        return open_source(ckpt, entry=entry, trust_pickle=trust_pickle)
+
+    def make(source: CheckpointSource) -> LoadPlan:
+        return make_plan(model, source, ckpt=ckpt, refuse_empty=not dry_run, state=state, **options)
+
+    with gc_paused():
+        if dry_run:  # plan on every rank and agree, so a dry run fails alike everywhere
+
+            def plan_only() -> LoadPlan:
+                source = open_()
+                try:
+                    return make(source)
+                finally:
+                    source.close()
+
+            plan = agree(
+                plan_only,
+                fingerprint=lambda p: plan_fingerprint(p.entries, {}),
+                summary=lambda p: str(p.counts()),
+            )
+            return preview(plan, model, state)
+    adapter = options["on_mismatch"] if callable(options["on_mismatch"]) else None
+    return apply_sharded_plan(None, model, state, open_, adapter, make)  # type: ignore[arg-type]

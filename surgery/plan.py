@@ -60,6 +60,7 @@ from ._keymap import Remap, apply_prefix, apply_remap, detect_prefix, prefix_hin
 from ._names import closest
 from ._select import Selector, match_keys
 from ._table import first_n, first_n_lines, format_shape, text_table
+from .distributed import model_class_name
 from .errors import KeyCollisionError, LoadError, UsageError
 from .report import Mismatch
 from .sources import CheckpointLike, CheckpointSource, open_source
@@ -700,7 +701,7 @@ def make_plan(
 
     ``state`` is ``model.state_dict(keep_vars=True)`` when the caller has it already.
     """
-    model_name = type(model).__name__
+    model_name = model_class_name(model)  # not FSDP's FSDP<Name> wrapper class
     if state is None:
         state = model.state_dict(keep_vars=True)
     specs = source.specs

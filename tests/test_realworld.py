@@ -344,14 +344,22 @@ def test_folder_with_files_of_different_names_asks_whatever_their_format(tmp_pat
     assert_same_state(model, snapshot(live))
 
 
-def test_dcp_folder_is_named_with_the_conversion(tmp_path):
-    """A torch.distributed.checkpoint folder (dcp.save on one process) is named as such."""
+def test_dcp_folder_loads(tmp_path):
+    """A torch.distributed.checkpoint folder (dcp.save on one process) loads like a file,
+    from the folder or its .metadata file; a wrong head is reported, the rest copied."""
     import torch.distributed.checkpoint as dcp
 
-    src = torch.nn.Linear(3, 2)
+    src = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2))
     dcp.save(src.state_dict(), checkpoint_id=str(tmp_path / "dcp"))
-    model = torch.nn.Linear(3, 2)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(surgery.CheckpointError, match=r"torch.distributed.checkpoint \(DCP\)"):
-        surgery.load_partial(model, tmp_path / "dcp")
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 4))
+    head = model[1].weight.detach().clone()
+    report = surgery.load_partial(model, tmp_path / "dcp")
+    assert report.loaded == ["0.weight", "0.bias"]
+    assert [m.key for m in report.mismatched] == ["1.weight", "1.bias"]
+    assert torch.equal(model[0].weight, src[0].weight) and torch.equal(model[1].weight, head)
+    same = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2))
+    surgery.load_partial(same, tmp_path / "dcp" / ".metadata", strict=True)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(same.state_dict().values(), src.state_dict().values(), strict=True)
+    )

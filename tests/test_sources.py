@@ -72,9 +72,10 @@ def test_checkpoint_module_keeps_its_names():
     assert surgery.read_checkpoint is new.read_checkpoint
 
 
-def test_source_protocol_has_four_public_members():
+def test_source_protocol_public_members():
+    """read, read_into, close, and read_region_into (a rank's shard of a sharded model)."""
     methods = {n for n, v in vars(CheckpointSource).items() if callable(v) and n[0] != "_"}
-    assert methods == {"read", "read_into", "close"}
+    assert methods == {"read", "read_into", "read_region_into", "close"}
     assert CheckpointSource("x").specs == {}
 
 

@@ -5,6 +5,7 @@
 - ``torchfile``: ``torch.save`` files, mmap loading and byte offsets.
 - ``safetensors``: ``.safetensors`` files, header parsed once.
 - ``sharded``: ``*.index.json`` and folders.
+- ``dcp``: ``torch.distributed.checkpoint`` folders, planned from ``.metadata``.
 - ``memory``: in-memory dicts and modules.
 - ``unwrap``: finding the state dict in a training checkpoint (pure functions).
 - ``pickle_safety``: ``torch.load`` with ``weights_only`` and classified failures.

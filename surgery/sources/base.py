@@ -33,9 +33,12 @@ class CheckpointSource:
     entries beside it); ``extras`` and ``metadata`` hold what a state dict keeps beside tensors
     (extra states, packed weights; torch's per-module versions).
 
+    ``read_region_into(key, offset, out)`` fills ``out`` with one block of the tensor (a
+    rank's shard of a sharded model).
+
     A subclass implements ``read``; one that can fill ``out`` without a temporary (bytes at a
-    known file offset) overrides the hook ``_read_into``. A source that wraps others delegates
-    to their public ``read``/``read_into``.
+    known file offset) overrides the hooks ``_read_into`` and ``_read_run_into``. A source that
+    wraps others delegates to their public ``read``/``read_into``/``read_region_into``.
 
     Example:
         >>> import torch
@@ -75,5 +78,57 @@ class CheckpointSource:
     def _read_into(self, key: str, out: Tensor) -> None:
         out.copy_(self.read(key))
 
+    def read_region_into(self, key: str, offset: tuple[int, ...], out: Tensor) -> None:
+        """Copy the block of tensor ``key`` that starts at ``offset`` and has ``out``'s shape.
+
+        Used for sharded models (surgery/distributed.py): a rank reads only its shard. A block
+        that is one contiguous run of the stored tensor (a range of rows, as ``Shard(0)``
+        owns) is read straight from the file where the source knows its byte offset (the
+        hook ``_read_run_into``); any other block is cut from ``read(key)``.
+        """
+        shape, _ = self.specs[key]
+        if out.numel() == 0:
+            return
+        if tuple(out.shape) == tuple(shape):
+            self.read_into(key, out)
+            return
+        start = contiguous_start(tuple(shape), tuple(offset), tuple(out.shape))
+        if start is not None and self._read_run_into(key, start, out):
+            return
+        box = tuple(slice(o, o + n) for o, n in zip(offset, out.shape, strict=True))
+        out.copy_(self.read(key)[box])
+
+    def _read_run_into(self, key: str, start: int, out: Tensor) -> bool:
+        """Fill ``out`` from the elements of ``key`` stored from element ``start`` on, when
+        the source can read them directly; ``False`` when it cannot."""
+        return False
+
     def close(self) -> None:
         """Release file handles and mappings (tensors already read stay valid)."""
+
+
+def contiguous_start(
+    shape: tuple[int, ...], offset: tuple[int, ...], size: tuple[int, ...]
+) -> int | None:
+    """Element index where block (``offset``, ``size``) of a row-major ``shape`` starts, when
+    the block is one contiguous run (dims after the first partial one are whole, dims before
+    it have extent 1); ``None`` otherwise.
+
+    Example:
+        >>> contiguous_start((4, 3), (2, 0), (2, 3))
+        6
+        >>> contiguous_start((4, 3), (0, 1), (4, 2)) is None
+        True
+    """
+    partial = [d for d in range(len(shape)) if size[d] != shape[d]]
+    if partial:
+        first = partial[0]
+        if any(size[d] != shape[d] for d in range(first + 1, len(shape))):
+            return None
+        if any(size[d] != 1 for d in range(first)):
+            return None
+    start, stride = 0, 1
+    for d in reversed(range(len(shape))):
+        start += offset[d] * stride
+        stride *= shape[d]
+    return start

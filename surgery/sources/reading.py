@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ..errors import CheckpointError, UsageError
 from ..hub import hub_file, is_hub_name
 from .base import CheckpointLike, CheckpointSource
+from .dcp import DCPSource, is_dcp_dir
 from .memory import from_mapping, from_module
 from .safetensors import SafetensorsSource, looks_like_safetensors
 from .sharded import ShardedSource, pick_in_folder
@@ -50,6 +51,11 @@ def open_source(
         src = hub_file(src)
     if isinstance(src, (str, os.PathLike)):
         path = Path(src).expanduser()
+        # A torch.distributed.checkpoint folder (or its .metadata file): see sources/dcp.py.
+        if path.name == ".metadata" and path.is_file():
+            path = path.parent
+        if is_dcp_dir(path):
+            return DCPSource(path, entry=entry)
         if path.is_dir():
             path = pick_in_folder(path)
         elif not path.exists():
@@ -72,7 +78,8 @@ def read_checkpoint(
     """Read a checkpoint into a flat ``{name: tensor}`` state dict.
 
     Accepts ``.pt/.pth/.bin/.ckpt/.tar`` (``torch.load(weights_only=True)``), ``.safetensors``,
-    a sharded ``*.index.json``, a folder holding one of these, a hub name
+    a sharded ``*.index.json``, a folder holding one of these, a ``torch.distributed.checkpoint``
+    (DCP) folder, a hub name
     (``hf-hub:org/name``, ``timm:NAME``, ``torchvision:WEIGHTS``; see :func:`surgery.hub_file`),
     a mapping or an ``nn.Module``.
     Training checkpoints are unwrapped (``state_dict``, ``model``, ``module``, ...); ``entry``

@@ -64,6 +64,11 @@ class SafetensorsSource(CheckpointSource):
         shape, dtype = self.specs[key]
         self._file.read_into(self._offsets[key], out, shape, dtype)
 
+    def _read_run_into(self, key: str, start: int, out: Tensor) -> bool:
+        dtype = self.specs[key][1]
+        self._file.read_into(self._offsets[key] + start * dtype.itemsize, out, out.shape, dtype)
+        return True
+
     def close(self) -> None:
         self._file.close()
 

@@ -78,6 +78,9 @@ class ShardedSource(CheckpointSource):
     def read_into(self, key: str, out: Tensor) -> None:
         self._owner[key].read_into(key, out)
 
+    def read_region_into(self, key: str, offset: tuple[int, ...], out: Tensor) -> None:
+        self._owner[key].read_region_into(key, offset, out)
+
     def close(self) -> None:
         for src in self._shards.values():
             src.close()
@@ -197,13 +200,6 @@ def pick_in_folder(folder: Path) -> Path:
     is meant cannot be guessed.
     """
     files = sorted(p for p in folder.iterdir() if p.is_file())
-    if (folder / ".metadata").is_file() and any(p.suffix == ".distcp" for p in files):
-        raise CheckpointError(
-            f"'{folder}' is a torch.distributed.checkpoint (DCP) folder (a '.metadata' file and "
-            "'*.distcp' shards), which surgery does not read yet. Convert it once to a torch "
-            "file: torch.distributed.checkpoint.format_utils.dcp_to_torch_save("
-            f"'{folder}', 'model.pth'), then pass 'model.pth'."
-        )
     state = [p for p in files if _TRAINING_STATE.match(p.name)]
     files = [p for p in files if p not in state]
     shards = _indexed_shards(files)

@@ -90,6 +90,14 @@ class TorchFileSource(MemorySource):
             shape, dtype = self.specs[key]
             self._file.read_into(offset, out, shape, dtype)
 
+    def _read_run_into(self, key: str, start: int, out: Tensor) -> bool:
+        offset = self._offsets.get(key)
+        if offset is None:
+            return False
+        dtype = self.specs[key][1]
+        self._file.read_into(offset + start * dtype.itemsize, out, out.shape, dtype)
+        return True
+
     def close(self) -> None:
         self._file.close()
 

@@ -1,0 +1,192 @@
+"""A ``torch.distributed.checkpoint`` (DCP) directory as a checkpoint source.
+
+The plan comes from the directory's ``.metadata`` file alone (names, global shapes, dtypes; no
+tensor data). ``read`` loads one full tensor in this process with ``dcp.load(no_dist=True)``;
+sharded models do not go through it: surgery/distributed.py hands the model's own DTensors
+to one collective ``dcp.load``, so each rank reads only its shards.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..errors import CheckpointError
+from .base import CheckpointSource
+
+__all__ = ["DCPSource", "is_dcp_dir"]
+
+# Top-level entries of a DCP training checkpoint that never hold the model's weights; when every
+# entry beside one model-like entry (``model``, ``state_dict``, ...) is one of these, the loader
+# unwraps that entry as it unwraps ``{'model': sd, 'optimizer': ...}`` in a torch file.
+_TRAINING_STATE = frozenset(
+    {
+        "optim",
+        "optimizer",
+        "optimizers",
+        "optimizer_state",
+        "lr_scheduler",
+        "scheduler",
+        "schedulers",
+        "dataloader",
+        "data_loader",
+        "train_state",
+        "trainer",
+        "epoch",
+        "step",
+        "rng",
+        "rng_state",
+        "extra_state",
+    }
+)
+_MODEL_ENTRIES = ("model", "state_dict", "model_state_dict", "module", "app", "net", "network")
+
+
+def is_dcp_dir(path: Path) -> bool:
+    """True for a folder written by ``torch.distributed.checkpoint.save`` (it has ``.metadata``)."""
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
+class DCPSource(CheckpointSource):
+    """A DCP checkpoint folder: specs from ``FileSystemReader(path).read_metadata()``.
+
+    Tensor entries (``TensorStorageMetadata``) become specs with their global shape and dtype;
+    non-tensor entries (pickled objects such as ``optimizer.param_groups``) are left out with a
+    note. ``entry`` picks the entry holding the model (``entry="model"`` keeps ``model.*`` and
+    strips the prefix); without it a lone model-like entry beside training state is picked
+    automatically.
+
+    Example:
+        >>> src = DCPSource(Path("runs/step-1000"))  # doctest: +SKIP
+        >>> src.specs["model.fc.weight"]  # doctest: +SKIP
+        (torch.Size([10, 512]), torch.float32)
+    """
+
+    def __init__(self, path: Path, *, entry: str | None = None) -> None:
+        super().__init__(str(path))
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.path = path
+        try:
+            metadata = FileSystemReader(str(path)).read_metadata()
+        except Exception as e:  # unpickling a corrupt .metadata raises anything
+            raise CheckpointError(
+                f"cannot read the DCP checkpoint '{path}': its .metadata file is unreadable "
+                f"({type(e).__name__}: {e}). Save it again with torch.distributed.checkpoint."
+            ) from None
+        tensors: dict[str, tuple[torch.Size, torch.dtype]] = {}
+        others: list[str] = []
+        for name, md in metadata.state_dict_metadata.items():
+            if isinstance(md, TensorStorageMetadata):
+                tensors[name] = (torch.Size(md.size), md.properties.dtype)
+            else:
+                others.append(name)
+        # Full checkpoint name of each spec key (they differ once a container is unwrapped).
+        self._names: dict[str, str] = {}
+        container = entry if entry is not None else _auto_container(tensors)
+        if container is None:
+            self.specs = tensors
+            self._names = {k: k for k in tensors}
+        else:
+            lead = container + "."
+            self.specs = {k[len(lead) :]: v for k, v in tensors.items() if k.startswith(lead)}
+            self._names = {k[len(lead) :]: k for k in tensors if k.startswith(lead)}
+            if not self.specs:
+                tops = sorted({k.split(".", 1)[0] for k in tensors})
+                raise CheckpointError(
+                    f"DCP checkpoint '{path}' has no tensors under {container!r}; its top-level "
+                    f"entries are: {', '.join(tops)}. Pass entry= with one of them."
+                )
+            self.container = [container]
+            self.other_entries = sorted(
+                {k.split(".", 1)[0] for k in [*tensors, *others] if not k.startswith(lead)}
+            )
+            others = [k for k in others if k.startswith(lead)]
+        if others:
+            shown = ", ".join(others[:5]) + (
+                f" and {len(others) - 5} more" if len(others) > 5 else ""
+            )
+            self.notes.append(
+                f"{path.name}: {len(others)} non-tensor DCP entries left out ({shown})"
+            )
+
+    def checkpoint_name(self, key: str) -> str:
+        """The name ``key`` has inside the DCP checkpoint (with its container prefix)."""
+        return self._names[key]
+
+    def read(self, key: str) -> Tensor:
+        shape, dtype = self.specs[key]
+        out = torch.empty(shape, dtype=dtype)
+        self.read_into(key, out)
+        return out
+
+    def _read_into(self, key: str, out: Tensor) -> None:
+        """Load tensor ``key`` into ``out`` in this process only (no collective)."""
+        self.load_many({key: out}, no_dist=True)
+
+    def read_many_into(self, targets: dict[str, Tensor]) -> None:
+        """``read_into`` for many keys with one ``dcp.load``, in this process only."""
+        if targets:
+            self.load_many(targets, no_dist=True)
+
+    def load_many(self, targets: dict[str, Tensor], *, no_dist: bool) -> None:
+        """``dcp.load`` of ``{spec key: destination}`` in one pass; DTensor destinations get
+        only this rank's shards. With ``no_dist=False`` it is a collective: call it on every
+        rank with the same keys. DCP's ``CheckpointException`` becomes a ``CheckpointError``."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        sd = {self._names[k]: t for k, t in targets.items()}
+        try:
+            with warnings.catch_warnings():
+                # dcp.load warns that it "assumes a single process" whenever no_dist is set.
+                warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+                dcp.load(
+                    sd,
+                    storage_reader=FileSystemReader(str(self.path)),
+                    planner=DefaultLoadPlanner(),
+                    no_dist=no_dist,
+                )
+        except CheckpointException as e:  # a BaseException: never let it escape
+            raise CheckpointError(_describe_failure(self.description, list(sd), e)) from None
+        except Exception as e:
+            raise CheckpointError(
+                f"reading {_some(list(sd))} from the DCP checkpoint '{self.description}' failed "
+                f"({type(e).__name__}: {e}); the folder is incomplete or corrupt. Nothing "
+                "more was read."
+            ) from None
+
+
+def _auto_container(tensors: dict[str, tuple[torch.Size, torch.dtype]]) -> str | None:
+    tops = {k.split(".", 1)[0] for k in tensors if "." in k}
+    if len(tops) < 2 or any("." not in k for k in tensors):
+        return None
+    model = [t for t in _MODEL_ENTRIES if t in tops]
+    if len(model) == 1 and tops - {model[0]} <= _TRAINING_STATE:
+        return model[0]
+    return None
+
+
+def _some(keys: list[str], n: int = 5) -> str:
+    shown = ", ".join(f"'{k}'" for k in keys[:n])
+    return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def _describe_failure(description: str, keys: list[str], e: BaseException) -> str:
+    failures = getattr(e, "failures", {}) or {}
+    per_rank = []
+    for rank, pair in sorted(failures.items()):
+        exc = pair[0] if isinstance(pair, tuple) else pair
+        per_rank.append(f"    rank {rank}: {type(exc).__name__}: {str(exc).strip()[:300]}")
+    return (
+        f"torch.distributed.checkpoint failed loading {len(keys)} tensors ({_some(keys)}) from "
+        f"'{description}':\n"
+        + ("\n".join(per_rank) or f"    {e}")
+        + "\nThe folder is incomplete or corrupt, or was written for other shapes; check it "
+        "with `surgery inspect`."
+    )
