@@ -14,6 +14,7 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,7 +25,7 @@ from .memory import MemorySource
 from .pickle_safety import is_torchscript, torch_load
 from .unwrap import unwrap
 
-__all__ = ["SUFFIXES", "TorchFileSource"]
+__all__ = ["SUFFIXES", "TorchFileSource", "load_object"]
 
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl")
 
@@ -100,6 +101,22 @@ class TorchFileSource(MemorySource):
 
     def close(self) -> None:
         self._file.close()
+
+
+def load_object(path: Path, *, trust_pickle: bool = False, mmap: bool = True) -> Any:
+    """The whole object a ``torch.save`` file holds (a training checkpoint, an optimizer or
+    scheduler state), read with every check :class:`TorchFileSource` makes: the format, the
+    zip structure, weights-only unpickling unless ``trust_pickle``.
+
+    Example:
+        >>> obj = load_object(Path("checkpoint-500/optimizer.pt"))  # doctest: +SKIP
+        >>> sorted(obj)  # doctest: +SKIP
+        ['param_groups', 'state']
+    """
+    is_zip = _check_format(path, trust_pickle)
+    if is_zip:
+        _zip_facts(path)
+    return torch_load(path, trust_pickle=trust_pickle, mmap=mmap and is_zip)
 
 
 def _check_format(path: Path, trust_pickle: bool = False) -> bool:
