@@ -512,6 +512,8 @@ def _version() -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="surgery",
+        # Raw: `--version` prints its path on one line, however narrow the terminal.
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Look inside checkpoints, dry-run loading them, match models by structure.",
     )
     p.add_argument("--version", action="version", version=_version())
