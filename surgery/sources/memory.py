@@ -32,19 +32,22 @@ class MemorySource(CheckpointSource):
         other_entries: Sequence[str] = (),
     ) -> None:
         super().__init__(description)
+        for k, v in state.items():
+            if not isinstance(k, str):
+                what = "a tensor" if isinstance(v, Tensor) else f"a {type(v).__name__}"
+                raise CheckpointError(
+                    f"{description} has {what} under the key {k!r}, a {type(k).__name__}: "
+                    "state dict keys are strings. The file is not a state dict; convert it "
+                    "with {str(k): v for k, v in sd.items()} if you trust it."
+                )
         tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
         if len(tensors) < len(state):
+            # Non-tensor values: a module's own state (handed to it) or unexpected keys.
             self.extras = {k: v for k, v in state.items() if not isinstance(v, Tensor)}
         metadata = getattr(state, "_metadata", None)
         self.metadata = dict(metadata) if isinstance(metadata, Mapping) else None
         self._tensors = tensors
         for k, t in tensors.items():
-            if not isinstance(k, str):
-                raise CheckpointError(
-                    f"{description} has a tensor under the key {k!r}, a {type(k).__name__}: "
-                    "state dict keys are strings. The file is not a state dict; convert it "
-                    "with {str(k): v for k, v in sd.items()} if you trust it."
-                )
             shape, why = _spec(t)
             self.specs[k] = (shape, t.dtype)
             if why:
