@@ -715,15 +715,26 @@ def make_plan(
     notes.extend(remap_notes)
     rewrite = None
     view = _peft.peft_view(model, state)
+
+    def ckpt_shape(ckey: str) -> tuple[int, ...] | None:
+        spec = specs.get(ckey)
+        return None if spec is None else tuple(spec[0])
+
     if view is not None:  # base weights into a PEFT-wrapped model: map through its names
         new_to_old, rewrite, through = _peft.map_keys(
-            view, new_to_old, set(state), prefix == "auto"
+            view, new_to_old, state, prefix == "auto", ckpt_shape
         )
         if through:
             notes.append(_peft.note(view, len({c for k, c in new_to_old.items() if k in state})))
         notes.extend(_peft.meta_note(view, state))
     elif prefix == "auto":
-        rewrite = detect_prefix(new_to_old, set(state))
+        mapping = new_to_old
+
+        def fits(new: str, mkey: str) -> bool:
+            t = state[mkey]
+            return isinstance(t, Tensor) and ckpt_shape(mapping[new]) == tuple(t.shape)
+
+        rewrite = detect_prefix(new_to_old, set(state), fits)
         if rewrite is not None:
             new_to_old = apply_prefix(new_to_old, rewrite)
     units = _selfload.Index(_selfload.find_units(model))

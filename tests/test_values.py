@@ -12,9 +12,12 @@ import collections
 import pytest
 import torch
 from conftest import SmallCNN, assert_same_state, snapshot
+from safetensors.torch import save_file
+from torch import nn
 
 import surgery
 from surgery import LoadError
+from surgery._keymap import detect_prefix
 
 # --------------------------------------------------------------------------- non-tensor values
 
@@ -75,3 +78,58 @@ def test_training_statistics_beside_the_weights_are_not_a_second_model():
     report = surgery.load_partial(model, ckpt)
     assert report.source == "<dict>['student']" and report.ok
     assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
+
+
+# --------------------------------------------------------------------------- prefixes and PEFT
+
+
+class TwoLayer(nn.Module):
+    """fc1 and head of different shapes: a LoRA on fc1 makes their wrapped names differ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc1(x)))
+
+
+def test_prefix_readings_count_only_pairs_whose_shapes_agree():
+    ckpt = {"fc1.weight": (16, 8), "fc1.bias": (16,)}
+    model = {"m.fc1.weight": (16, 8), "m.fc1.bias": (16,), "m.head.weight": (3, 16)}
+    model["m.head.bias"] = (3,)
+    # By names alone, "add m." and "fc1. -> m.head." pair two keys each: a tie.
+    with pytest.raises(surgery.PrefixTieError):
+        detect_prefix(ckpt, set(model))
+    assert detect_prefix(ckpt, set(model), lambda c, m: ckpt[c] == model[m]) == ("", "m.")
+
+
+@pytest.mark.parametrize("form", ["dict", "safetensors", "pth"])
+def test_base_checkpoint_into_a_peft_model_with_one_lora_layer(tmp_path, form):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    sd = TwoLayer().state_dict()
+    ckpt: object = sd
+    if form == "safetensors":
+        ckpt = tmp_path / "base.safetensors"
+        save_file(sd, ckpt)
+    elif form == "pth":
+        ckpt = tmp_path / "base.pth"
+        torch.save(sd, ckpt)
+    torch.manual_seed(1)
+    wrapped = peft.get_peft_model(TwoLayer(), peft.LoraConfig(target_modules=["fc1"], r=2))
+    lora = {k: v.clone() for k, v in wrapped.state_dict().items() if "lora_" in k}
+    report = surgery.load_partial(wrapped, ckpt, strict=True)
+    assert report.ok and sorted(report.adapter) == sorted(lora)
+    # Oracle: plain torch into the unwrapped base model; the wrapper with its adapters
+    # disabled computes the same function, and the LoRA weights are left as they were.
+    oracle = TwoLayer()
+    oracle.load_state_dict(sd)
+    x = torch.randn(5, 8)
+    with wrapped.disable_adapter():
+        assert torch.equal(wrapped(x), oracle(x))
+    state = wrapped.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in lora.items())
+    assert torch.equal(state["base_model.model.fc1.base_layer.weight"], sd["fc1.weight"])
+    assert torch.equal(state["base_model.model.head.weight"], sd["head.weight"])
