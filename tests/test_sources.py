@@ -73,9 +73,10 @@ def test_checkpoint_module_keeps_its_names():
 
 
 def test_source_protocol_public_members():
-    """read, read_into, close, and read_region_into (a rank's shard of a sharded model)."""
+    """read, read_into, close, read_region_into (a rank's shard of a sharded model), and
+    shares (two keys that are one tensor of the checkpoint)."""
     methods = {n for n, v in vars(CheckpointSource).items() if callable(v) and n[0] != "_"}
-    assert methods == {"read", "read_into", "read_region_into", "close"}
+    assert methods == {"read", "read_into", "read_region_into", "close", "shares"}
     assert CheckpointSource("x").specs == {}
 
 

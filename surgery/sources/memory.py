@@ -58,6 +58,24 @@ class MemorySource(CheckpointSource):
     def read(self, key: str) -> Tensor:
         return self._tensors[key]
 
+    def shares(self, a: str, b: str) -> bool:
+        x, y = self._tensors.get(a), self._tensors.get(b)
+        if x is None or y is None:
+            return False
+        if x is y:
+            return True
+        if (x.shape, x.dtype, x.layout, x.device) != (y.shape, y.dtype, y.layout, y.device):
+            return False
+        if x.layout != torch.strided or x.is_meta or x.is_quantized or x.is_nested:
+            return False
+        if x.numel() == 0:
+            return True
+        return (
+            x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr() != 0
+            and x.storage_offset() == y.storage_offset()
+            and x.stride() == y.stride()
+        )
+
 
 def _spec(t: Tensor) -> tuple[torch.Size, str]:
     """A tensor's shape, and why it cannot be copied into a dense tensor ('' when it can)."""
