@@ -218,8 +218,14 @@ class LoadReport(_StatusTable):
         from ._keymap import describe_prefix
 
         rows: list[tuple[str, str, str]] = []
+        aliases: dict[str, list[str]] = {}  # a tied tensor's other keys, named in its row
+        for k, carrier in self.tied.items():
+            aliases.setdefault(carrier, []).append(k)
 
         def add(status: str, items: list[tuple[str, str]]) -> None:
+            items = [
+                (k, f"{d} (tied: {', '.join(aliases[k])})" if k in aliases else d) for k, d in items
+            ]
             rows.extend(status_rows(status, items, limit))
 
         if self.prefix:

@@ -372,7 +372,21 @@ def test_a_tied_tensor_is_one_tensor_in_every_count(name):
         assert report.missing_keys == ["embed_tokens.weight", "lm_head.weight"]  # as torch
         assert report.not_loaded() == ["embed_tokens.weight"]
         report.assert_loaded(allow_missing="lm_head.weight")  # an alias allows its tensor
+        assert "not in checkpoint (tied: lm_head.weight)" in str(report)
     if name == "adapted":
         assert torch.equal(model.lm_head.weight, sd["lm_head.weight"][:12])
     loaded_ids = {id(model.state_dict(keep_vars=True)[k]) for k in report.loaded}
     assert len(loaded_ids) == report.tensors_loaded + report.buffers_loaded
+
+
+def test_the_only_dict_of_tensors_is_found_whatever_else_it_holds():
+    """An EMA copy with as many plain values as tensors, alone in its file, is the weights."""
+    src = nn.Linear(3, 2)
+    ckpt = {"model_ema": {**src.state_dict(), "version": 2, "decay": 0.999}, "epoch": 3}
+    model = nn.Linear(3, 2)
+    report = surgery.load_partial(model, ckpt)
+    assert report.source == "<dict>['model_ema']"
+    assert sorted(report.unexpected) == ["decay", "version"]
+    oracle = nn.Linear(3, 2)
+    oracle.load_state_dict(ckpt["model_ema"], strict=False)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in oracle.state_dict().items())

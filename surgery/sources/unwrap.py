@@ -147,6 +147,8 @@ def find_state_dict(obj: Any, where: str, *, explicit: bool) -> tuple[Mapping, l
                 f"entry={named[0]!r}"
             )
         return first
+    if not candidates:  # no clear state dict: the one dict of tensors beside plain values
+        candidates = {str(k): (v, [str(k)]) for k, v in obj.items() if _is_flat(v)}
     if len(candidates) == 1:
         return next(iter(candidates.values()))
     if len(candidates) > 1:
