@@ -8,7 +8,8 @@ extra tensor, a non-tensor ``"version"``, a DDP ``module.`` prefix. The copies s
 training container in random key order (``model``, ``model_ema``, ``teacher``, ...; beside
 ``epoch`` and optimizer state, one level of nesting ``{"model": {"module": sd}}``), and are
 written in one of the forms surgery reads: in memory, torch zip and legacy, pickle protocol 2
-and 4, safetensors, a sharded index (``huggingface_hub.save_torch_state_dict``), a DCP folder.
+and 4, safetensors, a sharded index (``huggingface_hub.save_torch_state_dict``, safetensors
+and ``.bin`` shards), a DCP folder.
 
 For the default entry and every entry a user could name, the values ``load_partial`` puts in
 the model must equal the oracle's: plain ``torch.load(weights_only=False)`` (for safetensors
@@ -312,13 +313,18 @@ def write(case: Case, obj: Any, folder: Path) -> Any:
         path = folder / "model.safetensors"
         safetensors.torch.save_file(flat_tensors(obj), path)
         return path
-    if fmt == "sharded":
+    if fmt in ("sharded", "sharded-bin"):
         from huggingface_hub import save_torch_state_dict
 
         (folder / "sharded").mkdir()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            save_torch_state_dict(flat_tensors(obj), folder / "sharded", max_shard_size=60)
+            save_torch_state_dict(
+                flat_tensors(obj),
+                folder / "sharded",
+                max_shard_size=60,
+                safe_serialization=fmt == "sharded",
+            )
         return folder / "sharded"
     if fmt == "dcp":
         import torch.distributed.checkpoint as dcp
@@ -341,6 +347,11 @@ def read_back(case: Case, ckpt: Any, folder: Path) -> Any:
         out: dict[str, torch.Tensor] = {}
         for f in sorted(Path(ckpt).glob("*.safetensors")):
             out.update(safetensors.torch.load_file(f))
+        return out
+    if fmt == "sharded-bin":
+        out = {}
+        for f in sorted(Path(ckpt).glob("*.bin")):
+            out.update(torch.load(f, weights_only=False))
         return out
     if fmt == "dcp":
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -505,6 +516,7 @@ FORMS = [
     ("proto4", "many"),
     ("safetensors", "flat"),
     ("sharded", "flat"),
+    ("sharded-bin", "flat"),
     ("dcp", "many"),
 ]
 
