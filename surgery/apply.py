@@ -402,8 +402,10 @@ def _verify_source(plan: LoadPlan, source: CheckpointSource) -> None:
         if e.action not in WRITES or (e.via is not None and e.ckpt_key is None):
             continue
         carrier = carriers.get(e.tied_to) if e.tied_to else None
-        if carrier is not None and carrier.ckpt_key != e.ckpt_key:
-            if not source.shares(str(carrier.ckpt_key), str(e.ckpt_key)):
+        if carrier is not None and carrier.ckpt_key != e.ckpt_key:  # a tied checkpoint
+            if e.ckpt_key not in specs:
+                bad.append(f"'{e.ckpt_key}': not in the checkpoint")
+            elif not source.shares(str(carrier.ckpt_key), str(e.ckpt_key)):
                 bad.append(
                     f"'{e.ckpt_key}': planned as the same tensor as '{carrier.ckpt_key}' (tied), "
                     "the checkpoint holds two different tensors"

@@ -390,3 +390,23 @@ def test_the_only_dict_of_tensors_is_found_whatever_else_it_holds():
     oracle = nn.Linear(3, 2)
     oracle.load_state_dict(ckpt["model_ema"], strict=False)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in oracle.state_dict().items())
+
+
+def test_a_shard_holding_both_names_of_a_tie_loads(tmp_path):
+    """A sharded .bin checkpoint whose shard keeps a tied pair as one storage (torch.save)."""
+    src = TiedHead()
+    sd = src.state_dict()
+    tied = {k: sd[k] for k in ("embed_tokens.weight", "lm_head.weight")}
+    norm = {k: v for k, v in sd.items() if k.startswith("norm.")}
+    torch.save(tied, tmp_path / "pytorch_model-00001-of-00002.bin")
+    torch.save(norm, tmp_path / "pytorch_model-00002-of-00002.bin")
+    weight_map = {k: "pytorch_model-00001-of-00002.bin" for k in tied}
+    weight_map.update({k: "pytorch_model-00002-of-00002.bin" for k in norm})
+    index = {"metadata": {}, "weight_map": weight_map}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    model = _plain(True, 1)
+    report = surgery.load_partial(model, tmp_path)
+    assert report.ok and report.tied == {"lm_head.weight": "embed_tokens.weight"}
+    oracle = _plain(True, 1)
+    oracle.load_state_dict(sd)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in oracle.state_dict().items())
