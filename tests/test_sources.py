@@ -73,9 +73,10 @@ def test_checkpoint_module_keeps_its_names():
 
 
 def test_source_protocol_public_members():
-    """read, read_into, close, and read_region_into (a rank's shard of a sharded model)."""
+    """read, read_into, close, read_region_into (a rank's shard of a sharded model), and
+    check_reads (every file a load will read is there in full, before the first write)."""
     methods = {n for n, v in vars(CheckpointSource).items() if callable(v) and n[0] != "_"}
-    assert methods == {"read", "read_into", "read_region_into", "close"}
+    assert methods == {"read", "read_into", "read_region_into", "close", "check_reads"}
     assert CheckpointSource("x").specs == {}
 
 
