@@ -234,91 +234,105 @@ def _blob_layout(f: BinaryIO, path: Path, c: Chunk) -> Blob:
     For the lead: this is where surgery's own torch-zip reader (restricted unpickler, branch
     ``unpickle``) can take over; the checks of records and sizes stay as they are.
     """
-    span = f"bytes {c.start}-{c.start + c.length} ('{c.name}')"
-    where = f"'{c.file}' {span}"
-
-    def bad(what: str) -> CheckpointError:
-        return CheckpointError(f"{where}: {what}; the chunk is corrupt or not DCP data")
-
-    def read(at: int, n: int) -> bytes:
-        if at < 0 or at + n > c.length:
-            raise bad(f"a zip structure points past the chunk (byte {at})")
-        f.seek(c.start + at)
-        data = f.read(n)
-        if len(data) != n:
-            raise bad("the file ended early")
-        return data
-
-    try:
-        records, directory = _directory(read, c.length)
-    except (struct.error, UnicodeDecodeError, ValueError) as e:
-        raise bad(f"its zip directory is broken ({e})") from None
-    pickles = [n for n in records if n == "data.pkl" or n.endswith("/data.pkl")]
-    if len(pickles) != 1:
-        raise bad(f"it holds {len(pickles)} pickle records, not one torch.save record")
-    prefix = pickles[0][: -len("data.pkl")]
-    for name, (method, flags, csize, usize, header) in records.items():
-        if method != 0 or flags & 1 or csize != usize:
-            raise bad(
-                f"record '{name}' is compressed or encrypted; dcp.save stores records as they are"
-            )
-        if header + _LOCAL.size + len(name.encode()) + usize > directory:
-            raise bad(f"record '{name}' claims {usize} bytes, more than the chunk holds")
-
-    def record(name: str, limit: int) -> tuple[int, int]:
-        """(offset in the chunk, size) of record ``name``'s data, checked against its header."""
-        _, _, _, size, header = records[name]
-        if size > limit:
-            raise bad(f"record '{name}' holds {size} bytes, more than {limit}")
-        sig, *_, name_len, extra_len = _LOCAL.unpack(read(header, _LOCAL.size))
-        if sig != b"PK\x03\x04" or read(header + _LOCAL.size, name_len) != name.encode():
-            raise bad(f"record '{name}' has no local header where the directory says")
-        start = header + _LOCAL.size + name_len + extra_len
-        if start + size > directory:
-            raise bad(f"record '{name}' runs past the chunk's zip directory")
-        return start, size
-
-    if prefix + "byteorder" in records:
-        at, n = record(prefix + "byteorder", 16)
-        order = read(at, n).decode("ascii", "replace")
-        if order != sys.byteorder:
-            raise bad(
-                f"it was saved {order}-endian; surgery reads DCP chunks of this machine's "
-                f"byte order ({sys.byteorder}) only"
-            )
-    at, n = record(pickles[0], _MAX_PICKLE)
-    data = read(at, n)
-    try:
-        rebuilt = restricted_loads(
-            data, where=where, allowed=_TENSOR_GLOBALS, persistent_load=_storage, what="DCP chunk"
-        ).value
-    except UnsafeCheckpointError:
-        raise unsafe_dcp(f"'{path}' {span}", global_names(data)) from None
-    if not isinstance(rebuilt, _Rebuilt):
-        raise bad(f"its pickle holds a {type(rebuilt).__name__}, not one tensor")
-    storage_name = f"{prefix}data/{rebuilt.storage.key}"
-    if storage_name not in records:
-        raise bad(f"its pickle names storage '{rebuilt.storage.key}', which it does not hold")
+    z = _ChunkZip(f, c)
+    rebuilt = z.tensor(path)
     if rebuilt.dtype != c.dtype or rebuilt.size != c.sizes:
-        raise bad(
+        raise z.bad(
             f"it holds a {list(rebuilt.size)} {rebuilt.dtype} tensor, the metadata plans "
             f"{list(c.sizes)} {c.dtype}"
         )
-    nbytes = rebuilt.storage.nbytes
+    storage = f"{z.prefix}data/{rebuilt.storage.key}"
+    if storage not in z.records:
+        raise z.bad(f"its pickle names storage '{rebuilt.storage.key}', which it does not hold")
     expect = _numel(c.sizes) * c.dtype.itemsize
-    at, n = record(storage_name, expect)
-    if n != expect or nbytes != expect:
-        raise bad(f"its storage holds {n} bytes, the metadata plans {expect}")
-    if (
-        _numel(rebuilt.size)
-        and rebuilt.storage_offset
-        + sum((s - 1) * st for s, st in zip(rebuilt.size, rebuilt.stride, strict=True))
-        >= expect // c.dtype.itemsize
-    ):
-        raise bad("its tensor reaches past its storage")
+    at, n = z.record(storage, expect)
+    if n != expect or rebuilt.storage.nbytes != expect:
+        raise z.bad(f"its storage holds {n} bytes, the metadata plans {expect}")
+    last = rebuilt.storage_offset + sum(
+        (s - 1) * st for s, st in zip(rebuilt.size, rebuilt.stride, strict=True)
+    )
+    if _numel(rebuilt.size) and last >= expect // c.dtype.itemsize:
+        raise z.bad("its tensor reaches past its storage")
     return Blob(
         path, c.start + at, n, c.dtype, rebuilt.size, rebuilt.stride, rebuilt.storage_offset
     )
+
+
+class _ChunkZip:
+    """One chunk's torch zip inside its data file, read by small reads bounded by the chunk;
+    its directory checked on opening (every record stored, inside the chunk)."""
+
+    def __init__(self, f: BinaryIO, c: Chunk) -> None:
+        self.f, self.c = f, c
+        self.span = f"bytes {c.start}-{c.start + c.length} ('{c.name}')"
+        try:
+            self.records, self.directory = _directory(self.read, c.length)
+        except (struct.error, UnicodeDecodeError, ValueError) as e:
+            raise self.bad(f"its zip directory is broken ({e})") from None
+        pickles = [n for n in self.records if n == "data.pkl" or n.endswith("/data.pkl")]
+        if len(pickles) != 1:
+            raise self.bad(f"it holds {len(pickles)} pickle records, not one torch.save record")
+        self.prefix = pickles[0][: -len("data.pkl")]
+        for name, (method, flags, csize, usize, header) in self.records.items():
+            if method != 0 or flags & 1 or csize != usize:
+                raise self.bad(
+                    f"record '{name}' is compressed or encrypted; dcp.save stores records as "
+                    "they are"
+                )
+            if header + _LOCAL.size + len(name.encode()) + usize > self.directory:
+                raise self.bad(f"record '{name}' claims {usize} bytes, more than the chunk holds")
+
+    def bad(self, what: str) -> CheckpointError:
+        return CheckpointError(
+            f"'{self.c.file}' {self.span}: {what}; the chunk is corrupt or not DCP data"
+        )
+
+    def read(self, at: int, n: int) -> bytes:
+        if at < 0 or at + n > self.c.length:
+            raise self.bad(f"a zip structure points past the chunk (byte {at})")
+        self.f.seek(self.c.start + at)
+        data = self.f.read(n)
+        if len(data) != n:
+            raise self.bad("the file ended early")
+        return data
+
+    def record(self, name: str, limit: int) -> tuple[int, int]:
+        """(offset in the chunk, size) of record ``name``'s data, checked against its header."""
+        _, _, _, size, header = self.records[name]
+        if size > limit:
+            raise self.bad(f"record '{name}' holds {size} bytes, more than {limit}")
+        sig, *_, name_len, extra_len = _LOCAL.unpack(self.read(header, _LOCAL.size))
+        if sig != b"PK\x03\x04" or self.read(header + _LOCAL.size, name_len) != name.encode():
+            raise self.bad(f"record '{name}' has no local header where the directory says")
+        start = header + _LOCAL.size + name_len + extra_len
+        if start + size > self.directory:
+            raise self.bad(f"record '{name}' runs past the chunk's zip directory")
+        return start, size
+
+    def tensor(self, path: Path) -> _Rebuilt:
+        """What the chunk's pickle says: one tensor over one storage (nothing is built)."""
+        if self.prefix + "byteorder" in self.records:
+            order = self.read(*self.record(self.prefix + "byteorder", 16))
+            if order.decode("ascii", "replace") != sys.byteorder:
+                raise self.bad(
+                    f"it was saved {order.decode('ascii', 'replace')}-endian; surgery reads DCP "
+                    f"chunks of this machine's byte order ({sys.byteorder}) only"
+                )
+        data = self.read(*self.record(self.prefix + "data.pkl", _MAX_PICKLE))
+        try:
+            rebuilt = restricted_loads(
+                data,
+                where=f"{self.c.file} {self.span}",
+                allowed=_TENSOR_GLOBALS,
+                persistent_load=_storage,
+                what="the DCP chunk",
+            ).value
+        except UnsafeCheckpointError:
+            refused = [n for n in global_names(data) if n not in _TENSOR_GLOBALS]
+            raise unsafe_dcp(f"'{path}' {self.span}", refused) from None
+        if not isinstance(rebuilt, _Rebuilt):
+            raise self.bad(f"its pickle holds a {type(rebuilt).__name__}, not one tensor")
+        return rebuilt
 
 
 def _directory(read: Any, length: int) -> tuple[dict[str, tuple[int, int, int, int, int]], int]:

@@ -15,6 +15,7 @@ loading does not need (``planner_data``, ``storage_meta``) are dropped after the
 from __future__ import annotations
 
 import math
+import os
 from bisect import bisect_left
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -59,18 +60,22 @@ def read_dcp_metadata(folder: Path) -> DCPLayout:
     path = folder / ".metadata"
     try:
         with open_regular(path) as f:
-            data = f.read(_MAX_METADATA + 1)
+            # Measured before reading: a sparse file may claim terabytes.
+            too_big = os.fstat(f.fileno()).st_size > _MAX_METADATA
+            data = b"" if too_big else f.read(_MAX_METADATA + 1)
     except OSError as e:
         raise CheckpointError(f"cannot open the DCP metadata '{path}': {e}") from None
-    if len(data) > _MAX_METADATA:
+    if too_big or len(data) > _MAX_METADATA:
         raise CheckpointError(
             f"DCP metadata '{path}' is over {_MAX_METADATA >> 20} MB, more than any checkpoint's "
             "(about 200 bytes a chunk); the file is corrupt or not DCP metadata"
         )
+    allowed = _allowed()
     try:
-        raw = restricted_loads(data, where=str(path), allowed=_allowed(), what="DCP metadata")
+        raw = restricted_loads(data, where=str(path), allowed=allowed, what="DCP metadata")
     except UnsafeCheckpointError:
-        raise unsafe_dcp(f"'{path}'", global_names(data)) from None
+        refused = [n for n in global_names(data) if n not in allowed]
+        raise unsafe_dcp(f"'{path}'", refused) from None
     return _Checker(path).layout(raw.value)
 
 
