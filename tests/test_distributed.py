@@ -102,16 +102,20 @@ def pad_head(name: str, ckpt: torch.Tensor, model: torch.Tensor) -> torch.Tensor
 
 
 def write_checkpoints(rank: int, world: int, tmp: Path, mesh) -> dict[str, Path]:
-    """A DCP folder saved from the sharded 4-class model, plus (rank 0) an HF-style sharded
-    safetensors folder and one bf16 ``.pth`` file of the same weights."""
+    """A DCP folder saved from the sharded 4-class model, plus (rank 0) the same saved by one
+    process, an HF-style sharded safetensors folder and one bf16 ``.pth`` file."""
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
 
-    paths = {"dcp": tmp / "dcp", "hf": tmp / "hf", "pth": tmp / "ckpt.pth"}
+    paths = {"dcp": tmp / "dcp", "hf": tmp / "hf", "pth": tmp / "ckpt.pth", "dcp1": tmp / "dcp1"}
     src = fsdp(Net(4, "backbone", seed=0), mesh)
     dcp.save(src.state_dict(), checkpoint_id=paths["dcp"])
     sd = full_state(src)
     if rank == 0:
+        # the same weights saved by one process: one chunk a tensor, each rank reads part of it
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save(sd, checkpoint_id=paths["dcp1"], no_dist=True)
         paths["hf"].mkdir()
         keys = sorted(sd)
         halves = {"model-00001-of-00002.safetensors": keys[::2]}
@@ -160,7 +164,7 @@ def case_fsdp(rank: int, world: int, tmp: Path) -> None:
     def make() -> nn.Module:
         return fsdp(Net(10, "encoder", seed=1), mesh)
 
-    for tag in ("dcp", "hf", "pth"):
+    for tag in ("dcp", "dcp1", "hf", "pth"):
         r = load_and_compare(make, paths[tag], tmp, tag)
         assert sorted(m["key"] for m in r["mismatched"]) == ["head.bias", "head.weight"], tag
         assert r["prefix"] == ["backbone.", "encoder."], tag
@@ -261,7 +265,7 @@ def case_by_hand(rank: int, world: int, tmp: Path) -> None:
     def make() -> nn.Module:
         return by_hand(Net(10, "encoder", seed=1), mesh)
 
-    for tag in ("dcp", "hf", "pth"):
+    for tag in ("dcp", "dcp1", "hf", "pth"):
         load_and_compare(make, paths[tag], tmp, tag)
     load_and_compare(make, paths["hf"], tmp, "adapted", on_mismatch=pad_head)
 

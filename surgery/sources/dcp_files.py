@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError, UnsafeCheckpointError
+from .base import contiguous_start
 from .filebytes import OffsetReader
 from .sharded import shard_path
 from .unpickler import global_names, restricted_loads
@@ -163,7 +164,9 @@ class DataFiles:
         return out
 
     def read(self, blob: Blob, offsets: Any, lengths: Any, target: Tensor) -> None:
-        """Copy the block (``offsets``, ``lengths``) of a checked chunk into ``target``."""
+        """Copy the block (``offsets``, ``lengths``) of a checked chunk into ``target``: a
+        block that is one run of the stored bytes (the whole chunk, a range of rows) is read
+        straight into ``target`` where its memory allows; any other is cut from the chunk."""
         if tuple(target.shape) != tuple(lengths):
             raise CheckpointError(
                 f"'{blob.path}': DCP asked for a block of shape {list(lengths)} into a tensor "
@@ -172,13 +175,14 @@ class DataFiles:
         reader = self._readers.get(blob.path)
         if reader is None:
             reader = self._readers[blob.path] = OffsetReader(str(blob.path), str(blob.path))
-        size = torch.Size(blob.size)
-        if blob.contiguous and tuple(lengths) == blob.size:
-            reader.read_into(blob.offset, target, size, blob.dtype)
+        start = contiguous_start(blob.size, tuple(offsets), tuple(lengths))
+        if blob.contiguous and start is not None:  # one run of bytes: only those are read
+            at = blob.offset + start * blob.dtype.itemsize
+            reader.read_into(at, target, torch.Size(lengths), blob.dtype)
             return
         numel = torch.Size([blob.nbytes // blob.dtype.itemsize])
         view = reader.read(blob.offset, numel, blob.dtype)
-        view = view.as_strided(size, blob.stride, blob.storage_offset)
+        view = view.as_strided(blob.size, blob.stride, blob.storage_offset)
         for d, (o, n) in enumerate(zip(offsets, lengths, strict=True)):
             view = view.narrow(d, o, n)
         target.copy_(view)
