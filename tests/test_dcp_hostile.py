@@ -195,8 +195,9 @@ def test_code_in_metadata_never_runs_through_the_recipe(tmp_path: Path) -> None:
 
 
 def test_dcp_save_folders_load_like_dcp_load(tmp_path: Path) -> None:
-    """Optimizer state, bf16, int, bool, 0-d and channels_last tensors, two data files: the
-    restricted metadata and chunk readers give what plain ``dcp.load`` gives (the oracle)."""
+    """Optimizer state, bf16, float8, uint16, int, bool, 0-d, empty, transposed and
+    channels_last tensors, two data files: the restricted metadata and chunk readers give what
+    plain ``dcp.load`` gives (the oracle)."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
     net(torch.randn(1, 3, 5, 5))
@@ -205,6 +206,10 @@ def test_dcp_save_folders_load_like_dcp_load(tmp_path: Path) -> None:
     net(torch.randn(2, 3, 5, 5)).sum().backward()
     opt.step()
     extra = {"h": torch.randn(3).bfloat16(), "m": torch.tensor([True, False]), "n": torch.tensor(7)}
+    extra["t"] = torch.randn(2, 3).t()  # saved with its strides
+    extra["e"] = torch.zeros(0, 5)
+    extra["f8"] = torch.randn(4).to(torch.float8_e4m3fn)  # _rebuild_tensor_v3, untyped storage
+    extra["u16"] = torch.tensor([1, 2, 60000], dtype=torch.int32).to(torch.uint16)
     sd = {"model": net.state_dict(), "optim": opt.state_dict(), "extra": extra}
     folder = save(tmp_path / "ckpt", sd, threads=2)
     assert len(list(folder.glob("*.distcp"))) == 2
@@ -218,13 +223,19 @@ def test_dcp_save_folders_load_like_dcp_load(tmp_path: Path) -> None:
     dcp.load(oracle, checkpoint_id=str(folder), no_dist=True)
     for entry in ("model", "extra"):
         for k, v in oracle[entry].items():
-            assert torch.equal(got[f"{entry}.{k}"], v) and got[f"{entry}.{k}"].dtype == v.dtype
+            mine = got[f"{entry}.{k}"]
+            assert mine.dtype == v.dtype and mine.shape == v.shape, k
+            assert torch.equal(_bytes_of(mine), _bytes_of(v)), k
     assert torch.equal(got["state.0.exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     # and into a model, strictly
     fresh = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(36, 2))
     surgery.load_partial(fresh, folder, entry="model", strict=True)
     for k, v in oracle["model"].items():
         assert torch.equal(fresh.state_dict()[k], v), k
+
+
+def _bytes_of(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 # --------------------------------------------------------------------------- storage paths
