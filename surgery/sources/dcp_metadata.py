@@ -14,6 +14,7 @@ loading does not need (``planner_data``, ``storage_meta``) are dropped after the
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from bisect import bisect_left
@@ -82,6 +83,7 @@ def read_dcp_metadata(folder: Path) -> DCPLayout:
 # --------------------------------------------------------------------------- allow-list
 
 
+@functools.cache
 def _allowed() -> dict[str, Any]:
     from torch.distributed.checkpoint import filesystem as fs
     from torch.distributed.checkpoint import metadata as md
