@@ -317,7 +317,7 @@ def test_missing_data_file_is_refused_before_any_write(tmp_path: Path) -> None:
     assert storage_of(folder, "a").relative_path != last  # two files, as two ranks write
     (folder / last).unlink()
     err = assert_refused(folder, "does not exist")
-    assert last in str(err) and "Copy every file the save wrote" in str(err)
+    assert last in str(err) and "copy every file the save wrote" in str(err)
     with pytest.raises(CheckpointError, match="does not exist"):
         surgery.read_checkpoint(folder)
 
@@ -469,6 +469,27 @@ def test_tiling_check_on_thousands_of_chunks(layout: str) -> None:
     moved = [*rest, ((o[0] - 1, o[1]), s)]
     assert "overlap" in tiling_problem(size, moved) and not _brute_tiles(size, moved)
     assert math.prod(size) == sum(math.prod(s) for _, s in chunks)
+
+
+def test_reader_refuses_to_unpickle_non_tensor_entries(tmp_path: Path) -> None:
+    """DCP's reader would torch.load(weights_only=False) a non-tensor entry; surgery's never
+    reads one (they are left out of the specs), and refuses if a plan asks."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+
+    from surgery.sources.dcp_files import DataFiles, checked_reader
+    from surgery.sources.dcp_metadata import read_dcp_metadata
+
+    folder = save(tmp_path / "ckpt", {"a": torch.ones(2), "step": 3})
+    assert list(surgery.sources.open_source(folder).specs) == ["a"]
+    layout = read_dcp_metadata(folder)
+    assert layout.others == ["step"]
+    reader = checked_reader(folder, layout.metadata, DataFiles(folder))
+    index = MetadataIndex("step")
+    empty = torch.Size([])
+    item = ReadItem(LoadItemType.BYTE_IO, index, empty, index, empty, empty)
+    with pytest.raises(CheckpointError, match="tensors only"):
+        reader.read_data(LoadPlan([item]), None)
 
 
 # --------------------------------------------------------------------------- chunk contents

@@ -157,9 +157,9 @@ class DataFiles:
                 f"({len(lines)} problem{'s' * (len(lines) > 1)}):\n"
                 + "\n".join(f"    {line}" for line in lines[:10])
                 + more
-                + "\nNothing was loaded. Copy every file the save wrote (each rank's "
-                "__<rank>_<n>.distcp beside .metadata) into the folder, or save the "
-                "checkpoint again."
+                + "\nNothing was loaded. The folder is incomplete or corrupt: copy every file "
+                "the save wrote (each rank's __<rank>_<n>.distcp beside .metadata) into it, or "
+                "save the checkpoint again."
             )
         return out
 
