@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..errors import CheckpointError, SurgeryError
 from .base import CheckpointSource
-from .dcp_files import Chunk, DataFiles, checked_reader
+from .dcp_files import Chunk, DataFiles, checked_reader, chunk_of
 from .dcp_metadata import read_dcp_metadata
 
 __all__ = ["DCPSource", "is_dcp_dir"]
@@ -130,28 +130,11 @@ class DCPSource(CheckpointSource):
         from torch.distributed.checkpoint.metadata import MetadataIndex
 
         md = self._layout.metadata
-        out = []
-        for key in dict.fromkeys(keys):
-            name = self._names[key]
-            if name in self._layout.unreadable:
-                raise CheckpointError(
-                    f"'{name}' in the DCP checkpoint '{self.path}' is "
-                    f"{self._layout.unreadable[name]}"
-                )
-            entry = md.state_dict_metadata[name]
-            for i, c in enumerate(entry.chunks):
-                info = md.storage_data[MetadataIndex(name, c.offsets, i)]
-                out.append(
-                    Chunk(
-                        name,
-                        info.relative_path,
-                        info.offset,
-                        info.length,
-                        entry.properties.dtype,
-                        tuple(c.sizes),
-                    )
-                )
-        return out
+        return [
+            chunk_of(md, MetadataIndex(name, c.offsets, i))
+            for name in dict.fromkeys(self._names[k] for k in keys)
+            for i, c in enumerate(md.state_dict_metadata[name].chunks)
+        ]
 
     def close(self) -> None:
         self._files.close()

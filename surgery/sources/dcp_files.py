@@ -526,7 +526,7 @@ def checked_reader(folder: Path, metadata: Any, files: DataFiles) -> Any:
                         f"DCP planned to read '{req.storage_index.fqn}' of '{folder}' as a "
                         "pickled object; surgery reads tensors only"
                     )
-                chunks.append(_chunk_of(metadata, req.storage_index))
+                chunks.append(chunk_of(metadata, req.storage_index))
             blobs = files.check(chunks)
             for req, blob in zip(plan.items, blobs, strict=True):
                 target = planner.resolve_tensor(req).detach()
@@ -539,7 +539,7 @@ def checked_reader(folder: Path, metadata: Any, files: DataFiles) -> Any:
     return CheckedReader(str(folder))
 
 
-def _chunk_of(metadata: Any, index: Any) -> Chunk:
+def chunk_of(metadata: Any, index: Any) -> Chunk:
     """The chunk ``index`` (a ``MetadataIndex``) names in checked ``metadata``."""
     entry = metadata.state_dict_metadata.get(index.fqn)
     info = metadata.storage_data.get(index)
