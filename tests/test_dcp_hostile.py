@@ -385,6 +385,38 @@ def test_negative_or_overflowing_sizes_are_refused(tmp_path: Path, capsys, size)
     assert "-12 elements" not in out and "malformed" in err
 
 
+class _Properties:
+    """Pickles as DCP's TensorProperties with a state its __setstate__ rejects."""
+
+    def __init__(self, encoding: object) -> None:
+        self.encoding = encoding
+
+    def __reduce__(self):
+        from torch.distributed.checkpoint.metadata import TensorProperties
+
+        return (TensorProperties, (), (torch.float32, torch.strided, False, self.encoding, False))
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda md: setattr(md.state_dict_metadata["b"], "properties", _Properties(99)), "99"),
+        (lambda md: setattr(md.state_dict_metadata["b"], "properties", _Properties("x")), "encoding: x"),
+        (lambda md: setattr(md.state_dict_metadata["b"], "chunks", {"a": 1}), "chunks"),
+        (lambda md: setattr(md, "state_dict_metadata", [1, 2]), "not a dict"),
+        (lambda md: setattr(md, "storage_data", None), "storage_data"),
+        (lambda md: md.state_dict_metadata.update({3: md.state_dict_metadata["b"]}), "3"),
+    ],
+)
+def test_malformed_metadata_fields_are_refused(tmp_path: Path, edit, match) -> None:
+    """Fields of the wrong type, and states DCP's own classes reject while being unpickled
+    (TensorProperties.__setstate__ with an unknown memory-format encoding): CheckpointError."""
+    folder = save(tmp_path / "ckpt")
+    edit_metadata(folder, edit)
+    err = assert_refused(folder, match)
+    assert isinstance(err, CheckpointError) and ".metadata" in str(err)
+
+
 def test_chunk_without_storage_entry_is_refused(tmp_path: Path) -> None:
     folder = save(tmp_path / "ckpt")
 
