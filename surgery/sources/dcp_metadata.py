@@ -196,19 +196,21 @@ class _Checker:
                 raise self.bad(f"storage_data key {index!r} is not a MetadataIndex")
             if type(info) is not _StorageInfo:
                 raise self.bad(f"storage_data['{index.fqn}'] is a {type(info).__name__}")
-            where = f"the storage entry of '{index.fqn}'"
-            offsets = () if index.offset is None else self.dims(index.offset, where)
+            where = index.fqn
+            offsets = () if index.offset is None else self.dims(index.offset, where, "offset")
             rel = getattr(info, "relative_path", None)
-            if not isinstance(rel, str):
-                raise self.bad(f"{where} names no file ({rel!r})")
-            start = self.count(getattr(info, "offset", None), f"{where}: offset")
-            length = self.count(getattr(info, "length", None), f"{where}: length")
+            start = getattr(info, "offset", None)
+            length = getattr(info, "length", None)
             transforms = getattr(info, "transform_descriptors", None)
+            if not isinstance(rel, str):
+                raise self.bad(f"the storage entry of '{where}' names no file ({rel!r})")
+            self.count(start, where, "storage offset")
+            self.count(length, where, "storage length")
             if transforms is not None and (
                 not isinstance(transforms, (list, tuple))
                 or not all(isinstance(t, str) for t in transforms)
             ):
-                raise self.bad(f"{where}: transform_descriptors {transforms!r}")
+                raise self.bad(f"the storage entry of '{where}': transforms {transforms!r}")
             out[(index.fqn, offsets)] = (rel, start, length, transforms or None)
         return out
 
@@ -233,22 +235,18 @@ class _Checker:
         dtype = getattr(props, "dtype", None)
         if type(props) is not TensorProperties or not isinstance(dtype, torch.dtype):
             raise self.bad(f"'{name}' has no dtype")
-        size = self.dims(getattr(entry, "size", None), f"'{name}': size")
+        size = self.dims(getattr(entry, "size", None), name, "size")
         if math.prod(size) * dtype.itemsize > _MAX_BYTES:
             raise self.bad(f"'{name}' has size {list(size)}, more bytes than any tensor can hold")
         raw_chunks = getattr(entry, "chunks", None)
         if not isinstance(raw_chunks, list):
             raise self.bad(f"'{name}' has no list of chunks")
-        chunks: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+        chunks: list[tuple[torch.Size, torch.Size]] = []
         for c in raw_chunks:
             if type(c) is not ChunkStorageMetadata:
                 raise self.bad(f"a chunk of '{name}' is a {type(c).__name__}")
-            chunks.append(
-                (
-                    self.dims(getattr(c, "offsets", None), f"a chunk of '{name}': offsets"),
-                    self.dims(getattr(c, "sizes", None), f"a chunk of '{name}': sizes"),
-                )
-            )
+            offsets = self.dims(getattr(c, "offsets", None), name, "chunk offsets")
+            chunks.append((offsets, self.dims(getattr(c, "sizes", None), name, "chunk sizes")))
         problem = tiling_problem(size, chunks)
         if problem:
             raise self.bad(f"the chunks of '{name}' {problem}")
@@ -263,21 +261,28 @@ class _Checker:
             info = _StorageInfo(rel, start, length, transform_descriptors=transforms)
             storage_data[MetadataIndex(name, offsets, i)] = info
         fresh = TensorStorageMetadata(
-            TensorProperties(dtype=dtype),
-            torch.Size(size),
-            [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in chunks],
+            TensorProperties(dtype=dtype), size, [ChunkStorageMetadata(o, s) for o, s in chunks]
         )
         return fresh, why
 
-    def dims(self, value: Any, where: str) -> tuple[int, ...]:
-        if not isinstance(value, (tuple, list)) or len(value) > _MAX_DIMS:
-            raise self.bad(f"{where} is {value!r}, not a shape")
-        return tuple(self.count(v, where) for v in value)
+    def dims(self, value: Any, name: str, what: str) -> torch.Size:
+        """``value`` as a checked ``torch.Size`` of counts (``what`` of entry ``name``)."""
+        if type(value) is torch.Size and len(value) <= _MAX_DIMS:  # its items are ints
+            if not value or (min(value) >= 0 and max(value) <= _MAX_BYTES):
+                return value
+        elif isinstance(value, (tuple, list)) and len(value) <= _MAX_DIMS:
+            return torch.Size([self.count(v, name, what) for v in value])
+        raise self.bad(f"'{name}': {what} {_short(value)} is not a list of counts")
 
-    def count(self, value: Any, where: str) -> int:
+    def count(self, value: Any, name: str, what: str) -> int:
         if type(value) is not int or not 0 <= value <= _MAX_BYTES:
-            raise self.bad(f"{where} is {value!r}, not a count")
+            raise self.bad(f"'{name}': {what} {_short(value)} is not a count")
         return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # --------------------------------------------------------------------------- tiling
