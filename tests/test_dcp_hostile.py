@@ -397,11 +397,15 @@ class _Properties:
         return (TensorProperties, (), (torch.float32, torch.strided, False, self.encoding, False))
 
 
+def _set_properties(md, encoding: object) -> None:
+    md.state_dict_metadata["b"].properties = _Properties(encoding)
+
+
 @pytest.mark.parametrize(
     ("edit", "match"),
     [
-        (lambda md: setattr(md.state_dict_metadata["b"], "properties", _Properties(99)), "99"),
-        (lambda md: setattr(md.state_dict_metadata["b"], "properties", _Properties("x")), "encoding: x"),
+        (lambda md: _set_properties(md, 99), "encoding: 99"),
+        (lambda md: _set_properties(md, "x"), "encoding: x"),
         (lambda md: setattr(md.state_dict_metadata["b"], "chunks", {"a": 1}), "chunks"),
         (lambda md: setattr(md, "state_dict_metadata", [1, 2]), "not a dict"),
         (lambda md: setattr(md, "storage_data", None), "storage_data"),
