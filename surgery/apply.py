@@ -425,6 +425,10 @@ def _verify_source(plan: LoadPlan, source: CheckpointSource) -> None:
         problems = copy_problems(plan, source)
         if problems:
             raise LoadError(copy_failure(problems, source.description))
+        # Every file the writes will read is there in full (DCP folders: each chunk's file).
+        source.check_reads(
+            str(e.ckpt_key) for e in plan.entries if e.action in WRITES and e.ckpt_key in specs
+        )
     if bad:
         raise LoadError(
             f"{source.description} does not hold what the plan reads ({len(bad)} tensors):\n"

@@ -102,16 +102,20 @@ def pad_head(name: str, ckpt: torch.Tensor, model: torch.Tensor) -> torch.Tensor
 
 
 def write_checkpoints(rank: int, world: int, tmp: Path, mesh) -> dict[str, Path]:
-    """A DCP folder saved from the sharded 4-class model, plus (rank 0) an HF-style sharded
-    safetensors folder and one bf16 ``.pth`` file of the same weights."""
+    """A DCP folder saved from the sharded 4-class model, plus (rank 0) the same saved by one
+    process, an HF-style sharded safetensors folder and one bf16 ``.pth`` file."""
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
 
-    paths = {"dcp": tmp / "dcp", "hf": tmp / "hf", "pth": tmp / "ckpt.pth"}
+    paths = {"dcp": tmp / "dcp", "hf": tmp / "hf", "pth": tmp / "ckpt.pth", "dcp1": tmp / "dcp1"}
     src = fsdp(Net(4, "backbone", seed=0), mesh)
     dcp.save(src.state_dict(), checkpoint_id=paths["dcp"])
     sd = full_state(src)
     if rank == 0:
+        # the same weights saved by one process: one chunk a tensor, each rank reads part of it
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save(sd, checkpoint_id=paths["dcp1"], no_dist=True)
         paths["hf"].mkdir()
         keys = sorted(sd)
         halves = {"model-00001-of-00002.safetensors": keys[::2]}
@@ -160,7 +164,7 @@ def case_fsdp(rank: int, world: int, tmp: Path) -> None:
     def make() -> nn.Module:
         return fsdp(Net(10, "encoder", seed=1), mesh)
 
-    for tag in ("dcp", "hf", "pth"):
+    for tag in ("dcp", "dcp1", "hf", "pth"):
         r = load_and_compare(make, paths[tag], tmp, tag)
         assert sorted(m["key"] for m in r["mismatched"]) == ["head.bias", "head.weight"], tag
         assert r["prefix"] == ["backbone.", "encoder."], tag
@@ -205,6 +209,51 @@ def _errors(rank: int, world: int, make, paths: dict[str, Path]) -> None:
     report = surgery.load_partial(model, paths["pth"], dry_run=True)
     assert report.dry_run and report.tensors_loaded == 7
     assert_states_equal(full_state(model), before, "after a dry run")
+    _dcp_errors(rank, make, paths["dcp"])
+
+
+def _dcp_errors(rank: int, make, folder: Path) -> None:
+    """Broken copies of the 2-rank DCP folder: rank 1's data file missing or truncated, code
+    in .metadata. Every rank checks every chunk before any rank writes, so every rank raises
+    the same error and no shard changes (before, rank 0 wrote its shards, then failed)."""
+    import pickle
+    import shutil
+
+    root = folder.parent
+    marker = root / "PWNED"
+    if rank == 0:
+        for name in ("missing", "truncated", "payload"):
+            shutil.copytree(folder, root / name)
+        (root / "missing" / "__1_0.distcp").unlink()
+        data = (root / "truncated" / "__1_0.distcp").read_bytes()
+        (root / "truncated" / "__1_0.distcp").write_bytes(data[: len(data) // 2])
+        md = pickle.loads((root / "payload" / ".metadata").read_bytes())
+        md.storage_meta.checkpoint_id = _Payload(marker)
+        (root / "payload" / ".metadata").write_bytes(pickle.dumps(md))
+    dist.barrier()
+    model = make()
+    before = full_state(model)
+    for name, error, match in [
+        ("missing", surgery.CheckpointError, "__1_0.distcp' .*does not exist"),
+        ("truncated", surgery.CheckpointError, "__1_0.distcp' has .* truncated"),
+        ("payload", surgery.UnsafeCheckpointError, r"(posix|os)\.mkdir"),
+    ]:
+        with pytest.raises(error, match=match) as e:
+            surgery.load_partial(model, root / name)
+        assert not isinstance(e.value, surgery.DistributedError), name  # the same on every rank
+        assert len(set(gather(str(e.value)))) == 1, name
+        assert_states_equal(full_state(model), before, f"after the {name} folder")
+    assert not marker.exists()
+
+
+class _Payload:
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.path,))
 
 
 def case_by_hand(rank: int, world: int, tmp: Path) -> None:
@@ -216,7 +265,7 @@ def case_by_hand(rank: int, world: int, tmp: Path) -> None:
     def make() -> nn.Module:
         return by_hand(Net(10, "encoder", seed=1), mesh)
 
-    for tag in ("dcp", "hf", "pth"):
+    for tag in ("dcp", "dcp1", "hf", "pth"):
         load_and_compare(make, paths[tag], tmp, tag)
     load_and_compare(make, paths["hf"], tmp, "adapted", on_mismatch=pad_head)
 

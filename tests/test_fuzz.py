@@ -1,7 +1,8 @@
 """Property test: mutated checkpoint files raise nothing but SurgeryError, model unchanged.
 
-Small valid ``.safetensors``, ``.pth`` (zip) and ``*.index.json`` files are built once, then
-hypothesis flips bytes, truncates them or rewrites the index JSON. ``read_checkpoint``,
+Small valid ``.safetensors``, ``.pth`` (zip) and ``*.index.json`` files and a DCP folder are
+built once, then hypothesis flips bytes, truncates them, rewrites the index JSON or points
+the DCP storage entries elsewhere. ``read_checkpoint``,
 ``load_partial`` and ``surgery inspect`` must each either succeed or raise a ``SurgeryError``,
 and a refused load leaves the model bit-for-bit as it was. A fixed example budget keeps it in
 the suite (``slow``); tests/fuzz/fuzz_load.py runs the same checks under atheris for longer.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import pickle
 import resource
 import tempfile
 import warnings
@@ -68,6 +70,27 @@ def _originals() -> dict[str, bytes]:
 
 
 _ORIGINALS = _originals()
+
+
+def _dcp_originals() -> dict[str, bytes]:
+    """A DCP folder of Small's state in two data files (as two ranks write), file by file;
+    ``out/...``: the same layout holding 7s, for a folder beside it that no load may read."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    out = {}
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, sd in [
+            ("", _state()),
+            ("out/", {k: torch.full_like(v, 7) for k, v in _state().items()}),
+        ]:
+            folder = Path(d) / (name or "ckpt")
+            writer = dcp.FileSystemWriter(str(folder), thread_count=2)
+            dcp.save(sd, storage_writer=writer, no_dist=True)
+            out.update({name + p.name: p.read_bytes() for p in folder.iterdir()})
+    return out
+
+
+_DCP = _dcp_originals()
 _BASELINE_KB = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
@@ -159,3 +182,51 @@ def test_mutated_indexes_raise_only_surgery_errors(
         index = folder / "model.safetensors.index.json"
         index.write_text(json.dumps({"weight_map": weight_map} if top is None else top))
         _check(index)
+
+
+_dcp_paths = st.sampled_from(
+    [
+        "__0_0.distcp",
+        "__0_1.distcp",
+        "../out/__0_0.distcp",
+        "OUTSIDE",
+        "link",
+        "",
+        ".",
+        "x/../__0_1.distcp",
+    ]
+)
+
+
+@_SETTINGS
+@hypothesis.given(
+    name=st.sampled_from([".metadata", "__0_0.distcp", "__0_1.distcp"]),
+    edits=_edits,
+    cut=st.none() | st.integers(0, 1 << 20),
+    paths=st.dictionaries(st.sampled_from(["fc.weight", "fc.bias", "steps"]), _dcp_paths),
+)
+def test_mutated_dcp_folders_raise_only_surgery_errors(
+    name: str, edits: list[tuple[int, int]], cut: int | None, paths: dict[str, str]
+) -> None:
+    """Flipped or cut bytes in .metadata or a data file, storage entries pointed out of the
+    folder (``..``, absolute, a symlink out): loads succeed or raise a SurgeryError, never
+    write on a refusal, never read the 7s of the folder beside."""
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        (root / "ckpt").mkdir()
+        (root / "out").mkdir()
+        for rel, data in _DCP.items():
+            (root / (rel if rel.startswith("out/") else f"ckpt/{rel}")).write_bytes(data)
+        (root / "ckpt" / "link").symlink_to(root / "out" / "__0_0.distcp")
+        if paths:  # the test wrote this pickle itself: plain pickle is fine here
+            md = pickle.loads(_DCP[".metadata"])
+            for index, info in md.storage_data.items():
+                if index.fqn in paths:
+                    rel = paths[index.fqn]
+                    info.relative_path = (
+                        str(root / "out" / "__0_0.distcp") if rel == "OUTSIDE" else rel
+                    )
+            (root / "ckpt" / ".metadata").write_bytes(pickle.dumps(md))
+        path = root / "ckpt" / name
+        path.write_bytes(_mutate(path.read_bytes(), edits, cut))
+        _check(root / "ckpt")

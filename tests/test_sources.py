@@ -74,9 +74,11 @@ def test_checkpoint_module_keeps_its_names():
 
 def test_source_protocol_public_members():
     """read, read_into, close, read_region_into (a rank's shard of a sharded model), and
-    shares (two keys that are one tensor of the checkpoint)."""
+    shares (two keys that are one tensor of the checkpoint), check_reads (every file a load
+    will read is there in full, before the first write)."""
     methods = {n for n, v in vars(CheckpointSource).items() if callable(v) and n[0] != "_"}
-    assert methods == {"read", "read_into", "read_region_into", "close", "shares"}
+    expected = {"read", "read_into", "read_region_into", "close", "shares", "check_reads"}
+    assert methods == expected
     assert CheckpointSource("x").specs == {}
 
 

@@ -6,6 +6,8 @@
 - ``safetensors``: ``.safetensors`` files, header parsed once.
 - ``sharded``: ``*.index.json`` and folders.
 - ``dcp``: ``torch.distributed.checkpoint`` folders, planned from ``.metadata``.
+- ``dcp_metadata``: a DCP ``.metadata`` unpickled with an allow-list and checked field by field.
+- ``dcp_files``: a DCP folder's data files, every chunk checked before the first read.
 - ``memory``: in-memory dicts and modules.
 - ``unwrap``: finding the state dict in a training checkpoint (pure functions).
 - ``pickle_safety``: ``torch.load`` with ``weights_only`` and classified failures.

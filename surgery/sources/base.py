@@ -9,7 +9,7 @@ The loader plans on ``specs`` alone, so tensors it skips are never read.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -78,6 +78,12 @@ class CheckpointSource:
 
     def _read_into(self, key: str, out: Tensor) -> None:
         out.copy_(self.read(key))
+
+    def check_reads(self, keys: Iterable[str]) -> None:
+        """Raise a ``CheckpointError`` now if any tensor in ``keys`` could not be read in full
+        later (a DCP folder's data files: missing, truncated, outside the folder). The loader
+        calls it before its first write. Sources whose files were checked when opened have
+        nothing left to check."""
 
     def read_region_into(self, key: str, offset: tuple[int, ...], out: Tensor) -> None:
         """Copy the block of tensor ``key`` that starts at ``offset`` and has ``out``'s shape.

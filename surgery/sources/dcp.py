@@ -1,21 +1,28 @@
 """A ``torch.distributed.checkpoint`` (DCP) directory as a checkpoint source.
 
 The plan comes from the directory's ``.metadata`` file alone (names, global shapes, dtypes; no
-tensor data). ``read`` loads one full tensor in this process with ``dcp.load(no_dist=True)``;
-sharded models do not go through it: surgery/distributed.py hands the model's own DTensors
-to one collective ``dcp.load``, so each rank reads only its shards.
+tensor data), read without running code and checked (sources/dcp_metadata.py). ``read`` loads
+one full tensor in this process with ``dcp.load(no_dist=True)``; sharded models do not go
+through it: surgery/distributed.py hands the model's own DTensors to one collective
+``dcp.load``, so each rank reads only its shards. Either way DCP reads through
+:func:`~surgery.sources.dcp_files.checked_reader`: the checked metadata, and every chunk's file
+and bytes checked before the first read (sources/dcp_files.py). :meth:`DCPSource.check_reads`
+runs those checks for a whole plan before the loader writes anything.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, SurgeryError
 from .base import CheckpointSource
+from .dcp_files import Chunk, DataFiles, checked_reader, chunk_of
+from .dcp_metadata import read_dcp_metadata
 
 __all__ = ["DCPSource", "is_dcp_dir"]
 
@@ -51,13 +58,13 @@ def is_dcp_dir(path: Path) -> bool:
 
 
 class DCPSource(CheckpointSource):
-    """A DCP checkpoint folder: specs from ``FileSystemReader(path).read_metadata()``.
+    """A DCP checkpoint folder: specs from its checked ``.metadata`` (never ``pickle.load``).
 
     Tensor entries (``TensorStorageMetadata``) become specs with their global shape and dtype;
     non-tensor entries (pickled objects such as ``optimizer.param_groups``) are left out with a
-    note. ``entry`` picks the entry holding the model (``entry="model"`` keeps ``model.*`` and
-    strips the prefix); without it a lone model-like entry beside training state is picked
-    automatically.
+    note and never read. ``entry`` picks the entry holding the model (``entry="model"`` keeps
+    ``model.*`` and strips the prefix); without it a lone model-like entry beside training
+    state is picked automatically.
 
     Example:
         >>> src = DCPSource(Path("runs/step-1000"))  # doctest: +SKIP
@@ -67,24 +74,16 @@ class DCPSource(CheckpointSource):
 
     def __init__(self, path: Path, *, entry: str | None = None) -> None:
         super().__init__(str(path))
-        from torch.distributed.checkpoint import FileSystemReader
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
         self.path = path
-        try:
-            metadata = FileSystemReader(str(path)).read_metadata()
-        except Exception as e:  # unpickling a corrupt .metadata raises anything
-            raise CheckpointError(
-                f"cannot read the DCP checkpoint '{path}': its .metadata file is unreadable "
-                f"({type(e).__name__}: {e}). Save it again with torch.distributed.checkpoint."
-            ) from None
-        tensors: dict[str, tuple[torch.Size, torch.dtype]] = {}
-        others: list[str] = []
-        for name, md in metadata.state_dict_metadata.items():
-            if isinstance(md, TensorStorageMetadata):
-                tensors[name] = (torch.Size(md.size), md.properties.dtype)
-            else:
-                others.append(name)
+        self._layout = read_dcp_metadata(path)
+        self._files = DataFiles(path)
+        skipped = set(self._layout.others)
+        tensors: dict[str, tuple[torch.Size, torch.dtype]] = {
+            name: (md.size, md.properties.dtype)
+            for name, md in self._layout.metadata.state_dict_metadata.items()
+            if name not in skipped
+        }
+        others = list(self._layout.others)
         # Full checkpoint name of each spec key (they differ once a container is unwrapped).
         self._names: dict[str, str] = {}
         container = entry if entry is not None else _auto_container(tensors)
@@ -106,6 +105,9 @@ class DCPSource(CheckpointSource):
                 {k.split(".", 1)[0] for k in [*tensors, *others] if not k.startswith(lead)}
             )
             others = [k for k in others if k.startswith(lead)]
+        for key, name in self._names.items():
+            if name in self._layout.unreadable:
+                self.unreadable[key] = self._layout.unreadable[name]
         if others:
             shown = ", ".join(others[:5]) + (
                 f" and {len(others) - 5} more" if len(others) > 5 else ""
@@ -117,6 +119,25 @@ class DCPSource(CheckpointSource):
     def checkpoint_name(self, key: str) -> str:
         """The name ``key`` has inside the DCP checkpoint (with its container prefix)."""
         return self._names[key]
+
+    def check_reads(self, keys: Iterable[str]) -> None:
+        """Check every chunk of these tensors before the first read: its file is inside the
+        folder, a regular file, long enough, its bytes a stored torch zip of the planned
+        chunk. One :class:`CheckpointError` lists every problem."""
+        self._files.check(self._chunks(keys))
+
+    def _chunks(self, keys: Iterable[str]) -> list[Chunk]:
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        md = self._layout.metadata
+        return [
+            chunk_of(md, MetadataIndex(name, c.offsets, i))
+            for name in dict.fromkeys(self._names[k] for k in keys)
+            for i, c in enumerate(md.state_dict_metadata[name].chunks)
+        ]
+
+    def close(self) -> None:
+        self._files.close()
 
     def read(self, key: str) -> Tensor:
         shape, dtype = self.specs[key]
@@ -138,7 +159,7 @@ class DCPSource(CheckpointSource):
         only this rank's shards. With ``no_dist=False`` it is a collective: call it on every
         rank with the same keys. DCP's ``CheckpointException`` becomes a ``CheckpointError``."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+        from torch.distributed.checkpoint import DefaultLoadPlanner
         from torch.distributed.checkpoint.api import CheckpointException
 
         sd = {self._names[k]: t for k, t in targets.items()}
@@ -148,11 +169,14 @@ class DCPSource(CheckpointSource):
                 warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
                 dcp.load(
                     sd,
-                    storage_reader=FileSystemReader(str(self.path)),
+                    storage_reader=checked_reader(self.path, self._layout.metadata, self._files),
                     planner=DefaultLoadPlanner(),
                     no_dist=no_dist,
                 )
         except CheckpointException as e:  # a BaseException: never let it escape
+            same = _same_error(e)
+            if same is not None:  # surgery's own check failed alike on every failing rank
+                raise same from None
             raise CheckpointError(_describe_failure(self.description, list(sd), e)) from None
         except Exception as e:
             raise CheckpointError(
@@ -169,6 +193,16 @@ def _auto_container(tensors: dict[str, tuple[torch.Size, torch.dtype]]) -> str |
     model = [t for t in _MODEL_ENTRIES if t in tops]
     if len(model) == 1 and tops - {model[0]} <= _TRAINING_STATE:
         return model[0]
+    return None
+
+
+def _same_error(e: BaseException) -> SurgeryError | None:
+    """The one SurgeryError every failing rank raised (the first rank's), if they agree."""
+    failures = getattr(e, "failures", {}) or {}
+    errors = [pair[0] if isinstance(pair, tuple) else pair for _, pair in sorted(failures.items())]
+    if errors and all(isinstance(x, SurgeryError) for x in errors):
+        if len({(type(x), str(x)) for x in errors}) == 1:
+            return errors[0]
     return None
 
 
