@@ -335,3 +335,49 @@ def test_uncopiable_tensor_in_a_shard_is_refused_before_any_write(tmp_path: Path
     index = tmp_path / "pytorch_model.bin.index.json"
     index.write_text(json.dumps({"weight_map": {"a": "s1.bin", "b": "s2.bin"}}))
     assert_refused(index, "sparse_coo")
+
+
+# --------------------------------------------------------------------------- hostile pickles
+
+
+def torch_zip(path: Path, data_pkl: bytes, records: dict[str, bytes] | None = None) -> Path:
+    """A torch zip file whose pickle record is ``data_pkl`` (written by hand)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("archive/data.pkl", data_pkl)
+        zf.writestr("archive/byteorder", "little")
+        for key, data in (records or {}).items():
+            zf.writestr(f"archive/data/{key}", data)
+    return path
+
+
+STORAGE = (  # the persistent id ('storage', torch.FloatStorage, '0', 'cpu', 4)
+    b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQ"
+)
+HOSTILE_PICKLES = {
+    # torch.Tensor(2**40) would allocate 4 TB: the class is a marker, not a callable
+    "tensor-call": b"\x80\x02ctorch\nTensor\nJ\x00\x00\x00\x40\x85R.",
+    # numpy.ndarray.__new__(ndarray, (2**40,)): likewise
+    "ndarray-new": b"\x80\x02cnumpy\nndarray\nJ\x00\x00\x00\x40\x85\x85\x81.",
+    # a tensor whose saved attributes replace its data with another storage's
+    "set-data": b"\x80\x02ctorch._tensor\n_rebuild_from_type_v2\n"
+    b"(ctorch._utils\n_rebuild_tensor_v2\nctorch\nTensor\n("
+    + STORAGE
+    + b"K\x00K\x04\x85K\x01\x85\x89ccollections\nOrderedDict\n)Rt"
+    b"}X\x04\x00\x00\x00dataK\x01stR.",
+    # items written into a tensor of the file (its copy-on-write mapping)
+    "setitem-tensor": b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n("
+    + STORAGE
+    + b"K\x00K\x04\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtRK\x00K\x07s.",
+    # state set on torch.Size, a dtype, a storage type
+    "build-size": b"\x80\x02ctorch\nSize\n)R}X\x01\x00\x00\x00aK\x01sb.",
+    "build-dtype": b"\x80\x02ctorch\nfloat32\nN}X\x01\x00\x00\x00aK\x01s\x86b.",
+    "build-storage-type": b"\x80\x02ctorch\nFloatStorage\nN}X\x05\x00\x00\x00dtypeK\x01s\x86b.",
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_PICKLES))
+def test_hostile_pickles_are_refused_quickly(tmp_path: Path, name: str) -> None:
+    path = torch_zip(tmp_path / f"{name}.pth", HOSTILE_PICKLES[name], {"0": bytes(16)})
+    err = assert_refused(path, f"{name}.pth")
+    assert isinstance(err, CheckpointError)
+    assert torch.float32.itemsize == 4 and torch.FloatStorage is torch.FloatStorage

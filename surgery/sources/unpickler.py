@@ -326,9 +326,10 @@ def _is_stub(obj: Any) -> bool:
 
 
 def _name(obj: Any) -> str:
-    module = getattr(obj, "__module__", None)
-    name = getattr(obj, "__qualname__", None) or type(obj).__name__
-    return f"{module}.{name}" if module else str(name)
+    """``module.Name`` of a class or function; the repr of anything else (a marker)."""
+    if isinstance(obj, type) or hasattr(obj, "__qualname__"):
+        return f"{getattr(obj, '__module__', '?')}.{obj.__qualname__}"
+    return repr(obj)[:80]
 
 
 def _check_key(key: Any) -> None:
