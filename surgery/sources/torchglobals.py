@@ -83,22 +83,28 @@ _NDARRAY = Marker("numpy.ndarray")
 # --------------------------------------------------------------------------- checks
 
 
+_HUGE = 1 << 62
+
+
 def _ints(values: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(values, (tuple, list, torch.Size)) or len(values) > 64:
+    if not isinstance(values, (tuple, list)) or len(values) > 64:
         raise _Bad(f"tensor {what} is not a short tuple of ints")
-    out = tuple(values)
-    if not all(type(v) is int and 0 <= v < 1 << 62 for v in out):
-        raise _Bad(f"tensor {what} {out!r} holds a negative, huge or non-int value")
-    return out
+    for v in values:
+        if type(v) is not int or not 0 <= v < _HUGE:
+            raise _Bad(f"tensor {what} {tuple(values)!r} holds a negative, huge or non-int value")
+    return tuple(values)
 
 
 def _extent(size: tuple[int, ...], stride: tuple[int, ...]) -> int:
     """Elements a strided view spans (0 when it has none)."""
     if len(size) != len(stride):
         raise _Bad(f"tensor size {size} and stride {stride} differ in length")
-    if 0 in size:
-        return 0
-    return 1 + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+    extent = 1
+    for n, s in zip(size, stride):  # noqa: B905 (lengths checked above)
+        if not n:
+            return 0
+        extent += (n - 1) * s
+    return extent
 
 
 def _check_view(storage: Any, dtype: Any, offset: Any, size: Any, stride: Any) -> tuple:
@@ -109,7 +115,7 @@ def _check_view(storage: Any, dtype: Any, offset: Any, size: Any, stride: Any) -
     if type(offset) is not int or not 0 <= offset < 1 << 62:
         raise _Bad(f"tensor storage offset {offset!r} is not a non-negative int")
     size, stride = _ints(size, "size"), _ints(stride, "stride")
-    if math.prod(size) >= 1 << 62:
+    if len(size) > 1 and math.prod(size) >= _HUGE:
         raise _Bad(f"tensor size {size} overflows")
     extent = _extent(size, stride)
     need = (offset + extent) * dtype.itemsize if extent else 0

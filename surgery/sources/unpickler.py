@@ -155,11 +155,39 @@ class _Unpickler(pickle._Unpickler):  # the Python implementation: its opcodes c
         self._allowed = allowed
         self._callable_ids = {id(v) for v in allowed.values() if callable(v)}
         self._classes = tuple({v for v in allowed.values() if isinstance(v, type)})
+        # Constructors that hash their arguments (dict, set subclasses): keys checked first.
+        self._hashing = {id(v) for v in self._classes if issubclass(v, (dict, set, frozenset))}
         self._builders = builders
         self._persistent = persistent_load
         self._stub = stub_refused
         self.refused: list[str] = []
         self._stubs: dict[str, type] = {}
+
+    def load(self) -> Any:
+        """Run the opcodes. The input is in memory (or a file read by position), so frames
+        are only announced sizes: reads go straight to it, not through an unframer."""
+        self.read, self.readline = self._file_read, self._file_readline
+        self.readinto = None
+        self.metastack = []
+        self.stack = []
+        self.append = self.stack.append
+        self.proto = 0
+        read, dispatch = self.read, self.dispatch
+        try:
+            while True:
+                key = read(1)
+                if not key:
+                    raise EOFError
+                dispatch[key[0]](self)
+        except pickle._Stop as stop:
+            return stop.value
+
+    def load_frame(self) -> None:
+        (n,) = struct.unpack("<Q", self.read(8))
+        if n > self._size:
+            raise pickle.UnpicklingError(f"a frame of {n} bytes, more than the pickle holds")
+
+    dispatch[pickle.FRAME[0]] = load_frame
 
     # ------------------------------------------------------------------ globals
 
@@ -194,13 +222,14 @@ class _Unpickler(pickle._Unpickler):  # the Python implementation: its opcodes c
             return
         raise pickle.UnpicklingError(f"the pickle calls {_name(func)}, which is not allowed")
 
-    def _call(self, func: Any, args: Any, kwargs: Any = None) -> Any:
-        self._callable(func)
-        if not isinstance(args, tuple) or not isinstance(kwargs or {}, dict):
+    def _call(self, func: Any, args: Any) -> Any:
+        if id(func) not in self._callable_ids and not _is_stub(func):
+            self._callable(func)
+        if type(args) is not tuple:
             raise pickle.UnpicklingError("call arguments are not a tuple")
-        if isinstance(func, type) and issubclass(func, (dict, set, frozenset)):
+        if id(func) in self._hashing:
             _check_keys(args)
-        return func(*args, **(kwargs or {}))
+        return func(*args)
 
     def load_reduce(self) -> None:
         args = self.stack.pop()
