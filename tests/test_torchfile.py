@@ -194,6 +194,8 @@ def test_detectron2_pickle_of_arrays_loads(tmp_path, protocol):
     assert report.ok and report.source.endswith("['model']")
     for k, v in model.state_dict().items():
         assert torch.equal(v, torch.from_numpy(arrays[k].astype(arrays[k].dtype.newbyteorder("="))))
+    trusted = surgery.read_checkpoint(path, trust_pickle=True)  # pickle.load, as detectron2
+    assert all(torch.equal(trusted[k], v) for k, v in model.state_dict().items())
 
 
 def test_python2_pickle_of_arrays_loads(tmp_path):
@@ -582,3 +584,53 @@ def test_a_torch_zip_inside_a_larger_file_is_read_at_its_window(tmp_path):
     for window in ((0, 1000), (1000, len(blob) // 2), (len(raw) - 5, 100), (-1, 10)):
         with pytest.raises(CheckpointError, match="distcp"):
             read_torch(path, kind="zip", window=window)
+
+
+def test_every_kind_of_tensor_reads_as_torch_load_reads_it(tmp_path):
+    torch.manual_seed(4)
+    with_attr = torch.arange(6.0).view(2, 3)
+    with_attr.note = "kept"
+    param = nn.Parameter(torch.ones(3))
+    param.tag = 7
+    scales = torch.tensor([0.1, 0.2, 0.3])
+    obj = {
+        "nested": torch.nested.nested_tensor([torch.ones(2, 3), torch.arange(6.0).view(3, 2)]),
+        "csr": torch.eye(3).to_sparse_csr(),
+        "coo": torch.eye(3).to_sparse(),
+        "meta": torch.empty(2, 3, device="meta"),
+        "conj": torch.tensor([1 + 2j, 3 - 1j]).conj(),
+        "attr": with_attr,
+        "param": param,
+        "qc": torch.quantize_per_channel(
+            torch.randn(3, 4), scales, torch.tensor([0, 1, 2]), 0, torch.qint8
+        ),
+        "qt": torch.quantize_per_tensor(torch.randn(4), 0.1, 2, torch.quint8),
+        "bf16": torch.randn(3).bfloat16(),
+        "u16": torch.tensor([1, 2, 3]).to(torch.uint16),
+        "f8": torch.ones(2).to(torch.float8_e5m2),
+        "plain": [torch.Size([2, 3]), torch.device("cpu"), torch.float16],
+    }
+    path = tmp_path / "kinds.pth"
+    torch.save(obj, path)
+    expected = torch.load(path, weights_only=False)  # the oracle
+    got = read_torch(path, kind="zip").value
+    assert got["plain"] == expected["plain"]
+    for k, a in expected.items():
+        if k == "plain":
+            continue
+        b = got[k]
+        assert type(b) is type(a) and b.dtype == a.dtype and b.layout == a.layout, k
+        assert getattr(b, "note", None) == getattr(a, "note", None), k
+        assert getattr(b, "tag", None) == getattr(a, "tag", None), k
+        if a.is_nested:
+            assert all(torch.equal(x, y) for x, y in zip(a.unbind(), b.unbind(), strict=True))
+        elif a.is_meta:
+            assert b.is_meta and b.shape == a.shape
+        elif a.is_quantized:
+            assert torch.equal(b.dequantize(), a.dequantize()) and b.qscheme() == a.qscheme()
+        elif a.layout != torch.strided:
+            assert torch.equal(b.to_dense(), a.to_dense())
+        else:
+            assert b.is_conj() == a.is_conj()
+            a, b = a.resolve_conj(), b.resolve_conj()
+            assert torch.equal(b.view(torch.uint8), a.view(torch.uint8)), k

@@ -25,6 +25,7 @@ from .filebytes import OffsetReader
 from .memory import MemorySource
 from .pickle_safety import trusted_load
 from .torchformat import TorchObject, read_torch, sniff
+from .torchglobals import ndarrays_to_tensors
 from .unpickler import allowed_from, refused_in, unsafe_error
 from .unwrap import Unwrapped, unwrap
 
@@ -146,7 +147,8 @@ def _read(
     extra = allowed_from(allow_globals)
     kind = check_format(path, trust_pickle)
     if trust_pickle:
-        return TorchObject(trusted_load(path, kind, mmap=mmap), [], kind)
+        value = trusted_load(path, kind, mmap=mmap)
+        return TorchObject(ndarrays_to_tensors(value) if kind == "pickle" else value, [], kind)
     with warnings.catch_warnings():
         # torch.from_numpy on a read-only array, TypedStorage for quantized tensors
         warnings.simplefilter("ignore", UserWarning)

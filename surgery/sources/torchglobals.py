@@ -179,20 +179,16 @@ def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -
     return _stub_in(storage) or _tensor(storage, storage_offset, size, stride, storage.dtype)
 
 
-def _rebuild_tensor_v2(
-    storage: Any,
-    storage_offset: Any,
-    size: Any,
-    stride: Any,
-    requires_grad: Any,
-    backward_hooks: Any,
-    metadata: Any = None,
-) -> Any:
-    # Hooks are never restored: torch no longer saves them, and they would be calls later.
-    if stub := _stub_in(storage):
-        return stub
-    t = _tensor(storage, storage_offset, size, stride, storage.dtype)
-    return _finish(t, requires_grad, metadata)
+def _rebuild_tensor_v2(storage: Any, *args: Any) -> Any:
+    """torch's ``(storage, offset, size, stride, requires_grad, hooks[, metadata])``: v3 with
+    the storage's dtype. Hooks are never restored (torch no longer saves them; they would be
+    calls later)."""
+    if len(args) not in (5, 6):
+        raise _Bad(f"_rebuild_tensor_v2 takes 6 or 7 arguments, not {len(args) + 1}")
+    offset, size, stride, requires_grad, _ = args[:5]
+    metadata = args[5] if len(args) == 6 else None
+    dtype = storage.dtype if isinstance(storage, Storage) else None
+    return _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, None, dtype, metadata)
 
 
 def _rebuild_tensor_v3(
