@@ -634,3 +634,13 @@ def test_every_kind_of_tensor_reads_as_torch_load_reads_it(tmp_path):
             assert b.is_conj() == a.is_conj()
             a, b = a.resolve_conj(), b.resolve_conj()
             assert torch.equal(b.view(torch.uint8), a.view(torch.uint8)), k
+
+
+def test_skipped_entries_are_named_at_every_level_of_the_path(tmp_path):
+    sd = _copies(1)[0]
+    path = tmp_path / "n.pth"
+    torch.save({"model": {"module": sd, "cfg": HParams()}, "hp": HParams(), "epoch": 1}, path)
+    model = SmallCNN()
+    report = surgery.load_partial(model, path, strict=True)
+    assert_same_state(model, sd)
+    assert any("not read: 'hp', 'model.cfg'" in n for n in report.notes), report.notes

@@ -56,7 +56,7 @@ class TorchFileSource(MemorySource):
             other_entries=found.other_entries,
         )
         self.notes.extend(loaded.notes)
-        self.notes.extend(_skipped(loaded, path))
+        self.notes.extend(_skipped(loaded, path, found.container))
         # key -> (byte offset of its first element in the file, its storage's byte span).
         self._offsets: dict[str, int] = {}
         self._file = OffsetReader(str(path), self.description)
@@ -171,11 +171,19 @@ def _unwrap(loaded: TorchObject, entry: str | None, path: Path) -> Unwrapped:
     return found
 
 
-def _skipped(loaded: TorchObject, path: Path) -> list[str]:
-    """The note for entries skipped unread because they hold objects of refused classes."""
-    if not loaded.refused or not isinstance(loaded.value, Mapping):
+def _skipped(loaded: TorchObject, path: Path, container: list[str]) -> list[str]:
+    """The note for entries skipped unread because they hold objects of refused classes: the
+    entries beside the state dict, at each level of the path to it (dotted)."""
+    if not loaded.refused:
         return []
-    entries = [str(k) for k, v in loaded.value.items() if refused_in(v)]
+    entries, node, prefix = [], loaded.value, ""
+    for part in [*container, None]:
+        if not isinstance(node, Mapping):
+            break
+        entries += [prefix + str(k) for k, v in node.items() if k != part and refused_in(v)]
+        if part is None:
+            break
+        node, prefix = node[part], f"{prefix}{part}."
     return [
         f"{path.name}: not read: {', '.join(repr(e) for e in entries) or 'some entries'} "
         f"(pickled {', '.join(loaded.refused)}; not needed for the weights). To read them "
