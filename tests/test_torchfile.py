@@ -28,6 +28,7 @@ from torch import nn
 import surgery
 from surgery import cli
 from surgery.errors import CheckpointError, SurgeryError, UnsafeCheckpointError, UsageError
+from surgery.sources.torchfile import load_object
 from surgery.sources.torchformat import read_torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -584,6 +585,9 @@ def test_a_torch_zip_inside_a_larger_file_is_read_at_its_window(tmp_path):
     for window in ((0, 1000), (1000, len(blob) // 2), (len(raw) - 5, 100), (-1, 10)):
         with pytest.raises(CheckpointError, match="distcp"):
             read_torch(path, kind="zip", window=window)
+    # The same through load_object, as a DCP reader calls it.
+    obj = load_object(path, window=(1000, len(blob)))
+    assert torch.equal(obj["v"], expected["v"])
 
 
 def test_every_kind_of_tensor_reads_as_torch_load_reads_it(tmp_path):

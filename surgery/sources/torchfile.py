@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UsageError
 from .filebytes import OffsetReader
 from .memory import MemorySource
 from .pickle_safety import trusted_load
@@ -100,10 +100,13 @@ def load_object(
     mmap: bool = True,
     allow_globals: Iterable[Any] | None = None,
     stub_refused: bool = False,
+    window: tuple[int, int] | None = None,
 ) -> Any:
     """The whole object a ``torch.save`` file holds (a training checkpoint, an optimizer or
     scheduler state), read as :class:`TorchFileSource` reads it: surgery's restricted
     unpickler unless ``trust_pickle``, ``allow_globals`` admitting more classes for this read.
+    ``window=(offset, length)`` reads the ``torch.save`` zip lying there inside a larger file
+    (a ``torch.distributed.checkpoint`` ``.distcp`` blob; never with ``trust_pickle``).
 
     An object of a class outside the allow-list is refused (:class:`UnsafeCheckpointError`
     naming every such global), or with ``stub_refused=True`` left in place as an inert
@@ -115,7 +118,13 @@ def load_object(
         >>> sorted(obj)  # doctest: +SKIP
         ['param_groups', 'state']
     """
-    loaded = _read(path, trust_pickle, mmap, allow_globals)
+    if window is None:
+        loaded = _read(path, trust_pickle, mmap, allow_globals)
+    elif trust_pickle:
+        raise UsageError("load_object(window=...) reads with surgery's unpickler only")
+    else:
+        extra = allowed_from(allow_globals)
+        loaded = read_torch(path, kind="zip", allowed=extra, mmap=mmap, window=window)
     if loaded.refused and not stub_refused:
         raise unsafe_error(str(path), loaded.refused)
     return loaded.value
