@@ -238,7 +238,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         f"tensors:    {info['tensors']}, {format_count(info['elements'])} elements, "
         f"{info['bytes'] / 2**20:.1f} MiB",
         "dtypes:     " + ", ".join(f"{d} ({n})" for d, n in info["dtypes"].items()),
-        *(f"note:       {n}" for n in info["notes"]),
+        *(f"note:       {_cli_words(n)}" for n in info["notes"]),
         "keys:",
         *tree,
     ]

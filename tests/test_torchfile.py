@@ -376,7 +376,8 @@ def test_command_line_imports_only_what_the_user_names(modeling_folder, monkeypa
             err = capsys.readouterr().err
             assert "modeling_x.Thing" in err and "--allow-global MODULE.NAME for each" in err
     assert cli.main(["inspect", "beside.pt"]) == 0
-    assert "not read: 'cfg'" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "not read: 'cfg'" in out and "--allow-global MODULE.NAME for each" in out
     assert "modeling_x" not in sys.modules and not (modeling_folder / "IMPORTED").exists()
     assert cli.main(["inspect", "inside.pt", "--allow-global", "no_such_mod.Thing"]) == 2
     assert "cannot be found" in capsys.readouterr().err
