@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +55,7 @@ def apply_plan(
     dry_run: bool = False,
     progress: bool | None = None,
     device: str | torch.device | None = None,
+    allow_globals: Iterable[Any] | None = None,
 ) -> LoadReport:
     """Check ``plan`` against ``model``, load what it says, and report what happened.
 
@@ -67,6 +69,8 @@ def apply_plan(
     for loads over about 1 GB, ``True`` always, ``False`` never. Tensors load onto the
     model's device whatever device the checkpoint was saved from; ``device`` places a meta
     model (see :func:`empty_init`) on that device (default CPU), see :func:`check_device`.
+    ``allow_globals`` admits pickled classes when the checkpoint is read (default: those the
+    plan was made with; a plan read back from JSON has none).
 
     Example:
         >>> plan = surgery.plan_load(model, "resnet18.pth")  # doctest: +SKIP
@@ -106,15 +110,16 @@ def apply_plan(
                 f"the plan for {plan.source} has no checkpoint to read (it was made from an "
                 "in-memory dict or module and saved); pass ckpt= to apply"
             )
-        if _dist.is_sharded(model):  # DTensor parameters: every rank applies the same plan
-            return apply_sharded_plan(
-                checked,
-                model,
-                state,
-                lambda: open_source(ckpt, entry=plan.entry, trust_pickle=plan.trust_pickle),
-                adapter,
+        allowed = plan.allow_globals if allow_globals is None else allow_globals
+
+        def open_() -> CheckpointSource:
+            return open_source(
+                ckpt, entry=plan.entry, trust_pickle=plan.trust_pickle, allow_globals=allowed
             )
-        source = open_source(ckpt, entry=plan.entry, trust_pickle=plan.trust_pickle)
+
+        if _dist.is_sharded(model):  # DTensor parameters: every rank applies the same plan
+            return apply_sharded_plan(checked, model, state, open_, adapter)
+        source = open_()
         try:
             return run(checked, model, state, source, adapter, progress, dev)
         finally:

@@ -1,6 +1,6 @@
 """The ``surgery`` command: look inside a checkpoint, or dry-run loading it into a model.
 
-    surgery inspect CKPT [--key K] [--depth D] [--json]
+    surgery inspect CKPT [--key K] [--depth D] [--json] [--allow-global MODULE.NAME]
     surgery diff CKPT --model SPEC [--num-classes N] [--remap REGEX=REPL] [--skip GLOB] [--json]
     surgery match SRC_SPEC DST_SPEC --input 1,3,224,224 [--rules] [--json]
     python -m surgery ...          (the same command)
@@ -13,6 +13,7 @@ checkpoint lacks (a ViT's ``pos_embed``) are reported missing. The current direc
 importable, as with ``python -m``: ``--model mypkg.models:build_net`` and ``--import
 mypkg.models`` work from the folder holding ``mypkg``.
 Text from the checkpoint (key names, entry names) is printed with control characters escaped.
+A refused pickle is explained from the names of the classes it holds: nothing is imported.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import json
 import os
 import re
 import sys
-import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -215,7 +215,12 @@ def _inspect(source: CheckpointSource, depth: int) -> dict:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    source = open_source(args.checkpoint, entry=args.key, trust_pickle=args.trust_pickle)
+    source = open_source(
+        args.checkpoint,
+        entry=args.key,
+        trust_pickle=args.trust_pickle,
+        allow_globals=args.allow_globals,
+    )
     try:
         info = _inspect(source, args.depth)
     finally:
@@ -234,7 +239,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         f"tensors:    {info['tensors']}, {format_count(info['elements'])} elements, "
         f"{info['bytes'] / 2**20:.1f} MiB",
         "dtypes:     " + ", ".join(f"{d} ({n})" for d, n in info["dtypes"].items()),
-        *(f"note:       {n}" for n in info["notes"]),
+        *(f"note:       {_cli_words(n)}" for n in info["notes"]),
         "keys:",
         *tree,
     ]
@@ -294,6 +299,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         skip=args.skip,
         dry_run=True,
         trust_pickle=args.trust_pickle,
+        allow_globals=args.allow_globals,
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -370,6 +376,10 @@ def _raw(text: str | None) -> str:
 # The library's advice names Python arguments; on the command line these are options.
 _CLI_WORDS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"trust_pickle=True"), "--trust-pickle"),
+    (
+        re.compile(r"allow_globals=\[\.\.\.\] naming (them|it)"),
+        "--allow-global MODULE.NAME for each",
+    ),
     (re.compile(r"\bkey=(('[^']*'|\"[^\"]*\"))"), r"--key \1"),
     (re.compile(r"\bkey= "), "--key "),
     (re.compile(r"\bentry=(('[^']*'|\"[^\"]*\"))"), r"--key \1"),
@@ -391,43 +401,21 @@ def _cli_words(message: str) -> str:
     return message
 
 
-def _pickle_globals(path: str) -> list[str]:
-    """'module.Name' of each global a torch zip checkpoint's pickle names (empty if unknown)."""
-    getter = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
-    try:
-        if getter is None or not zipfile.is_zipfile(path):
-            return []
-        return list(getter(path))
-    except Exception:  # the load error itself says what is wrong with the file
-        return []
-
-
-def _unresolved(names: list[str]) -> list[str]:
-    out = []
-    for name in names:
-        module, _, attr = name.rpartition(".")
-        try:
-            obj: Any = importlib.import_module(module)
-            for part in attr.split("."):
-                obj = getattr(obj, part)
-        except Exception:
-            out.append(name)
-    return out
-
-
-def _pickle_advice(missing: list[str]) -> str:
-    """What a command-line user can do about classes a pickled checkpoint cannot find."""
-    in_main = [n.removeprefix("__main__.") for n in missing if n.startswith("__main__.")]
-    elsewhere = [n for n in missing if not n.startswith("__main__.")]
+def _pickle_advice(names: list[str], *, refused: bool) -> str:
+    """What a command-line user can do about the pickled classes a checkpoint names, worded
+    from the names alone: nothing is imported to explain a refusal."""
+    in_main = [n.removeprefix("__main__.") for n in names if n.startswith("__main__.")]
+    elsewhere = [n for n in names if not n.startswith("__main__.")]
     parts = []
     if in_main:
         parts.append(
             f"The file was pickled by a script that defined {', '.join(in_main)} itself "
-            "(as __main__); pass --import MODULE naming a module that defines "
-            f"{'it' if len(in_main) == 1 else 'them'} (run from the folder that holds it; a "
-            "script is imported without running its `if __name__ == '__main__':` block)."
+            f"(as __main__); {'with --trust-pickle, ' if refused else ''}pass --import MODULE "
+            f"naming a module that defines {'it' if len(in_main) == 1 else 'them'} (run from "
+            "the folder that holds it; a script is imported without running its "
+            "`if __name__ == '__main__':` block)."
         )
-    if elsewhere:
+    if elsewhere and not refused:
         parts.append(
             f"Cannot import {', '.join(elsewhere)}: run from the folder that holds "
             f"{elsewhere[0].split('.')[0]}, install it, or pass --import MODULE."
@@ -437,22 +425,18 @@ def _pickle_advice(missing: list[str]) -> str:
 
 def _message(e: SurgeryError, args: argparse.Namespace) -> str:
     message = _cli_words(str(e))
-    if not isinstance(e, CheckpointError):
-        return message
-    if not getattr(args, "checkpoint", None):
-        return message
-    missing = _unresolved(_pickle_globals(args.checkpoint))
-    if not missing:
+    names = getattr(e, "globals", None)
+    if not isinstance(e, CheckpointError) or not names:
         return message
     if isinstance(e, UnsafeCheckpointError):  # refused: say what --trust-pickle will need
-        return message + "\n" + _pickle_advice(missing)
-    if args.trust_pickle:  # trusted, and classes are missing: the library's advice is Python's
-        return (
-            f"'{args.checkpoint}' holds a pickled model whose classes cannot be found: "
-            f"{', '.join(missing)}. {_pickle_advice(missing)} Better, re-save it once as a "
-            "plain state dict: torch.save(model.state_dict(), path)."
-        )
-    return message
+        advice = _pickle_advice(names, refused=True)
+        return message + ("\n" + advice if advice else "")
+    # trusted, and classes are missing: the library's advice is Python's
+    return (
+        f"'{args.checkpoint}' holds a pickled model whose classes cannot be found: "
+        f"{', '.join(names)}. {_pickle_advice(names, refused=False)} Better, re-save it once "
+        "as a plain state dict: torch.save(model.state_dict(), path)."
+    )
 
 
 # --------------------------------------------------------------------------- entry point
@@ -527,6 +511,15 @@ def _parser() -> argparse.ArgumentParser:
         "--trust-pickle",
         action="store_true",
         help="allow arbitrary pickled objects (only for files you trust)",
+    )
+    common.add_argument(
+        "--allow-global",
+        dest="allow_globals",
+        action="append",
+        default=[],
+        metavar="MODULE.NAME",
+        help="let safe loading read objects of this class (repeatable), for plain data you "
+        "trust, e.g. omegaconf.dictconfig.DictConfig; nothing else in the file runs",
     )
     common.add_argument(
         "--import",

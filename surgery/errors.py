@@ -28,7 +28,10 @@ class CheckpointError(SurgeryError):
 
 
 class UnsafeCheckpointError(CheckpointError):
-    """The file holds pickled objects that ``weights_only=True`` refuses to load."""
+    """The file holds pickled objects that safe loading refuses (classes outside the allow-list,
+    TorchScript code, numpy object arrays); ``globals`` lists the class names where known."""
+
+    globals: tuple[str, ...] | list[str] = ()
 
 
 class LoadError(SurgeryError, RuntimeError):

@@ -39,6 +39,7 @@ def load_partial(
     prefix: Literal["auto"] | None = "auto",
     skip: Selector | Iterable[Selector] | None = None,
     trust_pickle: bool = False,
+    allow_globals: Iterable[Any] | None = None,
     on_mismatch: OnMismatch = "skip",
     key: str | None = None,
     progress: bool | None = None,
@@ -48,7 +49,10 @@ def load_partial(
 
     ``ckpt`` is anything :func:`read_checkpoint` takes; ``entry`` picks the container entry
     holding the state dict (e.g. ``entry="state_dict_ema"``; ``key=`` is its deprecated old
-    name). Keys are mapped by ``remap`` (dict of renames, list of ``(regex, replacement)``
+    name). Pickles are read without running code (see :func:`read_checkpoint`):
+    ``allow_globals=[cls, "module.Name"]`` admits more classes for this load, and
+    ``trust_pickle=True`` loads with ``torch.load(weights_only=False)`` (files you trust only).
+    Keys are mapped by ``remap`` (dict of renames, list of ``(regex, replacement)``
     rules, or a callable; ``None`` drops a key), then by the leading-prefix rewrite
     (``module.``, ``_orig_mod.``, ``backbone.``, ...) that matches the most keys
     (``prefix="auto"``; ``None`` turns it off). ``skip`` selects model keys never to load
@@ -99,11 +103,14 @@ def load_partial(
             model,
             ckpt,
             dry_run=dry_run,
+            allow_globals=allow_globals,
             **dict(entry=entry, remap=remap, prefix=prefix, skip=skip),
             **dict(on_mismatch=on_mismatch, strict=strict, trust_pickle=trust_pickle),
         )
     with gc_paused():
-        source = open_source(ckpt, entry=entry, trust_pickle=trust_pickle)
+        source = open_source(
+            ckpt, entry=entry, trust_pickle=trust_pickle, allow_globals=allow_globals
+        )
         try:
             state = model.state_dict(keep_vars=True)
             dev = check_device(state, device)
@@ -125,7 +132,12 @@ def load_partial(
 
 
 def _load_sharded(
-    model: nn.Module, ckpt: CheckpointLike, *, dry_run: bool, **options: Any
+    model: nn.Module,
+    ckpt: CheckpointLike,
+    *,
+    dry_run: bool,
+    allow_globals: Iterable[Any] | None,
+    **options: Any,
 ) -> LoadReport:
     """``load_partial`` on a sharded model: every rank plans from metadata (global shapes),
     the ranks agree before any write, then each reads its own shards (surgery/distributed.py).
@@ -134,7 +146,9 @@ def _load_sharded(
     entry, trust_pickle = options["entry"], options["trust_pickle"]
 
     def open_() -> CheckpointSource:
-        return open_source(ckpt, entry=entry, trust_pickle=trust_pickle)
+        return open_source(
+            ckpt, entry=entry, trust_pickle=trust_pickle, allow_globals=allow_globals
+        )
 
     def make(source: CheckpointSource) -> LoadPlan:
         return make_plan(model, source, ckpt=ckpt, refuse_empty=not dry_run, state=state, **options)

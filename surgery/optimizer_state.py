@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import warnings
-import zipfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,8 +25,9 @@ from ._keymap import Remap, apply_prefix, apply_remap, describe_prefix, detect_p
 from ._select import match_keys
 from ._table import _StatusTable, first_n_lines, format_shape, status_rows
 from .checkpoint import read_checkpoint
-from .errors import CheckpointError, OptimizerStateError, UnsafeCheckpointError, UsageError
+from .errors import CheckpointError, OptimizerStateError, UsageError
 from .report import Mismatch
+from .sources.torchfile import load_object
 
 __all__ = ["OptimizerReport", "optimizer_state", "restore_optimizer", "restore_scheduler"]
 
@@ -242,6 +242,7 @@ def restore_optimizer(
     on_mismatch: Literal["reset", "error"] | StateAdapter = "reset",
     entry: str | None = None,
     trust_pickle: bool = False,
+    allow_globals: Iterable[Any] | None = None,
 ) -> OptimizerReport:
     """Give each parameter of a new optimizer the old state of the parameter it was.
 
@@ -264,7 +265,8 @@ def restore_optimizer(
     shape did not change) start fresh. Old state of another shape is reset (``"reset"``),
     refused (``"error"``) or passed per state tensor to ``on_mismatch(name, old_value,
     new_param) -> Tensor | None`` (``None`` resets that parameter). The optimizer's whole
-    state is replaced, only after every check passed: on any error it is unchanged.
+    state is replaced, only after every check passed: on any error it is unchanged. A path is
+    read as :func:`load_partial` reads it (``trust_pickle``, ``allow_globals``).
 
     Example:
         >>> model = torchvision.models.resnet18(num_classes=10)  # doctest: +SKIP
@@ -285,7 +287,9 @@ def restore_optimizer(
             "on_mismatch must be 'reset', 'error' or a callable (name, old_value, new_param) "
             f"-> Tensor | None, not {on_mismatch!r}"
         )
-    old = _read_old(old_state, names=names, entry=entry, trust_pickle=trust_pickle)
+    old = _read_old(
+        old_state, names=names, entry=entry, trust_pickle=trust_pickle, allow_globals=allow_globals
+    )
     report = OptimizerReport(
         source=old.description,
         optimizer=type(optimizer).__name__,
@@ -479,19 +483,10 @@ def _param_names(model: nn.Module) -> dict[int, str]:
 # --------------------------------------------------------------------------- reading
 
 
-def _load_file(path: Path, trust_pickle: bool) -> Any:
+def _load_file(path: Path, trust_pickle: bool, allow_globals: Iterable[Any] | None) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
-    try:
-        mmap = zipfile.is_zipfile(path)
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
-    except Exception as e:  # the unpickler raises anything on junk
-        if "Weights only load failed" in str(e):
-            raise UnsafeCheckpointError(
-                f"'{path}' holds pickled Python objects that weights_only loading refuses. If "
-                "you trust this file, pass trust_pickle=True."
-            ) from None
-        raise CheckpointError(f"cannot read checkpoint '{path}': {e}") from None
+    return load_object(path, trust_pickle=trust_pickle, allow_globals=allow_globals)
 
 
 def _is_optimizer_dict(obj: Any) -> bool:
@@ -577,12 +572,17 @@ def _suffix(path: list[str]) -> str:
 
 
 def _read_old(
-    old_state: Any, *, names: Names | None, entry: str | None, trust_pickle: bool
+    old_state: Any,
+    *,
+    names: Names | None,
+    entry: str | None,
+    trust_pickle: bool,
+    allow_globals: Iterable[Any] | None = None,
 ) -> _Old:
     if isinstance(old_state, (str, os.PathLike)):
         path = Path(old_state).expanduser()
         where = str(path)
-        obj = _load_file(path, trust_pickle)
+        obj = _load_file(path, trust_pickle, allow_globals)
     elif isinstance(old_state, Mapping):
         where, obj = "<dict>", old_state
     else:
@@ -841,6 +841,7 @@ def restore_scheduler(
     *,
     entry: str | None = None,
     trust_pickle: bool = False,
+    allow_globals: Iterable[Any] | None = None,
 ) -> int:
     """Bring a new LR scheduler to the step an old one had reached; returns that step.
 
@@ -864,7 +865,7 @@ def restore_scheduler(
     """
     if isinstance(old_state, (str, os.PathLike)):
         path = Path(old_state).expanduser()
-        obj, where = _load_file(path, trust_pickle), str(path)
+        obj, where = _load_file(path, trust_pickle, allow_globals), str(path)
     elif isinstance(old_state, Mapping):
         obj, where = old_state, "<dict>"
     else:

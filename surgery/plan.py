@@ -214,6 +214,7 @@ class LoadPlan:
     trust_pickle: bool = False
     checkpoint: Any = field(default=None, compare=False)
     adapter: Adapter | None = field(default=None, compare=False)
+    allow_globals: tuple[Any, ...] = field(default=(), compare=False)
 
     # ------------------------------------------------------------------ reading
 
@@ -405,6 +406,7 @@ class LoadPlan:
         dry_run: bool = False,
         progress: bool | None = None,
         device: str | torch.device | None = None,
+        allow_globals: Iterable[Any] | None = None,
     ) -> LoadReport:
         """Check the plan against ``model`` and carry it out; see :func:`surgery.apply_plan`.
 
@@ -421,6 +423,7 @@ class LoadPlan:
             dry_run=dry_run,
             progress=progress,
             device=device,
+            allow_globals=allow_globals,
         )
 
     # ------------------------------------------------------------------ saving
@@ -568,12 +571,14 @@ def plan_load(
     on_mismatch: OnMismatch = "skip",
     strict: bool = False,
     trust_pickle: bool = False,
+    allow_globals: Iterable[Any] | None = None,
 ) -> LoadPlan:
     """Plan loading ``ckpt`` into ``model`` without reading a tensor or touching the model.
 
     Takes the arguments of :func:`surgery.load_partial` (``entry`` picks the container entry
-    holding the state dict, e.g. ``entry="state_dict_ema"``) and raises what it raises
-    (strict failures, key collisions, nothing matched, meta tensors nothing initialises, bad
+    holding the state dict, e.g. ``entry="state_dict_ema"``; ``allow_globals`` is kept on the
+    plan for :meth:`LoadPlan.apply`, not saved by :meth:`LoadPlan.to_dict`) and raises what it
+    raises (strict failures, key collisions, nothing matched, meta tensors nothing initialises, bad
     arguments). Only names, shapes and dtypes are read; adapters run at apply time. Review the
     plan (``print(plan)``), edit it, save it with ``json.dumps(plan.to_dict())``, then
     ``plan.apply(model)``.
@@ -586,9 +591,11 @@ def plan_load(
     """
     check_args(model, entry, prefix, on_mismatch, strict, trust_pickle, "plan_load")
     with gc_paused():
-        source = open_source(ckpt, entry=entry, trust_pickle=trust_pickle)
+        source = open_source(
+            ckpt, entry=entry, trust_pickle=trust_pickle, allow_globals=allow_globals
+        )
         try:
-            return make_plan(
+            plan = make_plan(
                 model,
                 source,
                 ckpt=ckpt,
@@ -603,6 +610,8 @@ def plan_load(
             )
         finally:
             source.close()
+    plan.allow_globals = tuple(allow_globals or ())
+    return plan
 
 
 def require_module(model: Any, fn: str) -> None:

@@ -1,8 +1,9 @@
 """Property test: mutated checkpoint files raise nothing but SurgeryError, model unchanged.
 
-Small valid ``.safetensors``, ``.pth`` (zip) and ``*.index.json`` files and a DCP folder are
-built once, then hypothesis flips bytes, truncates them, rewrites the index JSON or points
-the DCP storage entries elsewhere. ``read_checkpoint``,
+Small valid ``.safetensors``, ``.pth`` (zip, protocol 2 and 4; legacy), raw ``.pkl`` (numpy)
+and ``*.index.json`` files and a DCP folder are built once, then hypothesis flips bytes,
+truncates them, rewrites the index JSON or points the DCP storage entries elsewhere.
+``read_checkpoint``,
 ``load_partial`` and ``surgery inspect`` must each either succeed or raise a ``SurgeryError``,
 and a refused load leaves the model bit-for-bit as it was. A fixed example budget keeps it in
 the suite (``slow``); tests/fuzz/fuzz_load.py runs the same checks under atheris for longer.
@@ -60,11 +61,18 @@ def _originals() -> dict[str, bytes]:
         folder = Path(d)
         save_file(_state(), folder / "m.safetensors")
         torch.save(_state(), folder / "m.pth")
+        torch.save(_state(), folder / "m4.pth", pickle_protocol=4)
+        torch.save(_state(), folder / "legacy.pth", _use_new_zipfile_serialization=False)
+        arrays = {k: v.numpy() for k, v in _state().items()}
+        (folder / "m.pkl").write_bytes(pickle.dumps({"model": arrays}, protocol=2))
         # Outside the checkpoint's folder: values no load may ever bring in.
         save_file({k: torch.full_like(v, 7) for k, v in _state().items()}, folder / "o")
         return {
             "m.safetensors": (folder / "m.safetensors").read_bytes(),
             "m.pth": (folder / "m.pth").read_bytes(),
+            "m4.pth": (folder / "m4.pth").read_bytes(),
+            "legacy.pth": (folder / "legacy.pth").read_bytes(),
+            "m.pkl": (folder / "m.pkl").read_bytes(),
             "outside": (folder / "o").read_bytes(),
         }
 
@@ -131,7 +139,7 @@ def _mutate(data: bytes, edits: list[tuple[int, int]], cut: int | None) -> bytes
 
 @_SETTINGS
 @hypothesis.given(
-    name=st.sampled_from(["m.pth", "m.safetensors"]),
+    name=st.sampled_from(["m.pth", "m4.pth", "legacy.pth", "m.pkl", "m.safetensors"]),
     edits=_edits,
     cut=st.none() | st.integers(0, 1 << 20),
     header_bias=st.booleans(),

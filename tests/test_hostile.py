@@ -23,7 +23,7 @@ from torch import nn
 import surgery
 from surgery import cli
 from surgery.errors import CheckpointError, LoadError, SurgeryError, UnsafeCheckpointError
-from surgery.sources import torchfile
+from surgery.sources import torchformat
 
 apply_module = importlib.import_module("surgery.apply")
 
@@ -265,7 +265,7 @@ def test_pickle_record_inflating_too_far_is_refused_before_torch_reads_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     torch.save(values(), tmp_path / "ok.pth")
-    monkeypatch.setattr(torchfile, "_MAX_PICKLE", 64)
+    monkeypatch.setattr(torchformat, "MAX_PICKLE", 64)
 
     def no_load(*args: object, **kwargs: object) -> None:
         raise AssertionError("torch.load was called")
@@ -283,13 +283,15 @@ def test_failed_load_leaves_no_pending_sparse_tensors(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("protocol", [4, 5])
-def test_pickle_protocol_4_and_5_are_named(tmp_path: Path, protocol: int) -> None:
+def test_pickle_protocol_4_and_5_load_without_trust(tmp_path: Path, protocol: int) -> None:
+    # torch's weights-only loader stops at their opcodes; surgery's unpickler reads them.
     path = tmp_path / "p.pth"
     torch.save(values(), path, pickle_protocol=protocol)
-    with pytest.raises(CheckpointError, match=f"pickle protocol {protocol}.*trust_pickle=True"):
-        surgery.read_checkpoint(path)
-    sd = surgery.read_checkpoint(path, trust_pickle=True)
-    assert torch.equal(sd["a"], values()["a"])
+    expected = torch.load(path, weights_only=False)  # the oracle: trusted, for this file
+    sd = surgery.read_checkpoint(path)
+    assert sd.keys() == expected.keys()
+    assert all(torch.equal(sd[k], expected[k]) for k in expected)
+    assert torch.equal(surgery.read_checkpoint(path, trust_pickle=True)["a"], expected["a"])
 
 
 def test_legacy_tar_file_is_named(tmp_path: Path) -> None:
@@ -333,3 +335,49 @@ def test_uncopiable_tensor_in_a_shard_is_refused_before_any_write(tmp_path: Path
     index = tmp_path / "pytorch_model.bin.index.json"
     index.write_text(json.dumps({"weight_map": {"a": "s1.bin", "b": "s2.bin"}}))
     assert_refused(index, "sparse_coo")
+
+
+# --------------------------------------------------------------------------- hostile pickles
+
+
+def torch_zip(path: Path, data_pkl: bytes, records: dict[str, bytes] | None = None) -> Path:
+    """A torch zip file whose pickle record is ``data_pkl`` (written by hand)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("archive/data.pkl", data_pkl)
+        zf.writestr("archive/byteorder", "little")
+        for key, data in (records or {}).items():
+            zf.writestr(f"archive/data/{key}", data)
+    return path
+
+
+STORAGE = (  # the persistent id ('storage', torch.FloatStorage, '0', 'cpu', 4)
+    b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQ"
+)
+HOSTILE_PICKLES = {
+    # torch.Tensor(2**40) would allocate 4 TB: the class is a marker, not a callable
+    "tensor-call": b"\x80\x02ctorch\nTensor\nJ\x00\x00\x00\x40\x85R.",
+    # numpy.ndarray.__new__(ndarray, (2**40,)): likewise
+    "ndarray-new": b"\x80\x02cnumpy\nndarray\nJ\x00\x00\x00\x40\x85\x85\x81.",
+    # a tensor whose saved attributes replace its data with another storage's
+    "set-data": b"\x80\x02ctorch._tensor\n_rebuild_from_type_v2\n"
+    b"(ctorch._utils\n_rebuild_tensor_v2\nctorch\nTensor\n("
+    + STORAGE
+    + b"K\x00K\x04\x85K\x01\x85\x89ccollections\nOrderedDict\n)Rt"
+    b"}X\x04\x00\x00\x00dataK\x01stR.",
+    # items written into a tensor of the file (its copy-on-write mapping)
+    "setitem-tensor": b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n("
+    + STORAGE
+    + b"K\x00K\x04\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtRK\x00K\x07s.",
+    # state set on torch.Size, a dtype, a storage type
+    "build-size": b"\x80\x02ctorch\nSize\n)R}X\x01\x00\x00\x00aK\x01sb.",
+    "build-dtype": b"\x80\x02ctorch\nfloat32\nN}X\x01\x00\x00\x00aK\x01s\x86b.",
+    "build-storage-type": b"\x80\x02ctorch\nFloatStorage\nN}X\x05\x00\x00\x00dtypeK\x01s\x86b.",
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_PICKLES))
+def test_hostile_pickles_are_refused_quickly(tmp_path: Path, name: str) -> None:
+    path = torch_zip(tmp_path / f"{name}.pth", HOSTILE_PICKLES[name], {"0": bytes(16)})
+    err = assert_refused(path, f"{name}.pth")
+    assert isinstance(err, CheckpointError)
+    assert torch.float32.itemsize == 4 and torch.FloatStorage is torch.FloatStorage

@@ -260,16 +260,23 @@ def test_timm_training_checkpoint_with_namespace_args_loads_without_trust(tmp_pa
     # Allowed for that load only, not registered for the whole process.
     assert argparse.Namespace not in torch.serialization.get_safe_globals()
 
-    class Custom:  # anything else is still refused, naming it
+    class Custom:  # anything else is not read: beside the weights it is skipped, and said
         pass
 
     globals()["Custom"] = Custom
     Custom.__module__, Custom.__qualname__ = __name__, "Custom"
     torch.save({"state_dict": src.state_dict(), "args": Custom()}, tmp_path / "other.pth")
     fresh = timm.create_model("resnet10t", num_classes=5)
+    report = surgery.load_partial(fresh, tmp_path / "other.pth", strict=True)
+    assert_same_state(fresh, snapshot(src))
+    assert any("'args'" in n and f"{__name__}.Custom" in n for n in report.notes)
+    # Inside the state dict it is refused, naming it.
+    sd = {**src.state_dict(), "extra": Custom()}
+    torch.save({"state_dict": sd}, tmp_path / "inside.pth")
+    fresh = timm.create_model("resnet10t", num_classes=5)
     before = snapshot(fresh)
     with pytest.raises(surgery.UnsafeCheckpointError, match="Custom"):
-        surgery.load_partial(fresh, tmp_path / "other.pth")
+        surgery.load_partial(fresh, tmp_path / "inside.pth")
     assert_same_state(fresh, before)
 
 

@@ -87,3 +87,79 @@ def test_allowed_from_objects_and_user_named_strings():
     for bad in ("no_such_module_xyz.Thing", 42, [42]):
         with pytest.raises(UsageError):
             allowed_from(bad if isinstance(bad, list) else [bad])
+
+
+# --------------------------------------------------------------------------- opcode rules
+
+
+def _refused(data: bytes, allowed=PLAIN_GLOBALS, match: str | None = None) -> str:
+    with pytest.raises(CheckpointError, match=match) as e:
+        restricted_loads(data, where="hostile.pkl", allowed=allowed)
+    return str(e.value)
+
+
+def test_state_is_never_set_on_a_class_or_a_function():
+    import argparse
+
+    allowed = {**PLAIN_GLOBALS, "argparse.Namespace": argparse.Namespace}
+    # BUILD with slot state on the class itself would set argparse.Namespace.__eq__.
+    evil = b"\x80\x02cargparse\nNamespace\nN}U\x06__eq__K\x01s\x86b."
+    _refused(evil, allowed, "sets the state of")
+    assert argparse.Namespace.__eq__ != 1
+    evil = b"\x80\x02c_codecs\nencode\nN}U\x0c__defaults__)s\x86b."
+    _refused(evil, allowed, "sets the state of")
+    # On an instance it is plain data, as torch's weights-only loader allows.
+    data = pickle.dumps(argparse.Namespace(a=1), protocol=2)
+    assert restricted_loads(data, where="f", allowed=allowed).value == argparse.Namespace(a=1)
+
+
+def test_allocations_are_bounded_by_the_input():
+    _refused(b"\x80\x02c__builtin__\nbytearray\nJ\x00\x00\x00\x40\x85R.", match="bytearray")
+    huge = b"\x80\x05\x96" + (1 << 40).to_bytes(8, "little") + b"."
+    _refused(huge, match="more than the pickle holds")
+
+
+def test_extension_codes_and_calls_of_unlisted_objects_are_refused():
+    import copyreg
+
+    copyreg.add_extension("collections", "OrderedDict", 0xF0)
+    try:
+        _refused(b"\x80\x02\x82\xf0)R.", match="extension")
+    finally:
+        copyreg.remove_extension("collections", "OrderedDict", 0xF0)
+    # A dict is no callable of the list: REDUCE on it is refused, not attempted.
+    _refused(b"\x80\x02})R.", match="calls")
+    # Items go into dicts, lists and sets only.
+    text = b"X\x01\x00\x00\x00aX\x06\x00\x00\x00latin1\x86R"
+    _refused(b"\x80\x02c_codecs\nencode\n" + text + b"K\x01K\x02s.", match="adds items")
+
+
+def test_keys_nested_too_deeply_to_hash_are_refused_without_a_crash():
+    # CPython hashes nested tuples recursively with no depth guard: a key like this used to
+    # crash the process. Checked in a child process, so that a crash fails only this test.
+    code = (
+        "import pickle\n"
+        "from surgery.errors import CheckpointError\n"
+        "from surgery.sources.unpickler import PLAIN_GLOBALS, restricted_loads\n"
+        "deep = b'\\x80\\x02}' + b')' + b'\\x85' * 1_000_000 + b'K\\x01s.'\n"
+        "try:\n"
+        "    restricted_loads(deep, where='f', allowed=PLAIN_GLOBALS)\n"
+        "except CheckpointError as e:\n"
+        "    print('refused' if 'too deeply' in str(e) else e)\n"
+    )
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "refused", (out.returncode, out.stderr)
+    shallow = pickle.dumps({((1, 2), 3): "ok", frozenset({(1,)}): 2}, protocol=4)
+    assert restricted_loads(shallow, where="f", allowed=PLAIN_GLOBALS).value[((1, 2), 3)] == "ok"
+
+
+def test_sequential_pickles_are_read_from_a_file():
+    import io
+
+    buf = io.BytesIO(pickle.dumps(1) + pickle.dumps([2, 3], protocol=4) + b"tail")
+    assert restricted_loads(buf, where="f", allowed={}).value == 1
+    second = restricted_loads(buf, where="f", allowed={})
+    assert second.value == [2, 3] and buf.read() == b"tail"

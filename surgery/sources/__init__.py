@@ -2,7 +2,10 @@
 
 - ``base``: the source protocol (``specs``, ``read``, ``read_into``, ``close``).
 - ``reading``: ``open_source`` / ``read_checkpoint``, picking a reader for a file.
-- ``torchfile``: ``torch.save`` files, mmap loading and byte offsets.
+- ``torchfile``: ``torch.save`` files and raw pickles as a source, tensors read by byte offset.
+- ``torchformat``: reading the zip, legacy and raw-pickle layouts without ``torch.load``.
+- ``torchglobals``: what their pickles may name (tensors rebuilt with every bound checked).
+- ``unpickler``: the one restricted unpickler (an allow-list; nothing a file names runs).
 - ``safetensors``: ``.safetensors`` files, header parsed once.
 - ``sharded``: ``*.index.json`` and folders.
 - ``dcp``: ``torch.distributed.checkpoint`` folders, planned from ``.metadata``.
@@ -10,7 +13,7 @@
 - ``dcp_files``: a DCP folder's data files, every chunk checked before the first read.
 - ``memory``: in-memory dicts and modules.
 - ``unwrap``: finding the state dict in a training checkpoint (pure functions).
-- ``pickle_safety``: ``torch.load`` with ``weights_only`` and classified failures.
+- ``pickle_safety``: the trusted path (``trust_pickle=True``): ``torch.load``, classified.
 - ``filebytes``: reading bytes at an offset straight into a tensor.
 """
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -17,6 +18,7 @@ from .memory import from_mapping, from_module
 from .safetensors import SafetensorsSource, looks_like_safetensors
 from .sharded import ShardedSource, pick_in_folder
 from .torchfile import SUFFIXES, TorchFileSource
+from .unpickler import allowed_from
 
 __all__ = ["open_file", "open_source", "read_checkpoint", "resolve_entry"]
 
@@ -28,18 +30,20 @@ def open_source(
     trust_pickle: bool = False,
     mmap: bool = True,
     key: str | None = None,
+    allow_globals: Iterable[Any] | None = None,
 ) -> CheckpointSource:
     """Open anything :func:`read_checkpoint` accepts as a lazy :class:`CheckpointSource`.
 
     Only names, shapes and dtypes are read here; tensors are read one at a time later. Call
     ``close()`` when done (tensors already read stay valid). ``key=`` is the old name of
-    ``entry=`` and warns.
+    ``entry=`` and warns. ``allow_globals`` as in :func:`read_checkpoint`.
 
     Example:
         >>> src = open_source("runs/last.ckpt", entry="state_dict_ema")  # doctest: +SKIP
         >>> sorted(src.specs)[:2], src.container, src.other_entries  # doctest: +SKIP
     """
     entry = resolve_entry(entry, key)
+    allowed_from(allow_globals)  # a bad entry is a UsageError whatever the checkpoint
     if isinstance(src, CheckpointSource):
         return src
     if isinstance(src, nn.Module):
@@ -60,7 +64,9 @@ def open_source(
             path = pick_in_folder(path)
         elif not path.exists():
             raise CheckpointError(f"checkpoint '{path}' does not exist")
-        return open_file(path, entry=entry, trust_pickle=trust_pickle, mmap=mmap)
+        return open_file(
+            path, entry=entry, trust_pickle=trust_pickle, mmap=mmap, allow_globals=allow_globals
+        )
     raise CheckpointError(
         f"cannot read a checkpoint from a {type(src).__name__}; pass a file path, a folder, "
         "a dict of tensors or an nn.Module"
@@ -74,24 +80,33 @@ def read_checkpoint(
     trust_pickle: bool = False,
     mmap: bool = True,
     key: str | None = None,
+    allow_globals: Iterable[Any] | None = None,
 ) -> dict[str, Tensor]:
     """Read a checkpoint into a flat ``{name: tensor}`` state dict.
 
-    Accepts ``.pt/.pth/.bin/.ckpt/.tar`` (``torch.load(weights_only=True)``), ``.safetensors``,
+    Accepts ``.pt/.pth/.bin/.ckpt/.tar`` files ``torch.save`` wrote (zip or legacy format,
+    any pickle protocol) and raw ``.pkl`` pickles of numpy arrays (detectron2), ``.safetensors``,
     a sharded ``*.index.json``, a folder holding one of these, a ``torch.distributed.checkpoint``
     (DCP) folder, a hub name
     (``hf-hub:org/name``, ``timm:NAME``, ``torchvision:WEIGHTS``; see :func:`surgery.hub_file`),
     a mapping or an ``nn.Module``.
     Training checkpoints are unwrapped (``state_dict``, ``model``, ``module``, ...); ``entry``
     picks the container entry explicitly (dotted for nesting, e.g. ``entry="ema"``; ``key=``
-    is its deprecated old name). Arbitrary pickled objects are refused unless
-    ``trust_pickle=True``. With ``mmap=True`` tensors of torch files are lazy views of the file.
+    is its deprecated old name). Pickles are read by surgery's own restricted unpickler,
+    which runs no code: it admits tensors and plain data, ``allow_globals=[cls, "mod.Name"]``
+    admits more classes for this read (as ``torch.serialization.safe_globals`` does), and
+    entries the weights do not need that hold other objects are skipped unread (said in the
+    notes). ``trust_pickle=True`` loads with ``torch.load(weights_only=False)`` instead,
+    running whatever the file holds: only for files you trust. With ``mmap=True`` tensors of
+    torch files are lazy views of the file.
 
     Example:
         >>> sd = surgery.read_checkpoint("runs/last.ckpt", entry="state_dict")  # doctest: +SKIP
     """
     entry = resolve_entry(entry, key)
-    source = open_source(src, entry=entry, trust_pickle=trust_pickle, mmap=mmap)
+    source = open_source(
+        src, entry=entry, trust_pickle=trust_pickle, mmap=mmap, allow_globals=allow_globals
+    )
     try:
         return {k: source.read(k) for k in source.specs}
     finally:
@@ -100,7 +115,12 @@ def read_checkpoint(
 
 
 def open_file(
-    path: Path, *, entry: str | None = None, trust_pickle: bool = False, mmap: bool = True
+    path: Path,
+    *,
+    entry: str | None = None,
+    trust_pickle: bool = False,
+    mmap: bool = True,
+    allow_globals: Iterable[Any] | None = None,
 ) -> CheckpointSource:
     """Open one checkpoint file by its kind: index, safetensors (by name or content), torch.
 
@@ -119,7 +139,10 @@ def open_file(
                 f"entry={entry!r} does not apply to the sharded checkpoint '{path}'"
             )
         return ShardedSource(
-            path, lambda shard: open_file(shard, trust_pickle=trust_pickle, mmap=mmap)
+            path,
+            lambda shard: open_file(
+                shard, trust_pickle=trust_pickle, mmap=mmap, allow_globals=allow_globals
+            ),
         )
     if name.endswith(".safetensors") or (not name.endswith(SUFFIXES) and _sniff_safetensors(path)):
         if entry is not None:
@@ -128,7 +151,9 @@ def open_file(
                 "tensor dict"
             )
         return SafetensorsSource(path)
-    return TorchFileSource(path, entry=entry, trust_pickle=trust_pickle, mmap=mmap)
+    return TorchFileSource(
+        path, entry=entry, trust_pickle=trust_pickle, mmap=mmap, allow_globals=allow_globals
+    )
 
 
 def resolve_entry(entry: str | None, key: str | None, *, stacklevel: int = 3) -> str | None:

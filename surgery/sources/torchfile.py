@@ -1,99 +1,89 @@
-"""``torch.save`` files: checked, loaded lazily with ``mmap=True``, read by byte offset.
+"""``torch.save`` files as a source: read by surgery's own unpickler, tensors read by offset.
 
-A torch zip file stores each storage as one uncompressed record. Loaded with ``mmap=True``,
-every storage is a slice of one mapping of the file, so a tensor's byte offset in the file is
-known, checked against the zip records, and ``read_into`` reads those bytes straight into the
-destination. Anything doubtful falls back to copying through the mapping.
+Without ``trust_pickle`` a file is read by :func:`~.torchformat.read_torch` (no ``torch.load``,
+no code run). Each storage is a slice of one private mapping of the file, so every tensor's
+byte offset in the file comes from the record its storage was built on, never from a guess;
+``read_into`` reads those bytes straight into the destination, through positioned reads that
+never touch the mapping (a file truncated during a load raises, it cannot crash the process).
+Entries the weights do not need (a Lightning checkpoint's hyper-parameters, callbacks) may hold
+objects of classes that are not allowed: they are skipped unread and said in the notes, while
+such an object inside the state dict is refused, naming it.
 """
 
 from __future__ import annotations
 
-import struct
-import sys
-import zipfile
-from collections.abc import Mapping
-from dataclasses import dataclass
+import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UsageError
 from .filebytes import OffsetReader
 from .memory import MemorySource
-from .pickle_safety import is_torchscript, torch_load
-from .unwrap import unwrap
+from .pickle_safety import trusted_load
+from .torchformat import TorchObject, read_torch, sniff
+from .torchglobals import ndarrays_to_tensors
+from .unpickler import allowed_from, refused_in, unsafe_error
+from .unwrap import Unwrapped, unwrap
 
 __all__ = ["SUFFIXES", "TorchFileSource", "load_object"]
 
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl")
 
-_ZIP_MAGIC = b"PK\x03\x04"
-# A pickle record (the structure: names, shapes, offsets) is about 100 bytes a tensor; a
-# million tensors fit in 256 MB. A larger one is a zip bomb, not a checkpoint.
-_MAX_PICKLE = 256 * 1024 * 1024
-# Legacy (pre-1.6) torch files start with a pickled magic number: binary pickles open with
-# the PROTO opcode, text pickles (pickle_protocol=0/1) with the number itself.
-_LEGACY_STARTS = (b"\x80", b"L119547037146038801333356")
-
 
 class TorchFileSource(MemorySource):
-    """A ``torch.save`` file, unwrapped to its state dict; offset-backed where mmap allows."""
+    """A ``torch.save`` file (zip or legacy) or a raw pickle of arrays, unwrapped to its state
+    dict; tensors located in the file are read from it by offset."""
 
     def __init__(
-        self, path: Path, *, entry: str | None = None, trust_pickle: bool = False, mmap: bool = True
+        self,
+        path: Path,
+        *,
+        entry: str | None = None,
+        trust_pickle: bool = False,
+        mmap: bool = True,
+        allow_globals: Iterable[Any] | None = None,
     ) -> None:
-        is_zip = _check_format(path, trust_pickle)
-        notes = []
-        facts = _zip_facts(path) if is_zip else None
-        if not is_zip and mmap:
-            mmap = False
-            notes.append(
-                f"{path.name}: legacy (non-zip) torch format cannot be memory-mapped; loaded "
-                "into memory. Re-save with torch.save to load it lazily."
-            )
-        if is_zip and mmap and trust_pickle and is_torchscript(path):
-            mmap = False  # torch.jit.load reads the archive into memory
-            notes.append(f"{path.name}: TorchScript archive, loaded with torch.jit.load")
-        obj = torch_load(path, trust_pickle=trust_pickle, mmap=mmap)
-        found = unwrap(obj, entry, str(path))
+        loaded = _read(path, trust_pickle, mmap, allow_globals)
+        found = _unwrap(loaded, entry, path)
         super().__init__(
             found.tensors,
             str(path) + found.suffix,
             container=found.container,
             other_entries=found.other_entries,
         )
-        self.notes.extend(notes)
-        # key -> byte offset in the file, for tensors stored contiguously.
+        self.notes.extend(loaded.notes)
+        self.notes.extend(_skipped(loaded, path, found.container))
+        # key -> (byte offset of its first element in the file, its storage's byte span).
         self._offsets: dict[str, int] = {}
         self._file = OffsetReader(str(path), self.description)
-        if facts is not None and mmap:
-            offsets = _storage_file_offsets(path, self._tensors, facts.records)
-            if facts.byteorder != sys.byteorder:
-                # torch swapped the bytes while loading; the file's raw bytes are not the values.
-                self.notes.append(
-                    f"{path.name}: saved {facts.byteorder}-endian; values are read through "
-                    "torch's byte-swapped copy, not straight from the file"
-                )
-            elif offsets is None:
-                self.notes.append(
-                    f"{path.name}: could not map tensors to file offsets; copying through mmap"
-                )
-            else:
-                self._offsets = offsets
+        for k, t in self._tensors.items():
+            offset = loaded.offset(t)
+            if offset is not None:
+                self._offsets[k] = offset
 
     def _read_into(self, key: str, out: Tensor) -> None:
         offset = self._offsets.get(key)
         if offset is None:
             super()._read_into(key, out)
-        else:
-            shape, dtype = self.specs[key]
-            self._file.read_into(offset, out, shape, dtype)
+            return
+        t = self._tensors[key]
+        if t.is_contiguous():
+            self._file.read_into(offset, out, t.shape, t.dtype)
+        else:  # the span it covers, read by position, then its strided view
+            out.copy_(self._strided(key, t, offset))
+
+    def _strided(self, key: str, t: Tensor, offset: int) -> Tensor:
+        extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+        raw = self._file.read(offset, torch.Size([extent * t.element_size()]), torch.uint8)
+        return raw.view(t.dtype).as_strided(t.shape, t.stride())
 
     def _read_run_into(self, key: str, start: int, out: Tensor) -> bool:
         offset = self._offsets.get(key)
-        if offset is None:
+        if offset is None or not self._tensors[key].is_contiguous():
             return False
         dtype = self.specs[key][1]
         self._file.read_into(offset + start * dtype.itemsize, out, out.shape, dtype)
@@ -103,112 +93,111 @@ class TorchFileSource(MemorySource):
         self._file.close()
 
 
-def load_object(path: Path, *, trust_pickle: bool = False, mmap: bool = True) -> Any:
+def load_object(
+    path: Path,
+    *,
+    trust_pickle: bool = False,
+    mmap: bool = True,
+    allow_globals: Iterable[Any] | None = None,
+    stub_refused: bool = False,
+    window: tuple[int, int] | None = None,
+) -> Any:
     """The whole object a ``torch.save`` file holds (a training checkpoint, an optimizer or
-    scheduler state), read with every check :class:`TorchFileSource` makes: the format, the
-    zip structure, weights-only unpickling unless ``trust_pickle``.
+    scheduler state), read as :class:`TorchFileSource` reads it: surgery's restricted
+    unpickler unless ``trust_pickle``, ``allow_globals`` admitting more classes for this read.
+    ``window=(offset, length)`` reads the ``torch.save`` zip lying there inside a larger file
+    (a ``torch.distributed.checkpoint`` ``.distcp`` blob; never with ``trust_pickle``).
+
+    An object of a class outside the allow-list is refused (:class:`UnsafeCheckpointError`
+    naming every such global), or with ``stub_refused=True`` left in place as an inert
+    :class:`~.unpickler.Refused` stand-in: check the part you use with
+    :func:`~.unpickler.refused_in`.
 
     Example:
         >>> obj = load_object(Path("checkpoint-500/optimizer.pt"))  # doctest: +SKIP
         >>> sorted(obj)  # doctest: +SKIP
         ['param_groups', 'state']
     """
-    is_zip = _check_format(path, trust_pickle)
-    if is_zip:
-        _zip_facts(path)
-    return torch_load(path, trust_pickle=trust_pickle, mmap=mmap and is_zip)
+    if window is None:
+        loaded = _read(path, trust_pickle, mmap, allow_globals)
+    elif trust_pickle:
+        raise UsageError("load_object(window=...) reads with surgery's unpickler only")
+    else:
+        extra = allowed_from(allow_globals)
+        loaded = read_torch(path, kind="zip", allowed=extra, mmap=mmap, window=window)
+    if loaded.refused and not stub_refused:
+        raise unsafe_error(str(path), loaded.refused)
+    return loaded.value
 
 
-def _check_format(path: Path, trust_pickle: bool = False) -> bool:
-    """Whether ``path`` is a torch zip file; refuses what is no torch file at all."""
+def check_format(path: Path, trust_pickle: bool = False) -> str:
+    """The kind of torch file ``path`` is (see :func:`~.torchformat.sniff`); refuses what is
+    no torch file at all, naming what it seems to be."""
     try:
         with open(path, "rb") as f:
             head = f.read(512)
-        is_zip = zipfile.is_zipfile(path)
     except OSError as e:
         raise CheckpointError(f"cannot open checkpoint '{path}': {e}") from None
-    if is_zip:
-        return True
-    if head.startswith(_ZIP_MAGIC):
-        raise CheckpointError(
-            f"cannot read torch checkpoint '{path}': it starts like a torch zip file but its "
-            "directory at the end is missing, so the file is truncated; download or save it again."
-        )
-    if head[257:262] == b"ustar":
-        if trust_pickle:
-            return False  # torch reads its oldest (tar) format, unpickling without limits
+    kind = sniff(head)
+    if kind == "tar" and not trust_pickle:
         raise CheckpointError(
             f"'{path}' is a torch checkpoint in the legacy tar format (torch < 0.4), which "
-            "weights-only loading cannot read. If you trust the file, pass trust_pickle=True "
+            "safe loading cannot read. If you trust the file, pass trust_pickle=True "
             "(it is unpickled without limits), then re-save it with torch.save."
         )
-    if not head.startswith(_LEGACY_STARTS):
+    if kind is None:
         raise CheckpointError(f"'{path}' is not a torch checkpoint: {_what_it_is(head[:64])}")
-    return False
+    return kind
 
 
-@dataclass
-class _ZipFacts:
-    records: dict[int, int]  # data offset -> size of every stored tensor record
-    byteorder: str  # 'little' or 'big', as torch recorded it
+def _read(
+    path: Path, trust_pickle: bool, mmap: bool, allow_globals: Iterable[Any] | None
+) -> TorchObject:
+    extra = allowed_from(allow_globals)
+    kind = check_format(path, trust_pickle)
+    if trust_pickle:
+        value = trusted_load(path, kind, mmap=mmap)
+        return TorchObject(ndarrays_to_tensors(value) if kind == "pickle" else value, [], kind)
+    with warnings.catch_warnings():
+        # torch.from_numpy on a read-only array, TypedStorage for quantized tensors
+        warnings.simplefilter("ignore", UserWarning)
+        return read_torch(path, kind=kind, allowed=extra, mmap=mmap)
 
 
-def _zip_facts(path: Path) -> _ZipFacts:
-    """Check a torch zip's structure before torch reads it: what zipfile refuses, a pickle
-    record inflating beyond any real checkpoint's, stored records past the file's end."""
+def _unwrap(loaded: TorchObject, entry: str | None, path: Path) -> Unwrapped:
+    """The state dict inside the file; a refusal naming the globals when the state dict is, or
+    holds, an object surgery did not read."""
     try:
-        size = path.stat().st_size
-        with zipfile.ZipFile(path) as zf:
-            infos = zf.infolist()
-            byteorder = "little"
-            for info in infos:
-                name = info.filename
-                if name.endswith("/data.pkl") or name == "data.pkl":
-                    if info.file_size > _MAX_PICKLE:
-                        raise CheckpointError(
-                            f"cannot read torch checkpoint '{path}': its pickle record "
-                            f"'{name}' inflates to {info.file_size} bytes, more than any "
-                            f"checkpoint's ({_MAX_PICKLE}); the file is corrupt or hostile"
-                        )
-                elif info.compress_type != zipfile.ZIP_STORED and info.file_size > _MAX_PICKLE:
-                    raise CheckpointError(
-                        f"cannot read torch checkpoint '{path}': record '{name}' is compressed "
-                        f"and inflates to {info.file_size} bytes; torch.save never compresses, "
-                        "so the file is corrupt or hostile"
-                    )
-                elif info.compress_type == zipfile.ZIP_STORED and info.file_size > size:
-                    raise CheckpointError(
-                        f"cannot read torch checkpoint '{path}': record '{name}' claims "
-                        f"{info.file_size} bytes, the file has {size}; it is truncated or corrupt"
-                    )
-                elif name.endswith("/byteorder") and info.file_size <= 16:
-                    byteorder = zf.read(info).decode("ascii", "replace").strip()
-            if byteorder not in ("little", "big"):
-                raise CheckpointError(
-                    f"cannot read torch checkpoint '{path}': its byteorder record says "
-                    f"{byteorder!r}, not 'little' or 'big'; the file is corrupt"
-                )
-        records = _zip_records(path, infos)
+        found = unwrap(loaded.value, entry, str(path))
     except CheckpointError:
+        if loaded.refused:
+            raise unsafe_error(str(path), loaded.refused) from None
         raise
-    except (
-        OSError,
-        EOFError,
-        ValueError,
-        NotImplementedError,
-        RuntimeError,
-        struct.error,
-        zipfile.BadZipFile,
-    ) as e:
-        raise _bad_zip(path, e) from None
-    return _ZipFacts(records, byteorder)
+    if loaded.refused:
+        inside = refused_in(found.tensors)
+        if inside:
+            raise unsafe_error(str(path) + found.suffix, inside)
+    return found
 
 
-def _bad_zip(path: Path, e: BaseException) -> CheckpointError:
-    return CheckpointError(
-        f"cannot read torch checkpoint '{path}': its zip structure is broken "
-        f"({type(e).__name__}: {e}); the file is truncated or corrupt, download or save it again."
-    )
+def _skipped(loaded: TorchObject, path: Path, container: list[str]) -> list[str]:
+    """The note for entries skipped unread because they hold objects of refused classes: the
+    entries beside the state dict, at each level of the path to it (dotted)."""
+    if not loaded.refused:
+        return []
+    entries, node, prefix = [], loaded.value, ""
+    for part in [*container, None]:
+        if not isinstance(node, Mapping):
+            break
+        entries += [prefix + str(k) for k, v in node.items() if k != part and refused_in(v)]
+        if part is None:
+            break
+        node, prefix = node[part], f"{prefix}{part}."
+    return [
+        f"{path.name}: not read: {', '.join(repr(e) for e in entries) or 'some entries'} "
+        f"(pickled {', '.join(loaded.refused)}; not needed for the weights). To read them "
+        "too, pass allow_globals=[...] naming them."
+    ]
 
 
 _RETRY = "If it should be one, the file is truncated or corrupt; download or save it again."
@@ -231,64 +220,3 @@ def _what_it_is(head: bytes) -> str:
         return f"it holds {kind} text (an error page or a config file?), not tensors. {_RETRY}"
     shown = repr(text[:24]) + ("..." if len(text) > 24 else "")
     return f"it holds text ({shown}), not a file saved with torch.save. {_RETRY}"
-
-
-def _zip_records(path: Path, infos: list[zipfile.ZipInfo]) -> dict[int, int]:
-    """Data offset -> size of every stored (uncompressed) record of a torch zip file."""
-    out: dict[int, int] = {}
-    with open(path, "rb") as f:
-        for info in infos:
-            if info.compress_type != zipfile.ZIP_STORED or "/data/" not in info.filename:
-                continue
-            f.seek(info.header_offset)
-            local = f.read(30)
-            if len(local) < 30 or local[:4] != _ZIP_MAGIC:
-                continue
-            name_len, extra_len = struct.unpack("<HH", local[26:30])
-            out[info.header_offset + 30 + name_len + extra_len] = info.file_size
-    return out
-
-
-def _storage_file_offsets(
-    path: Path, tensors: Mapping[str, Tensor], records: Mapping[int, int]
-) -> dict[str, int] | None:
-    """Byte offset in the file of each (contiguous) tensor loaded with ``mmap=True``.
-
-    ``torch.load(mmap=True)`` maps the whole file once and makes every storage a slice of that
-    mapping at its record's offset. So ``storage.data_ptr() - base`` is the record offset for a
-    single ``base``; it is found from one storage and then checked against every other one.
-    A storage larger than its record (it would read the bytes after it) is refused. Any other
-    doubt returns ``None`` and the caller copies through the mapping instead.
-    """
-    if not records or not tensors:
-        return None
-    storages: dict[int, int] = {}
-    for t in tensors.values():
-        if t.device.type != "cpu" or t.layout != torch.strided or t.is_quantized:
-            return None
-        st = t.untyped_storage()
-        if st.nbytes():
-            storages[st.data_ptr()] = st.nbytes()
-    if not storages:
-        return None
-    ptr0, size0 = max(storages.items(), key=lambda kv: kv[1])
-    # Records of the same size first: the right one is almost always among them.
-    order = sorted(records, key=lambda off: records[off] != size0)
-    for rec_off in order:
-        base = ptr0 - rec_off
-        if all(p - base in records for p in storages):
-            break
-    else:
-        return None
-    for p, n in storages.items():
-        if records[p - base] < n:
-            raise CheckpointError(
-                f"cannot read torch checkpoint '{path}': the record at byte {p - base} holds "
-                f"{records[p - base]} bytes but its tensor needs {n}; the file is corrupt, "
-                "download or save it again."
-            )
-    out: dict[str, int] = {}
-    for k, t in tensors.items():
-        if t.is_contiguous():
-            out[k] = t.untyped_storage().data_ptr() - base + t.storage_offset() * t.element_size()
-    return out
