@@ -58,9 +58,6 @@ _SETTINGS = settings(
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 COPY_NAMES = ["model", "model_ema", "state_dict", "state_dict_ema", "teacher", "student", "ema"]
-XFAIL_OFFSETS = pytest.mark.xfail(
-    strict=True, reason="issue 19 offsets: fixed on the unpickle branch"
-)
 
 
 # --------------------------------------------------------------------------- the case
@@ -509,10 +506,10 @@ FORMS = [
     ("memory", "many"),
     ("memory", "flat"),
     ("zip", "one"),
-    pytest.param("zip", "many", marks=XFAIL_OFFSETS),
+    ("zip", "many"),
     ("legacy", "many"),
     ("proto2", "one"),
-    pytest.param("proto2", "many", marks=XFAIL_OFFSETS),
+    ("proto2", "many"),
     ("proto4", "many"),
     ("safetensors", "flat"),
     ("sharded", "flat"),
