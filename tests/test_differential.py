@@ -370,7 +370,7 @@ def entries(case: Case) -> list[list[str]]:
     out = []
     for i, name in enumerate(case.names):
         out.append([name, "module"] if case.nested == i else [name])
-        if case.nested == i and case.fmt != "dcp":
+        if case.nested == i:
             out.append([name])  # {"module": sd}: the container of one state dict
     return out
 
@@ -404,8 +404,6 @@ def allowed_errors(case: Case, path: list[str] | None) -> tuple[type[Exception],
         return (surgery.SurgeryError,)  # weights-only loading cannot read it (today)
     if path is None and len(case.copies) > 1:
         return (surgery.SurgeryError,)  # several copies: the default may be ambiguous
-    if case.fmt == "dcp" and path is None and case.names:
-        return (surgery.SurgeryError,)  # a flat reading of a container: prefix readings
     c = case.copies[0] if path is None else case.copies[case.names.index(path[0])]
     if case.tied and c.tie == "untied":
         return (surgery.KeyCollisionError,)  # two different tensors for one tied parameter
@@ -446,10 +444,9 @@ def check(case: Case, folder: Path) -> None:
             chosen = _container(report.source) + _container_prefix(report.prefix, seen)
             say(f"default entry read {report.source}, prefix {report.prefix}: {chosen}")
             expected = _default_entry(obj)
-            if case.fmt != "dcp":  # a DCP folder reads containers as prefixes (reported)
-                assert expected is None or chosen == expected, (
-                    f"the default entry is {chosen}, where a torch file or dict gives {expected}"
-                )
+            assert expected is None or chosen == expected, (
+                f"the default entry is {chosen}, where a torch file or dict gives {expected}"
+            )
         want = oracle(case, seen, chosen or [], before)
         got = model.state_dict()
         bad = [k for k in got if not torch.equal(got[k], want[k])]
@@ -560,14 +557,11 @@ def test_the_checker_catches_wrong_values(tmp_path, monkeypatch):
         check(case, tmp_path / "named")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DCP default entry chosen by prefix counts, not as a torch file's (dcp branch)",
-)
 def test_dcp_default_entry_is_the_one_a_torch_file_gives(tmp_path):
-    """Found by the differential test: a DCP folder holding ``model`` and ``model_ema`` is read
-    flat, and the prefix reading that matches more keys decides; a torch file or a dict
-    holding the same object gives ``model`` (the weights-container name) by default."""
+    """Found by the differential test: a DCP folder holding ``model`` and ``model_ema`` was read
+    flat, and the prefix reading that matched more keys decided; a torch file or a dict
+    holding the same object gives ``model`` (the weights-container name) by default, and so
+    does the folder now (its nesting rebuilt from DCP's planner_data)."""
     import torch.distributed.checkpoint as dcp
 
     torch.manual_seed(0)
@@ -579,5 +573,6 @@ def test_dcp_default_entry_is_the_one_a_torch_file_gives(tmp_path):
     torch.save(obj, tmp_path / "ckpt.pth")
     from_file, from_dcp = nn.Linear(3, 2), nn.Linear(3, 2)
     assert surgery.load_partial(from_file, tmp_path / "ckpt.pth").source.endswith("['model']")
-    surgery.load_partial(from_dcp, tmp_path / "dcp")
-    assert torch.equal(from_dcp.weight, from_file.weight)  # today: the EMA copy's
+    report = surgery.load_partial(from_dcp, tmp_path / "dcp")
+    assert torch.equal(from_dcp.weight, from_file.weight)  # was: the EMA copy's
+    assert report.source.endswith("['model']")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,6 +24,7 @@ from ..errors import CheckpointError, SurgeryError
 from .base import CheckpointSource
 from .dcp_files import Chunk, DataFiles, checked_reader, chunk_of
 from .dcp_metadata import read_dcp_metadata
+from .unwrap import unwrap
 
 __all__ = ["DCPSource", "is_dcp_dir"]
 
@@ -86,21 +88,22 @@ class DCPSource(CheckpointSource):
         others = list(self._layout.others)
         # Full checkpoint name of each spec key (they differ once a container is unwrapped).
         self._names: dict[str, str] = {}
-        container = entry if entry is not None else _auto_container(tensors)
-        if container is None:
+        container = self._container(tensors, others, entry)
+        if not container:
             self.specs = tensors
             self._names = {k: k for k in tensors}
         else:
-            lead = container + "."
+            lead = ".".join(container) + "."
             self.specs = {k[len(lead) :]: v for k, v in tensors.items() if k.startswith(lead)}
             self._names = {k[len(lead) :]: k for k in tensors if k.startswith(lead)}
             if not self.specs:
                 tops = sorted({k.split(".", 1)[0] for k in tensors})
                 raise CheckpointError(
-                    f"DCP checkpoint '{path}' has no tensors under {container!r}; its top-level "
+                    f"DCP checkpoint '{path}' has no tensors under {lead[:-1]!r}; its top-level "
                     f"entries are: {', '.join(tops)}. Pass entry= with one of them."
                 )
-            self.container = [container]
+            self.container = container
+            self.description += "".join(f"[{p!r}]" for p in container)
             self.other_entries = sorted(
                 {k.split(".", 1)[0] for k in [*tensors, *others] if not k.startswith(lead)}
             )
@@ -115,6 +118,40 @@ class DCPSource(CheckpointSource):
             self.notes.append(
                 f"{path.name}: {len(others)} non-tensor DCP entries left out ({shown})"
             )
+
+    def _container(
+        self,
+        tensors: dict[str, tuple[torch.Size, torch.dtype]],
+        others: list[str],
+        entry: str | None,
+    ) -> list[str]:
+        """The entry path to the state dict. ``entry`` names it (every tensor under that name,
+        the prefix stripped, optimizer state too); without it, it is found by the rules a
+        torch file's nesting is unwrapped by (:func:`~surgery.sources.unwrap.unwrap`), on a
+        skeleton of the saved object rebuilt from each entry's path: tensors become
+        placeholders of their shape and dtype that hold no memory, non-tensor entries stay
+        unread. Without paths (a folder saved by another planner), a lone model-like entry
+        beside training state is picked."""
+        if entry is not None:  # every entry under that name, its prefix stripped
+            return [entry]
+        paths = self._layout.paths
+        if not paths or any(name not in paths for name in tensors):
+            found = _auto_container(tensors)
+            return [found] if found else []
+        skeleton: dict[str, Any] = {}
+        for name in [*tensors, *others]:
+            *outer, last = paths.get(name, (name,))
+            node = skeleton
+            for part in outer:
+                inner = node.setdefault(part, {})
+                if not isinstance(inner, dict):  # a value and a container under one name
+                    return []
+                node = inner
+            if name in tensors:
+                node[last] = _placeholder(*tensors[name])
+            else:
+                node[last] = _NOT_READ
+        return unwrap(skeleton, None, str(self.path)).container
 
     def checkpoint_name(self, key: str) -> str:
         """The name ``key`` has inside the DCP checkpoint (with its container prefix)."""
@@ -184,6 +221,19 @@ class DCPSource(CheckpointSource):
                 f"({type(e).__name__}: {e}); the folder is incomplete or corrupt. Nothing "
                 "more was read."
             ) from None
+
+
+_NOT_READ = "<a non-tensor DCP entry, not read>"
+
+
+def _placeholder(shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    """A tensor of ``shape`` and ``dtype`` holding no memory: one element, expanded, with a
+    storage of its own (two entries are never taken for one dict saved twice); on ``meta``
+    for dtypes that cannot be allocated so (quantized)."""
+    try:
+        return torch.empty((), dtype=dtype).expand(shape)
+    except (RuntimeError, TypeError):
+        return torch.empty(shape, dtype=dtype, device="meta")
 
 
 def _auto_container(tensors: dict[str, tuple[torch.Size, torch.dtype]]) -> str | None:

@@ -9,7 +9,10 @@ their fields set; ``TensorProperties.__setstate__`` only assigns). Every field i
 and a fresh ``Metadata`` is built from the checked values alone: sizes are non-negative and
 their byte counts fit in 63 bits, each tensor's chunks tile it exactly (no gap, no overlap,
 inside its bounds), each chunk has a storage entry (file name, offset, length). Fields DCP's
-loading does not need (``planner_data``, ``storage_meta``) are dropped after the check.
+loading does not need (``storage_meta``, the rest of ``planner_data``) are dropped after the
+check. From ``planner_data`` only the object path of each entry is kept (``'model.fc.weight'``
+-> ``('model', 'fc.weight')``) where it spells the entry's name, so a folder's nesting can be
+unwrapped as a torch file's is.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ __all__ = ["DCPLayout", "read_dcp_metadata", "tiling_problem"]
 _MAX_METADATA = 1 << 30
 _MAX_BYTES = (1 << 63) - 1  # a tensor's bytes must fit a signed 64-bit count
 _MAX_DIMS = 64  # torch's limit on a tensor's dimensions
+_MAX_PATH = 256  # levels of nesting kept from planner_data; deeper paths are not unwrapped
 
 
 @dataclass
@@ -46,6 +50,9 @@ class DCPLayout:
     metadata: Any
     others: list[str] = field(default_factory=list)
     unreadable: dict[str, str] = field(default_factory=dict)
+    # entry name -> the path of keys it had in the saved object (DCP's planner_data), for the
+    # entries whose path joins back to their name; empty when the folder does not say.
+    paths: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def read_dcp_metadata(folder: Path) -> DCPLayout:
@@ -174,6 +181,7 @@ class _Checker:
                     out.unreadable[name] = why
             else:
                 raise self.bad(f"entry '{name}' is a {type(entry).__name__}")
+        out.paths = _paths(getattr(obj, "planner_data", None), metadata)
         version = getattr(obj, "version", None)
         out.metadata = Metadata(
             metadata,
@@ -389,3 +397,22 @@ def _overlap_by_sweep(boxes: list[_Box], ndim: int) -> tuple[_Box, _Box] | None:
                 return other, box
         active.append(box)
     return None
+
+
+def _paths(planner_data: Any, entries: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    """Each entry's object path from ``planner_data`` (DCP's flattening map), kept only when
+    it is a tuple of names and list positions that joins back to the entry's own name; any
+    other value says nothing about nesting and is ignored (it is never used to read)."""
+    if not isinstance(planner_data, dict):
+        return {}
+    out: dict[str, tuple[str, ...]] = {}
+    for name in entries:
+        path = planner_data.get(name)
+        if not isinstance(path, tuple) or not path or len(path) > _MAX_PATH:
+            continue
+        if not all(isinstance(p, (str, int)) and not isinstance(p, bool) for p in path):
+            continue
+        parts = tuple(str(p) for p in path)
+        if ".".join(parts) == name:
+            out[name] = parts
+    return out
