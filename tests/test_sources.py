@@ -114,11 +114,11 @@ def test_unwrap_asks_for_entry_when_several_dicts_qualify():
 
 
 def test_unwrap_names_non_tensor_values():
-    with pytest.raises(CheckpointError, match=r"'b' \(list\)"):
+    with pytest.raises(CheckpointError, match=r"'b' \(list of 1\)"):
         unwrap({"a": torch.ones(1), "b": [1.0]})
     with pytest.raises(CheckpointError, match="is empty"):
         unwrap({})
-    with pytest.raises(CheckpointError, match=r"holds a list, not a state dict"):
+    with pytest.raises(CheckpointError, match=r"holds a list of 1, not a state dict"):
         find_state_dict([torch.ones(1)], "<x>", explicit=False)
 
 
