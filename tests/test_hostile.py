@@ -479,3 +479,25 @@ def test_deeply_nested_index_is_refused(tmp_path: Path, where: str) -> None:
     index.write_bytes(b"[" * 100_000 + b"]" * 100_000)
     err = assert_refused(index.parent if where == "folder" else index, "nested deeper")
     assert str(index) in str(err)
+
+
+def test_key_names_cannot_add_lines_to_reports(tmp_path: Path, capsys) -> None:
+    fake = "a\nverified: safe to load"
+    path = tmp_path / "w.safetensors"
+    save_file({fake: torch.ones(4), "b": torch.ones(3), "c\rok": torch.ones(2)}, path)
+    outputs = []
+    assert cli.main(["inspect", str(path)]) == 0
+    outputs.append(capsys.readouterr().out)
+    cli.main(["diff", str(path), "--model", "conftest:SmallCNN"])
+    outputs.append(capsys.readouterr().out)
+    model = Two()
+    outputs.append(str(surgery.load_partial(model, path, strict=False)))
+    outputs.append(str(surgery.plan_load(Two(), path)))
+    with pytest.raises(LoadError) as err:  # and the messages: nothing matches here
+        surgery.load_partial(Two(), {fake: torch.ones(4)})
+    outputs.append(str(err.value))
+    for out in outputs:
+        lines = out.splitlines()
+        assert not any(line.lstrip().startswith("verified") for line in lines), out
+        assert "a\\x0averified: safe to load" in out, out
+        assert "\r" not in out
