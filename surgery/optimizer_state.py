@@ -215,7 +215,10 @@ def restore_optimizer(
     ``torch.distributed.checkpoint`` ``get_optimizer_state_dict`` output (FQN-keyed, nested or
     flattened), :func:`optimizer_state` output, or a training checkpoint (path or dict) holding
     one under ``optimizer``, ``optimizer_states`` (Lightning), ``optim``... (``entry=`` picks
-    one, dotted, list indices as numbers: ``"optimizer_states.1"``).
+    one, dotted, list indices as numbers: ``"optimizer_states.1"``). A training folder gives
+    the file its trainer names (``optimizer.pt``, accelerate's ``optimizer.bin``, Lightning's
+    ``*.ckpt``). Files are read with the checks weights get, and the state's structure is
+    checked before anything uses it.
 
     Positional state needs the old parameter names: ``names=`` gives them (a list in the
     optimizer's order, the old model, or its weights), else they are inferred from the model

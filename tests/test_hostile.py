@@ -434,7 +434,7 @@ def test_sparse_4tb_safetensors_is_refused_before_allocating(tmp_path: Path) -> 
         surgery.read_checkpoint(path)
 
 
-def run_measured(code: str) -> dict:
+def run_measured(code: str, env: dict[str, str] | None = None) -> dict:
     """Run ``code`` in a fresh interpreter; its outcome and peak memory growth (MB)."""
     script = (
         "import json, resource, surgery\n"
@@ -448,7 +448,11 @@ def run_measured(code: str) -> dict:
         "print(json.dumps({'outcome': out, 'mb': grown}))\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -467,9 +471,23 @@ def sparse_index(path: Path, size: int = 1 << 30) -> Path:
 def test_sparse_1gb_index_is_refused_before_it_is_read(tmp_path: Path) -> None:
     index = sparse_index(tmp_path / "ckpt" / "model.safetensors.index.json")
     result = run_measured(f"surgery.read_checkpoint({str(tmp_path / 'ckpt')!r})")
+    assert result["mb"] < 100, result  # 1 GB read and decoded once: +2 GB
     assert result["outcome"].startswith("CheckpointError") and str(index) in result["outcome"]
     assert "200 MB at most" in result["outcome"]
+
+
+def test_sparse_1gb_index_in_an_offline_hub_cache_is_refused_before_it_is_read(
+    tmp_path: Path,
+) -> None:
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "models--org--big"
+    index = sparse_index(repo / "snapshots" / rev / "model.safetensors.index.json")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    result = run_measured("surgery.read_checkpoint('hf-hub:org/big')", env)
     assert result["mb"] < 100, result
+    assert result["outcome"].startswith("CheckpointError") and str(index) in result["outcome"]
 
 
 @pytest.mark.parametrize("where", ["folder", "index"])
