@@ -44,8 +44,9 @@ class ShardedSource(CheckpointSource):
                 src = self._shard(index, str(shard), name, open_shard)
                 if name not in src.specs:
                     raise CheckpointError(
-                        f"'{index}' maps '{name}' to '{shard}', but that shard has no such "
-                        "tensor; the index and the shards do not belong together"
+                        f"'{index}' maps '{escape_control(name)}' to '{escape_control(shard)}', "
+                        "but that shard has no such tensor; the index and the shards do not "
+                        "belong together"
                     )
                 self._owner[name] = src
                 self.specs[name] = src.specs[name]
@@ -68,14 +69,15 @@ class ShardedSource(CheckpointSource):
                 kind = file_kind(path)
             except CheckpointError as e:
                 raise CheckpointError(
-                    f"shard '{shard}' listed in '{index}' (for '{name}'): {e}; the index is "
-                    "malformed, download it again"
+                    f"shard '{escape_control(shard)}' listed in '{index}' (for "
+                    f"'{escape_control(name)}'): {e}; the index is malformed, download it again"
                 ) from None
             if kind != "file":
                 what = "does not exist" if kind == "missing" else "is not a regular file"
                 raise CheckpointError(
-                    f"shard '{shard}' listed in '{index}' (for '{name}') {what} in "
-                    f"{index.parent}; download every shard next to the index"
+                    f"shard '{escape_control(shard)}' listed in '{index}' (for "
+                    f"'{escape_control(name)}') {what} in {index.parent}; download every shard "
+                    "next to the index"
                 )
             self._shards[shard] = open_shard(path)
         return self._shards[shard]
@@ -192,7 +194,7 @@ def shard_path(index: Path, shard: str, name: str) -> Path:
     (a hub cache links every file of a snapshot to its blob folder) is refused. Another index
     as a shard is refused too.
     """
-    where = f"'{index}' maps '{name}' to '{shard}'"
+    where = f"'{index}' maps '{escape_control(name)}' to '{escape_control(shard)}'"
     pure = PurePosixPath(shard.replace("\\", "/"))
     if pure.is_absolute() or PureWindowsPath(shard).drive or ".." in pure.parts or "\0" in shard:
         raise CheckpointError(
