@@ -139,36 +139,45 @@ def _sample(keys: Sequence[str], n: int = _SAMPLE) -> Sequence[str]:
     return [keys[int(i * step)] for i in range(n)]
 
 
-def detect_prefix(ckpt_keys: Iterable[str], model_keys: set[str]) -> tuple[str, str] | None:
+Fits = Callable[[str, str], bool]  # (checkpoint key, model key) -> the shapes agree
+
+
+def detect_prefix(
+    ckpt_keys: Iterable[str], model_keys: set[str], fits: Fits | None = None
+) -> tuple[str, str] | None:
     """The ``(strip, add)`` prefix rewrite that matches the most checkpoint keys to model keys.
 
     ``None`` when no rewrite more than doubles the keys that already match. Candidates are
     the most common leading components on each side; they are scored on an evenly spaced
     sample of the checkpoint keys (exact below 4096 keys), so 100k keys take milliseconds.
-    Two rewrites that match equally many keys but pair different keys (a MoCo checkpoint's
-    ``module.encoder_q.`` and ``module.encoder_k.``, ``model.`` and ``model_ema.``) raise
-    :class:`PrefixTieError` naming both: the key order of the file must not decide.
+    ``fits(ckpt_key, model_key)`` says whether a pair's shapes agree: a rewrite scores only
+    the pairs that fit (``fc1.`` -> ``head.`` pairs names, not tensors, when the shapes
+    differ). Two rewrites that match equally many keys but pair different keys (a MoCo
+    checkpoint's ``module.encoder_q.`` and ``module.encoder_k.``, ``model.`` and
+    ``model_ema.``) raise :class:`PrefixTieError` naming both: the key order of the file must
+    not decide.
     """
-    best = _best_rewrites(ckpt_keys, model_keys)
+    best = best_rewrites(ckpt_keys, model_keys, fits)[1]
     if not best:
         return None
     if len(best) > 1:
-        raise _tie_error(best)
+        raise tie_error(best)
     return best[0][1]
 
 
-def _best_rewrites(
-    ckpt_keys: Iterable[str], model_keys: set[str]
-) -> list[tuple[int, tuple[str, str]]]:
-    """The best-scoring rewrites, one per distinct pairing of keys, shortest prefix first.
+def best_rewrites(
+    ckpt_keys: Iterable[str], model_keys: set[str], fits: Fits | None = None
+) -> tuple[int, list[tuple[int, tuple[str, str]]]]:
+    """How many checkpoint keys match as they are, and the best-scoring rewrites, one per
+    distinct pairing of keys, shortest prefix first (both counted on the sample).
 
-    Empty when none more than doubles the keys that already match.
+    The list is empty when no rewrite more than doubles the keys that already match.
     """
     ckpt = _sample(list(ckpt_keys))
     matched = [k in model_keys for k in ckpt]
     base = sum(matched)
     if base == len(ckpt):
-        return []
+        return base, []
     strip_cands = ["", *_top_prefixes(k for k, hit in zip(ckpt, matched, strict=True) if not hit)]
     hit_set = {k for k, hit in zip(ckpt, matched, strict=True) if hit}
     model_sample = _sample([k for k in model_keys if k not in hit_set])
@@ -179,11 +188,15 @@ def _best_rewrites(
         n = len(cp)
         # Keys outside the stripped prefix keep their names (and their identity matches).
         kept = [(k, k) for k in hit_set if not k.startswith(cp)]
+        if fits is not None:
+            kept = [(k, m) for k, m in kept if fits(k, m)]
         for mp in add_cands:
             if cp == mp:
                 continue
             pairs = [(k, mp + k[n:]) for k in ckpt if k.startswith(cp)]
             pairs = [(k, m) for k, m in pairs if m in model_keys]
+            if fits is not None:
+                pairs = [(k, m) for k, m in pairs if fits(k, m)]
             score = len(pairs) + len(kept)
             if score < top or score == 0:
                 continue
@@ -193,7 +206,7 @@ def _best_rewrites(
     # A prefix describes the checkpoint as a whole (a wrapper, a backbone inside a bigger
     # model): it must more than double the matches, not rename a few stray keys.
     if not found or top <= 2 * base:
-        return []
+        return base, []
     found.sort(key=lambda f: f[0])
     distinct: list[tuple[int, tuple[str, str]]] = []
     seen: list[frozenset[tuple[str, str]]] = []
@@ -201,7 +214,7 @@ def _best_rewrites(
         if pairs not in seen:
             seen.append(pairs)
             distinct.append((top, rewrite))
-    return distinct
+    return base, distinct
 
 
 def _rewrite_arg(rewrite: tuple[str, str]) -> str:
@@ -209,7 +222,7 @@ def _rewrite_arg(rewrite: tuple[str, str]) -> str:
     return f'remap=[(r"^{re.escape(cp)}", "{mp}")]'
 
 
-def _tie_error(best: list[tuple[int, tuple[str, str]]]) -> PrefixTieError:
+def tie_error(best: list[tuple[int, tuple[str, str]]]) -> PrefixTieError:
     lines = "\n".join(
         f"    {describe_prefix(rw)} ({score} keys match): {_rewrite_arg(rw)}" for score, rw in best
     )
@@ -245,7 +258,7 @@ def describe_prefix(rewrite: tuple[str, str]) -> str:
 
 def prefix_hint(ckpt_keys: Sequence[str], model_keys: set[str]) -> str:
     """A sentence suggesting the remap that would make the key sets line up."""
-    best = _best_rewrites(ckpt_keys, model_keys)
+    best = best_rewrites(ckpt_keys, model_keys)[1]
     rewrite = best[0][1] if best else None
     present = set(ckpt_keys)
     unmatched = [k for k in ckpt_keys if k not in model_keys]

@@ -12,12 +12,13 @@ leaves as they are.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from ._keymap import apply_prefix, detect_prefix
+from ._keymap import apply_prefix, best_rewrites, tie_error
+from .errors import KeyCollisionError
 
 _MARKERS = ("base_layer.", "original_module.", "modules_to_save.")
 
@@ -143,24 +144,52 @@ def peft_view(model: nn.Module, state: Mapping[str, Tensor]) -> PeftView | None:
 
 
 def map_keys(
-    view: PeftView, new_to_old: dict[str, str], model_keys: set[str], auto_prefix: bool
+    view: PeftView,
+    new_to_old: dict[str, str],
+    state: Mapping[str, Tensor],
+    auto_prefix: bool,
+    ckpt_shape: Callable[[str], tuple[int, ...] | None],
 ) -> tuple[dict[str, str], tuple[str, str] | None, bool]:
     """Map checkpoint keys (``new -> old``) onto a PEFT model: through its base names, or
     directly when the checkpoint already uses the wrapper's names (a full PEFT state dict).
 
     Returns ``(model key -> checkpoint key, prefix rewrite, whether the base names were used)``.
-    A base key held by several model keys (a ``modules_to_save`` module) maps to each.
+    A base key held by several model keys (a ``modules_to_save`` module) maps to each. Both
+    readings are scored by the pairs whose shapes agree (``ckpt_shape`` gives a checkpoint
+    key's shape, ``None`` for a value that is no tensor) and the better one is taken; only
+    its own prefix detection may refuse a tie. The wrapper's names are a reading of their
+    own, not a prefix competing with the base model's.
     """
 
-    def fit(targets: set[str]) -> tuple[dict[str, str], tuple[str, str] | None, int]:
-        rewrite = detect_prefix(new_to_old, targets) if auto_prefix else None
-        mapped = apply_prefix(new_to_old, rewrite) if rewrite is not None else new_to_old
-        return mapped, rewrite, sum(1 for k in mapped if k in targets)
+    def shape_of(mkey: str) -> tuple[int, ...] | None:
+        t = state.get(mkey)
+        return tuple(t.shape) if isinstance(t, Tensor) else None
 
-    direct, direct_rewrite, n_direct = fit(model_keys)
-    via, via_rewrite, n_via = fit(set(view.base))
+    base_shape = {b: shape_of(keys[0]) for b, keys in view.base.items()}
+
+    def reading(
+        targets: Mapping[str, tuple[int, ...] | None],
+    ) -> tuple[dict[str, str], tuple[str, str] | None, int, Exception | None]:
+        def fits(new: str, mkey: str) -> bool:
+            return ckpt_shape(new_to_old[new]) == targets.get(mkey)
+
+        best = best_rewrites(new_to_old, set(targets), fits)[1] if auto_prefix else []
+        rewrite = best[0][1] if best else None  # tied readings score alike: count the first
+        try:
+            mapped = apply_prefix(new_to_old, rewrite) if rewrite is not None else new_to_old
+        except KeyCollisionError as e:
+            return new_to_old, None, -1, e
+        n = sum(1 for k, old in mapped.items() if k in targets and ckpt_shape(old) == targets[k])
+        return mapped, rewrite, n, tie_error(best) if len(best) > 1 else None
+
+    via, via_rewrite, n_via, via_error = reading(base_shape)
+    direct, direct_rewrite, n_direct, direct_error = reading({k: shape_of(k) for k in state})
     if n_via <= n_direct:
+        if direct_error is not None:
+            raise direct_error
         return direct, direct_rewrite, False
+    if via_error is not None:
+        raise via_error
     out: dict[str, str] = {}
     for base, ckey in via.items():
         for mkey in view.base.get(base, (base,)):

@@ -28,7 +28,7 @@ def check(progress: Any) -> None:
     if progress is True and _tqdm() is None:
         raise UsageError(
             "progress=True shows a tqdm progress bar, but tqdm is not installed; "
-            "pip install tqdm (or surgery[recipes]), or pass progress=None"
+            "pip install tqdm (or torch-surgery[recipes]), or pass progress=None"
         )
 
 

@@ -36,8 +36,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from . import meta
+from ._text import escape_control
 from .checkpoint import CheckpointSource
-from .errors import LoadError
+from .errors import CheckpointError, LoadError
 
 _LIST = 12
 
@@ -383,12 +384,16 @@ def plan_units(
     entries: list[PlanEntry] = []
     notes: list[str] = []
     fed_by: dict[str, dict[str, str]] = {u.prefix: {} for u in index.units}
+    misplaced: list[str] = []  # non-tensor values under the name of a model tensor
     for name, ckey in new_to_old.items():
         u = index.unit_of(name) if index else None
         if u is not None:
             fed_by[u.prefix][name[len(u.prefix) :]] = ckey
         elif ckey in source.extras:
             what = type(source.extras[ckey]).__name__
+            if isinstance(state.get(name), Tensor) and not (skipped and name in skipped):
+                misplaced.append(f"'{escape_control(ckey)}' ({what})")
+                continue
             entries.append(
                 PlanEntry(
                     "unexpected",
@@ -399,6 +404,13 @@ def plan_units(
             )
         else:
             rest[name] = ckey
+    if misplaced:  # as load_state_dict refuses them: "expected torch.Tensor ... but received"
+        raise CheckpointError(
+            f"{source.description} holds values that are not tensors where the model "
+            f"has tensors: {', '.join(misplaced[:_LIST])}. The file is not a state dict for this "
+            "model, or it is corrupt; leave them out with skip=[...] if that is intended. "
+            "Nothing was loaded."
+        )
     keys_by: dict[str, list[str]] = {u.prefix: [] for u in index.units}
     for k in state:
         u = index.unit_of(k) if index else None

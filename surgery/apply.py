@@ -215,9 +215,12 @@ def report_of(plan: LoadPlan, outcome: Outcome, *, dry_run: bool) -> LoadReport:
     )
     for e in plan.entries:
         a = e.action
-        if e.ckpt_key is not None and e.model_key is not None and not e.tied_to:
-            if e.ckpt_key != e.model_key:
-                report.renamed[e.ckpt_key] = e.model_key
+        if e.tied_to:  # a tied tensor is reported once, by the key that carries it
+            if e.model_key is not None:
+                report.tied[e.model_key] = e.tied_to
+            continue
+        if e.ckpt_key is not None and e.model_key is not None and e.ckpt_key != e.model_key:
+            report.renamed[e.ckpt_key] = e.model_key
         if a == "load":
             continue
         if a == "cast":
@@ -372,8 +375,19 @@ def _verify_source(plan: LoadPlan, source: CheckpointSource) -> None:
     """Every tensor the plan reads is in the checkpoint with the planned shape and dtype."""
     specs = source.specs
     bad: list[str] = []
+    carriers = {e.model_key: e for e in plan.entries if e.action in WRITES and not e.tied_to}
     for e in plan.entries:
         if e.action not in WRITES or (e.via is not None and e.ckpt_key is None):
+            continue
+        carrier = carriers.get(e.tied_to) if e.tied_to else None
+        if carrier is not None and carrier.ckpt_key != e.ckpt_key:  # a tied checkpoint
+            if e.ckpt_key not in specs:
+                bad.append(f"'{e.ckpt_key}': not in the checkpoint")
+            elif not source.shares(str(carrier.ckpt_key), str(e.ckpt_key)):
+                bad.append(
+                    f"'{e.ckpt_key}': planned as the same tensor as '{carrier.ckpt_key}' (tied), "
+                    "the checkpoint holds two different tensors"
+                )
             continue
         spec = specs.get(e.ckpt_key)  # type: ignore[arg-type]
         if spec is None and e.via is not None and e.ckpt_key in source.extras:
@@ -415,7 +429,7 @@ def _run_adapters(
     # A layer's weight before its bias (safetensors files sort 'fc.bias' first): an adapter
     # that initialises new rows needs the weight's fan-in before it sees the bias.
     adapt = sorted(
-        (e for e in plan.entries if e.action == "adapt"),
+        (e for e in plan.entries if e.action == "adapt" and not e.tied_to),
         key=lambda e: (str(e.model_key).rpartition(".")[0], -len(e.model_shape or ())),
     )
     for e in adapt:
@@ -502,8 +516,8 @@ def _write(
     done: set[tuple[int, str]] = set()
     files: dict[str, int] = {}  # file -> bytes read from it, in reading order
     for e in plan.entries:
-        if e.action not in WRITES or e.via is not None:  # via: the module's own loading
-            continue
+        if e.action not in WRITES or e.via is not None or e.tied_to:  # via: its module's own
+            continue  # loading; tied_to: an alias, written through the key that carries it
         orig = state[e.model_key]  # type: ignore[index]
         ckey = str(e.ckpt_key)
         k = (id(orig), ckey)

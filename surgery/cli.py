@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import meta
 from ._table import format_count, format_shape
 from ._text import escape_control
 from .errors import CheckpointError, SurgeryError, UnsafeCheckpointError, UsageError
@@ -285,7 +286,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     # The meta model is a planning device here, not a result: give it untouched, unfilled
     # memory so the report says what loading into a real model would do (nothing is
     # "initialised" by the meta machinery, missing keys read as missing).
-    model.to_empty(device="cpu")
+    meta.to_empty(model, device="cpu")  # as model.to_empty, keeping tied weights tied
     report = load_partial(
         model,
         args.checkpoint,
@@ -514,6 +515,8 @@ def _version() -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="surgery",
+        # Raw: `--version` prints its path on one line, however narrow the terminal.
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Look inside checkpoints, dry-run loading them, match models by structure.",
     )
     p.add_argument("--version", action="version", version=_version())

@@ -71,3 +71,18 @@ def replace(old: Tensor, new: Tensor, where: list[tuple[nn.Module, str, bool]]) 
     for mod, name, is_param in where:
         (mod._parameters if is_param else mod._buffers)[name] = new
     return new
+
+
+def to_empty(model: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
+    """``model.to_empty(device=...)`` that keeps tied tensors tied.
+
+    ``Module.to_empty`` gives each holder of a tied parameter its own fresh tensor, so an LM
+    head tied to its embedding comes out untied. Here each ``meta`` tensor gets one fresh,
+    unfilled tensor, put in every place that held it.
+    """
+    for where in holders(model).values():
+        mod, name, is_param = where[0]
+        t = (mod._parameters if is_param else mod._buffers)[name]
+        if t is not None and t.is_meta:
+            replace(t, torch.empty_like(t, device=device), where)
+    return model

@@ -35,10 +35,16 @@ checkpoint entries through their own loading, as ``load_state_dict`` would give 
 their entries name in ``via`` the key they are handed over under. See
 :mod:`surgery._selfload`: planning reads those modules' tensors (only those).
 
-Tied parameters (one tensor under several model keys): a key whose tensor gets a value
-through another key is planned with that key's action and checkpoint key, and ``tied_to``
-names the key that carries it; apply writes each tensor once, and the report lists every
-alias as loaded. Alias entries are re-derived from the model by :meth:`LoadPlan.check`.
+Tied parameters (one tensor under several model keys): the tensor is planned once, by the
+first of its keys that the checkpoint gives a value (else the first that plans it at all);
+its other keys are aliases with that entry's action and ``tied_to`` naming it. An alias
+keeps its own checkpoint key when the checkpoint holds the same tensor under that name too
+(one storage, as ``torch.save`` keeps a tied model). Two *different* checkpoint tensors for
+one tied tensor are refused (``KeyCollisionError``, naming both and the ``skip=`` that picks
+one): which one the model held would depend on the order of the keys. Apply writes each
+tensor once; counts and the report's lists name each tensor once, ``report.loaded`` every
+key that holds loaded values and ``report.tied`` the aliases. Alias entries are re-derived
+from the model by :meth:`LoadPlan.check`.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
-from . import _peft, _selfload
+from . import _peft, _selfload, _ties
 from ._args import require_module
 from ._keymap import Remap, apply_prefix, apply_remap, detect_prefix, prefix_hint
 from ._names import closest
@@ -220,10 +226,14 @@ class LoadPlan:
         return len(self.entries)
 
     def counts(self) -> dict[str, int]:
-        """Entries per action, in the order of :data:`ACTIONS` (actions with none left out)."""
+        """Entries per action, in the order of :data:`ACTIONS` (actions with none left out).
+
+        A tied tensor counts once: its aliases (``tied_to``) are not counted again.
+        """
         n = dict.fromkeys(ACTIONS, 0)
         for e in self.entries:
-            n[e.action] = n.get(e.action, 0) + 1
+            if not e.tied_to:
+                n[e.action] = n.get(e.action, 0) + 1
         return {a: c for a, c in n.items() if c}
 
     def find(
@@ -658,6 +668,8 @@ def _conv1d_note(model: nn.Module, entries: list[PlanEntry]) -> list[str]:
     for e in entries:
         if e.action not in ("load", "cast") or e.model_key is None or e.ckpt_key is None:
             continue
+        if e.tied_to:
+            continue
         parts = e.ckpt_key.split(".")
         shape = e.ckpt_shape or ()
         if len(parts) < 2 or parts[-1] != "weight" or parts[-2] not in _CONV1D_NAMES:
@@ -715,15 +727,26 @@ def make_plan(
     notes.extend(remap_notes)
     rewrite = None
     view = _peft.peft_view(model, state)
+
+    def ckpt_shape(ckey: str) -> tuple[int, ...] | None:
+        spec = specs.get(ckey)
+        return None if spec is None else tuple(spec[0])
+
     if view is not None:  # base weights into a PEFT-wrapped model: map through its names
         new_to_old, rewrite, through = _peft.map_keys(
-            view, new_to_old, set(state), prefix == "auto"
+            view, new_to_old, state, prefix == "auto", ckpt_shape
         )
         if through:
             notes.append(_peft.note(view, len({c for k, c in new_to_old.items() if k in state})))
         notes.extend(_peft.meta_note(view, state))
     elif prefix == "auto":
-        rewrite = detect_prefix(new_to_old, set(state))
+        mapping = new_to_old
+
+        def fits(new: str, mkey: str) -> bool:
+            t = state[mkey]
+            return isinstance(t, Tensor) and ckpt_shape(mapping[new]) == tuple(t.shape)
+
+        rewrite = detect_prefix(new_to_old, set(state), fits)
         if rewrite is not None:
             new_to_old = apply_prefix(new_to_old, rewrite)
     units = _selfload.Index(_selfload.find_units(model))
@@ -794,6 +817,13 @@ def make_plan(
                     )
                 )
 
+    if _ties.has_ties(plain):  # several checkpoint keys for one tied tensor: one carries it
+        _ties.resolve(entries, plain, WRITES, source.shares, (source.description, model_name))
+        writer = {
+            id(plain[e.model_key]): e
+            for e in reversed(entries)
+            if e.action in WRITES and not e.tied_to and e.model_key in plain
+        }
     entries.extend(unit_entries)
     notes.extend(_conv1d_note(model, entries))
 
@@ -836,7 +866,7 @@ def copy_problems(plan: LoadPlan, source: CheckpointSource) -> list[tuple[str, s
     out: list[tuple[str, str]] = []
     unreadable: Mapping[str, str] = getattr(source, "unreadable", {})
     for e in plan.entries:
-        if e.action not in ("load", "cast") or e.ckpt_key is None:
+        if e.action not in ("load", "cast") or e.ckpt_key is None or e.tied_to:
             continue
         why = unreadable.get(e.ckpt_key)
         if why is None and e.model_dtype is not None and e.ckpt_dtype is not None:
@@ -857,20 +887,6 @@ def copy_failure(problems: list[tuple[str, str]], description: str) -> str:
         "copied into the model:\n" + "\n".join(lines) + more + "\nNothing was loaded. "
         f"Leave them out (skip=[{keys}]) or convert them in the file first (e.g. "
         "dequantize() or to_dense())."
-    )
-
-
-def _alias(writer: PlanEntry, mkey: str) -> PlanEntry:
-    return PlanEntry(
-        writer.action,
-        mkey,
-        writer.ckpt_key,
-        writer.model_shape,
-        writer.ckpt_shape,
-        writer.model_dtype,
-        writer.ckpt_dtype,
-        reason=f"tied to '{writer.model_key}'",
-        tied_to=writer.model_key,
     )
 
 
@@ -903,13 +919,14 @@ def validate(
     mine: list[PlanEntry] = []  # entries of modules that load themselves
     if units:
         state = _selfload.plain_state(state, units)
+    prior: dict[str, str] = {}  # alias model key -> its own checkpoint key, from the plan
     if index is not None:
         entries, at, writer = index
     else:
         todo = plan.entries
         if units or any(e.via is not None for e in todo):
             todo, mine, unknown = _selfload.split_entries(todo, units, full_state)
-        entries, at, writer, more, misfit = _index_edited(
+        entries, at, writer, more, misfit, prior = _index_edited(
             dataclasses.replace(plan, entries=todo), state
         )
         unknown += more
@@ -931,6 +948,9 @@ def validate(
             "plan again with surgery.plan_load()."
         )
     # Every model key gets exactly one entry; keys without a value are refined by the model.
+    # A tied tensor is planned once: its other keys are aliases (tied_to) of the entry that
+    # writes it, else of the first entry that plans it (a mismatch, a skip, a missing key).
+    owners = _owners(entries, state) if _ties.has_ties(state) else None
     any_meta = False
     for mkey, t in state.items():
         any_meta = any_meta or t.is_meta
@@ -939,8 +959,11 @@ def validate(
         if e is not None and e.action not in _NO_VALUE:
             continue
         w = writer.get(id(t))
+        if w is None and owners is not None:
+            w = owners.get(id(t))
         if w is not None and w.model_key != mkey:
-            new = _alias(w, mkey)
+            own = prior.get(mkey) if w.action in WRITES else None
+            new = _ties.alias(w, mkey, own)
         else:
             mshape, mdtype = tuple(t.shape), dtype_name(t.dtype)
             if adapters is None:
@@ -954,8 +977,12 @@ def validate(
             else:
                 action, reason = "missing", "not in checkpoint"
             if e is not None and e.action == action and e.model_shape == mshape:
+                if owners is not None:
+                    owners.setdefault(id(t), e)
                 continue
             new = PlanEntry(action, mkey, None, mshape, None, mdtype, reason=reason)
+            if owners is not None:
+                owners.setdefault(id(t), new)
         if i is None:
             at[mkey] = len(entries)
             entries.append(new)
@@ -971,7 +998,7 @@ def validate(
     }
 
     # Refuse what cannot be right, in the order load_partial always has.
-    mismatched = [e for e in checked.entries if e.action == "mismatch"]
+    mismatched = [e for e in checked.entries if e.action == "mismatch" and not e.tied_to]
     if mismatched and plan.on_mismatch == "error":
         items = [_mismatch(e) for e in mismatched]
         raise LoadError(
@@ -1002,16 +1029,42 @@ def validate(
     return checked
 
 
+def _owners(entries: list[PlanEntry | None], state: Mapping[str, Tensor]) -> dict[int, PlanEntry]:
+    """id(model tensor) -> the first entry (in the model's key order) that plans it with a
+    value or a checkpoint tensor: what the tensor's other keys are aliases of."""
+    out: dict[int, PlanEntry] = {}
+    for e in sorted(
+        (e for e in entries if e is not None and e.model_key in state and not e.tied_to),
+        key=lambda e: e.action not in WRITES,
+    ):
+        if e.action not in _NO_VALUE and e.action != "unexpected" and e.via is None:
+            out.setdefault(id(state[e.model_key]), e)  # type: ignore[index]
+    return out
+
+
 def _index_edited(
     plan: LoadPlan, state: dict[str, Tensor]
-) -> tuple[list[PlanEntry | None], dict[str, int], dict[int, PlanEntry], list[str], list[str]]:
-    """Index a plan that may have been edited or read back: check and refresh every entry."""
+) -> tuple[
+    list[PlanEntry | None],
+    dict[str, int],
+    dict[int, PlanEntry],
+    list[str],
+    list[str],
+    dict[str, str],
+]:
+    """Index a plan that may have been edited or read back: check and refresh every entry.
+
+    Also returns each alias's own checkpoint key (a tied checkpoint holding the tensor under
+    the alias's name too), and refuses two different checkpoint keys writing one tied tensor.
+    """
     entries: list[PlanEntry | None] = []
     at: dict[str, int] = {}  # model key -> index in entries
     writer: dict[int, PlanEntry] = {}
     unknown: list[str] = []
     misfit: list[str] = []
     ckpt_uses: dict[str, list[str]] = {}  # checkpoint key -> actions naming it
+    prior: dict[str, str] = {}
+    conflicts: list[list[PlanEntry]] = []
     for e in plan.entries:
         if not isinstance(e, PlanEntry) or e.action not in ACTIONS:
             raise UsageError(
@@ -1020,6 +1073,8 @@ def _index_edited(
         if e.ckpt_key is not None and not e.tied_to:
             ckpt_uses.setdefault(e.ckpt_key, []).append(e.action)
         if e.tied_to:  # aliases are re-derived from the model below
+            if e.model_key is not None and e.ckpt_key is not None:
+                prior[e.model_key] = e.ckpt_key
             continue
         if e.action == "unexpected" or (e.action == "skip" and e.model_key is None):
             if e.ckpt_key is None:
@@ -1057,7 +1112,11 @@ def _index_edited(
         at[mkey] = len(entries)
         entries.append(e)
         if action in WRITES:
-            writer.setdefault(id(t), e)
+            first = writer.setdefault(id(t), e)
+            if first.ckpt_key != e.ckpt_key:
+                conflicts.append([first, e])
+    if conflicts:
+        raise _ties.conflict_error(conflicts, plan.source, plan.model)
     shared = [k for k, acts in ckpt_uses.items() if len(acts) > 1 and not set(acts) <= WRITES]
     if shared:
         k = shared[0]
@@ -1067,7 +1126,7 @@ def _index_edited(
             "cannot also be loaded. Use plan.rename(ckpt_key, model_key), which keeps one."
         )
 
-    return entries, at, writer, unknown, misfit
+    return entries, at, writer, unknown, misfit, prior
 
 
 def _mismatch(e: PlanEntry) -> Mismatch:
@@ -1091,11 +1150,21 @@ def strict_failure(
     ``declined`` names ``adapt`` entries whose adapter returned ``None`` (mismatches after all).
     """
     declined = set(declined)
-    missing = [e.key for e in plan.entries if e.action in ("missing", "initialise")]
-    unexpected = [e.key for e in plan.entries if e.action == "unexpected"]
+    tied: dict[str, list[str]] = {}  # a tied tensor is listed once, with its other keys
+    for e in plan.entries:
+        if e.tied_to and e.model_key is not None:
+            tied.setdefault(e.tied_to, []).append(e.model_key)
+    entries = [e for e in plan.entries if not e.tied_to]
+
+    def named(e: PlanEntry, text: str) -> str:
+        aliases = tied.get(e.key)
+        return f"{text} (tied: {', '.join(aliases)})" if aliases else text
+
+    missing = [named(e, e.key) for e in entries if e.action in ("missing", "initialise")]
+    unexpected = [e.key for e in entries if e.action == "unexpected"]
     mismatched = [
-        str(_mismatch(e))
-        for e in plan.entries
+        named(e, str(_mismatch(e)))
+        for e in entries
         if e.action == "mismatch" or (e.action == "adapt" and e.model_key in declined)
     ]
     if not (missing or unexpected or mismatched):
@@ -1132,22 +1201,24 @@ def meta_to_initialise(model: nn.Module, written: set[int]) -> tuple[list[nn.Mod
     modules: list[nn.Module] = []
     keys: list[str] = []
     no_reset: list[str] = []
+    seen: set[int] = set()  # a tied tensor is listed once, under its first key
     for mname, mod in model.named_modules():
         pending = [
-            (n, n in mod._non_persistent_buffers_set)
+            (n, n in mod._non_persistent_buffers_set, id(t))
             for n, t in [*mod._parameters.items(), *mod._buffers.items()]
             if t is not None and t.is_meta and id(t) not in written
         ]
         if not pending:
             continue
-        full = [f"{mname}.{n}" if mname else n for n, _ in pending]
+        full = [f"{mname}.{n}" if mname else n for n, _, _ in pending]
         if not callable(getattr(mod, "reset_parameters", None)):
             no_reset += [f"{k} ({type(mod).__name__})" for k in full]
             continue
         modules.append(mod)
-        keys += [
-            k for k, (_, nonpersistent) in zip(full, pending, strict=True) if not nonpersistent
-        ]
+        for k, (_, nonpersistent, tid) in zip(full, pending, strict=True):
+            if not nonpersistent and tid not in seen:
+                keys.append(k)
+            seen.add(tid)
     if no_reset:
         raise LoadError(
             f"{type(model).__name__} is on the meta device and these tensors get no value: "

@@ -68,7 +68,9 @@ class LoadReport(_StatusTable):
 
     ``tensors_*`` and ``params_*`` count parameters (tensors and elements, tied ones once);
     buffers (BatchNorm statistics) are counted apart in ``buffers_*``. ``loaded`` lists
-    every model key that got a value, buffers included (every alias of a tied tensor).
+    every model key that got a value, buffers included (every alias of a tied tensor). Every
+    other list names a tied tensor once, by the key that carries it; ``tied`` maps each other
+    key of a tied tensor to that key (``missing_keys`` lists them too, as torch does).
     ``missing`` includes keys a meta model ``initialised`` from their module's init.
     ``adapter`` lists the PEFT adapter weights (``lora_A``, ``lora_B``, ...) of a model wrapped
     by ``peft.get_peft_model`` that a base checkpoint left as they were; they are not missing.
@@ -87,6 +89,7 @@ class LoadReport(_StatusTable):
     defaulted: list[str] = field(default_factory=list)
     initialised: list[str] = field(default_factory=list)
     adapter: list[str] = field(default_factory=list)
+    tied: dict[str, str] = field(default_factory=dict)
     prefix: tuple[str, str] | None = None
     notes: list[str] = field(default_factory=list)
     tensors_loaded: int = 0
@@ -106,8 +109,14 @@ class LoadReport(_StatusTable):
 
     @property
     def missing_keys(self) -> list[str]:
-        """Model keys the checkpoint had no tensor for (as torch's ``_IncompatibleKeys``)."""
-        return self.missing
+        """Model keys the checkpoint had no tensor for (as torch's ``_IncompatibleKeys``:
+        every key of a tied tensor)."""
+        if not self.tied:
+            return self.missing
+        aliases: dict[str, list[str]] = {}
+        for k, carrier in self.tied.items():
+            aliases.setdefault(carrier, []).append(k)
+        return [a for k in self.missing for a in (k, *aliases.get(k, ()))]
 
     @property
     def unexpected_keys(self) -> list[str]:
@@ -136,10 +145,11 @@ class LoadReport(_StatusTable):
             >>> report.assert_loaded(allow_missing=["fc.*"])  # doctest: +SKIP
         """
         not_loaded = self.not_loaded()
-        known = [*self.loaded, *not_loaded, *self.skipped, *self.defaulted]
+        known = [*self.loaded, *not_loaded, *self.skipped, *self.defaulted, *self.tied]
         allowed = match_keys(
             allow_missing or None, known, action="allow_missing", owner=self.model or "the model"
         )
+        allowed |= {self.tied[k] for k in allowed if k in self.tied}  # a tied tensor's key
         bad = [k for k in not_loaded if k not in allowed]
         if bad:
             raise LoadError(
@@ -209,8 +219,14 @@ class LoadReport(_StatusTable):
         from ._keymap import describe_prefix
 
         rows: list[tuple[str, str, str]] = []
+        aliases: dict[str, list[str]] = {}  # a tied tensor's other keys, named in its row
+        for k, carrier in self.tied.items():
+            aliases.setdefault(carrier, []).append(k)
 
         def add(status: str, items: list[tuple[str, str]]) -> None:
+            items = [
+                (k, f"{d} (tied: {', '.join(aliases[k])})" if k in aliases else d) for k, d in items
+            ]
             rows.extend(status_rows(status, items, limit))
 
         if self.prefix:

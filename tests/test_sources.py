@@ -73,9 +73,10 @@ def test_checkpoint_module_keeps_its_names():
 
 
 def test_source_protocol_public_members():
-    """read, read_into, close, and read_region_into (a rank's shard of a sharded model)."""
+    """read, read_into, close, read_region_into (a rank's shard of a sharded model), and
+    shares (two keys that are one tensor of the checkpoint)."""
     methods = {n for n, v in vars(CheckpointSource).items() if callable(v) and n[0] != "_"}
-    assert methods == {"read", "read_into", "read_region_into", "close"}
+    assert methods == {"read", "read_into", "read_region_into", "close", "shares"}
     assert CheckpointSource("x").specs == {}
 
 
@@ -114,8 +115,12 @@ def test_unwrap_asks_for_entry_when_several_dicts_qualify():
 
 
 def test_unwrap_names_non_tensor_values():
-    with pytest.raises(CheckpointError, match=r"'b' \(list of 1\)"):
-        unwrap({"a": torch.ones(1), "b": [1.0]})
+    # Tensors beside plain values are a state dict, as load_state_dict takes it (the values
+    # are unexpected keys); tensors beside a dict that holds no state dict are refused.
+    flat = {"a": torch.ones(1), "b": [1.0]}
+    assert unwrap(flat).tensors is flat
+    with pytest.raises(CheckpointError, match=r"'stats' \(dict of 1\).*entry="):
+        unwrap({"a": torch.ones(1), "stats": {"epoch": 1}})
     with pytest.raises(CheckpointError, match="is empty"):
         unwrap({})
     with pytest.raises(CheckpointError, match=r"holds a list of 1, not a state dict"):

@@ -34,7 +34,8 @@ class CheckpointSource:
     (extra states, packed weights; torch's per-module versions).
 
     ``read_region_into(key, offset, out)`` fills ``out`` with one block of the tensor (a
-    rank's shard of a sharded model).
+    rank's shard of a sharded model). ``shares(a, b)`` says whether two keys are one tensor
+    of the checkpoint (a tied model saved with ``torch.save``), from how it is stored.
 
     A subclass implements ``read``; one that can fill ``out`` without a temporary (bytes at a
     known file offset) overrides the hooks ``_read_into`` and ``_read_run_into``. A source that
@@ -97,6 +98,12 @@ class CheckpointSource:
             return
         box = tuple(slice(o, o + n) for o, n in zip(offset, out.shape, strict=True))
         out.copy_(self.read(key)[box])
+
+    def shares(self, a: str, b: str) -> bool:
+        """Whether keys ``a`` and ``b`` are one tensor of the checkpoint: the same bytes with
+        the same shape, strides and dtype (a tied model saved with ``torch.save``), known from
+        how the checkpoint stores them, never by comparing values. ``False`` when unknown."""
+        return a == b
 
     def _read_run_into(self, key: str, start: int, out: Tensor) -> bool:
         """Fill ``out`` from the elements of ``key`` stored from element ``start`` on, when

@@ -32,19 +32,22 @@ class MemorySource(CheckpointSource):
         other_entries: Sequence[str] = (),
     ) -> None:
         super().__init__(description)
+        for k, v in state.items():
+            if not isinstance(k, str):
+                what = "a tensor" if isinstance(v, Tensor) else f"a {type(v).__name__}"
+                raise CheckpointError(
+                    f"{description} has {what} under the key {k!r}, a {type(k).__name__}: "
+                    "state dict keys are strings. The file is not a state dict; convert it "
+                    "with {str(k): v for k, v in sd.items()} if you trust it."
+                )
         tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
         if len(tensors) < len(state):
+            # Non-tensor values: a module's own state (handed to it) or unexpected keys.
             self.extras = {k: v for k, v in state.items() if not isinstance(v, Tensor)}
         metadata = getattr(state, "_metadata", None)
         self.metadata = dict(metadata) if isinstance(metadata, Mapping) else None
         self._tensors = tensors
         for k, t in tensors.items():
-            if not isinstance(k, str):
-                raise CheckpointError(
-                    f"{description} has a tensor under the key {k!r}, a {type(k).__name__}: "
-                    "state dict keys are strings. The file is not a state dict; convert it "
-                    "with {str(k): v for k, v in sd.items()} if you trust it."
-                )
             shape, why = _spec(t)
             self.specs[k] = (shape, t.dtype)
             if why:
@@ -54,6 +57,24 @@ class MemorySource(CheckpointSource):
 
     def read(self, key: str) -> Tensor:
         return self._tensors[key]
+
+    def shares(self, a: str, b: str) -> bool:
+        x, y = self._tensors.get(a), self._tensors.get(b)
+        if x is None or y is None:
+            return False
+        if x is y:
+            return True
+        if (x.shape, x.dtype, x.layout, x.device) != (y.shape, y.dtype, y.layout, y.device):
+            return False
+        if x.layout != torch.strided or x.is_meta or x.is_quantized or x.is_nested:
+            return False
+        if x.numel() == 0:
+            return True
+        return (
+            x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr() != 0
+            and x.storage_offset() == y.storage_offset()
+            and x.stride() == y.stride()
+        )
 
 
 def _spec(t: Tensor) -> tuple[torch.Size, str]:

@@ -91,6 +91,10 @@ class ShardedSource(CheckpointSource):
     def read_region_into(self, key: str, offset: tuple[int, ...], out: Tensor) -> None:
         self._owner[key].read_region_into(key, offset, out)
 
+    def shares(self, a: str, b: str) -> bool:
+        owner = self._owner.get(a)
+        return owner is not None and owner is self._owner.get(b) and owner.shares(a, b)
+
     def close(self) -> None:
         for src in self._shards.values():
             src.close()

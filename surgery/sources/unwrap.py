@@ -190,11 +190,15 @@ def find_entry(
 def find_state_dict(obj: Any, where: str, *, explicit: bool) -> tuple[Mapping, list[str]]:
     """The tensor dict in ``obj`` and the entry path to it; a clear error when there is none.
 
-    ``explicit`` says the caller already picked an entry (no hint to pass ``entry=``).
+    ``explicit`` says the caller already picked an entry (no hint to pass ``entry=``). As in
+    ``load_state_dict``, a dict of tensors may hold other values (``"version": 2``): they are
+    kept beside the tensors and planned as unexpected keys. A dict is taken as it is when it
+    holds tensors and no dicts (or, picked by ``entry=``, any tensor at all); otherwise its
+    entries are searched for the state dict (see :func:`_candidates`).
     """
     if isinstance(obj, nn.Module):
         return obj.state_dict(), []
-    if _is_tensor_dict(obj):
+    if _is_tensor_dict(obj) or _is_flat(obj) or (explicit and _holds_tensors(obj)):
         return obj, []
     if is_optimizer_state(obj):
         raise CheckpointError(
@@ -212,17 +216,19 @@ def find_state_dict(obj: Any, where: str, *, explicit: bool) -> tuple[Mapping, l
         first = candidates[named[0]]
         others = [k for k in named[1:] if not _same_tensors(candidates[k][0], first[0])]
         if others:  # 'model' and 'state_dict' both holding weights: no order decides
-            listing = ", ".join(f"'{k}' ({len(candidates[k][0])} tensors)" for k in named)
+            listing = ", ".join(f"'{k}' ({_n_tensors(candidates[k][0])} tensors)" for k in named)
             raise CheckpointError(
                 f"{where} holds several model state dicts: {listing}, each under a name "
                 f"training scripts use for the weights. Pass entry= to choose one, e.g. "
                 f"entry={named[0]!r}"
             )
         return first
+    if not candidates:  # no clear state dict: the one dict of tensors beside plain values
+        candidates = {str(k): (v, [str(k)]) for k, v in obj.items() if _is_flat(v)}
     if len(candidates) == 1:
         return next(iter(candidates.values()))
     if len(candidates) > 1:
-        listing = ", ".join(f"'{k}' ({len(v[0])} tensors)" for k, v in candidates.items())
+        listing = ", ".join(f"'{k}' ({_n_tensors(v[0])} tensors)" for k, v in candidates.items())
         raise CheckpointError(
             f"{where} holds several tensor dicts: {listing}. None is the obvious model state; "
             f"pass entry= to choose one, e.g. entry={next(iter(candidates))!r}"
@@ -231,8 +237,8 @@ def find_state_dict(obj: Any, where: str, *, explicit: bool) -> tuple[Mapping, l
     if len(bad) < len(obj):
         listing = first_n([f"'{k}' ({describe(v)})" for k, v in bad], 10)
         raise CheckpointError(
-            f"{where} mixes tensors with non-tensor values: {listing}. A state dict holds "
-            "only tensors; remove those entries or pass entry= to pick the tensor dict"
+            f"{where} mixes tensors with dicts and other values: {listing}, and none of its "
+            "entries is a state dict. Pass entry= to pick the entry that holds the weights"
         )
     if any(is_optimizer_state(v) for v in obj.values()):
         hint = f" It holds optimizer state but no model weights. {_OPTIMIZER_HINT}"
@@ -288,9 +294,35 @@ def _is_tensor_dict(obj: Any) -> bool:
         return False
     if all(isinstance(v, Tensor) or str(k).endswith("_extra_state") for k, v in obj.items()):
         return any(isinstance(v, Tensor) for v in obj.values())
-    return isinstance(getattr(obj, "_metadata", None), Mapping) and any(
-        isinstance(v, Tensor) for v in obj.values()
+    return isinstance(getattr(obj, "_metadata", None), Mapping) and _holds_tensors(obj)
+
+
+def _holds_tensors(obj: Any) -> bool:
+    """A dict with at least one tensor among its values."""
+    return isinstance(obj, Mapping) and any(isinstance(v, Tensor) for v in obj.values())
+
+
+def _is_flat(obj: Any) -> bool:
+    """Tensors beside plain values (``"version": 2``), no dict or module among them: a state
+    dict as ``load_state_dict`` takes it (the other values are unexpected keys), never a
+    container of one."""
+    return _holds_tensors(obj) and not any(
+        isinstance(v, (Mapping, nn.Module)) for v in obj.values()
     )
+
+
+def _mostly_tensors(obj: Any) -> bool:
+    """A flat dict whose tensors outnumber its other values (a state dict with a stray
+    ``version``), not a training record with a tensor in it (``{"best_acc": tensor(0.7),
+    "epoch": 3, "arch": "resnet18"}``)."""
+    if not _is_flat(obj):
+        return False
+    n = sum(isinstance(v, Tensor) for v in obj.values())
+    return 2 * n > len(obj)
+
+
+def _n_tensors(obj: Mapping) -> int:
+    return sum(isinstance(v, Tensor) for v in obj.values())
 
 
 def _same_tensors(a: Mapping, b: Mapping) -> bool:
@@ -303,6 +335,8 @@ def _same_tensors(a: Mapping, b: Mapping) -> bool:
         y = b[k]
         if x is y:
             continue
+        if not (isinstance(x, Tensor) and isinstance(y, Tensor)):
+            return False
         if (
             x.shape != y.shape
             or x.dtype != y.dtype
@@ -315,17 +349,23 @@ def _same_tensors(a: Mapping, b: Mapping) -> bool:
 
 
 def _candidates(obj: Mapping) -> dict[str, tuple[Mapping, list[str]]]:
-    """Entries leading to a state dict, one level of nesting included: {'model': {'module': sd}}."""
+    """Entries leading to a state dict, one level of nesting included: {'model': {'module': sd}}.
+
+    An entry named like a weights container (``CONTAINER_KEYS``) qualifies with any tensor in
+    it; another one when it is a state dict (see :func:`_is_tensor_dict`) or mostly tensors,
+    so a dict of training statistics beside the weights is not taken for a second model.
+    """
     out: dict[str, tuple[Mapping, list[str]]] = {}
     for k, v in obj.items():
         if isinstance(v, nn.Module):
             out[str(k)] = (v.state_dict(), [str(k)])
-        elif _is_tensor_dict(v):
+        elif _is_tensor_dict(v) or _mostly_tensors(v) or (k in CONTAINER_KEYS and _is_flat(v)):
             out[str(k)] = (v, [str(k)])
-        elif isinstance(v, Mapping) and not any(isinstance(x, Tensor) for x in v.values()):
+        elif isinstance(v, Mapping) and not _holds_tensors(v):
             for k2 in CONTAINER_KEYS:
-                if _is_tensor_dict(v.get(k2)):
-                    out[str(k)] = (v[k2], [str(k), k2])
+                inner = v.get(k2)
+                if _is_tensor_dict(inner) or _is_flat(inner):
+                    out[str(k)] = (inner, [str(k), k2])
                     break
     return out
 
