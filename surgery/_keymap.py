@@ -10,6 +10,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+from ._text import escape_control
 from .errors import KeyCollisionError, PrefixTieError, UsageError
 
 Remap = Mapping[str, str] | Sequence[tuple[str, str | None]] | Callable[[str], str | None]
@@ -271,8 +272,11 @@ def prefix_hint(ckpt_keys: Sequence[str], model_keys: set[str]) -> str:
             if k.startswith(cp) and mp + k[len(cp) :] in model_keys:
                 example, counterpart = k, mp + k[len(cp) :]
                 break
-    looks = f"Checkpoint keys look like '{example}', model keys like '{counterpart}'."
+    looks = escape_control(
+        f"Checkpoint keys look like '{example}', model keys like '{counterpart}'."
+    )
     if rewrite is None:
         return looks
     cp, mp = rewrite
-    return looks + f' Try remap=[(r"^{re.escape(cp)}", "{mp}")] (or prefix="auto").'
+    hint = f'Try remap=[(r"^{re.escape(cp)}", "{mp}")] (or prefix="auto").'
+    return looks + " " + escape_control(hint)

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from . import meta
+from ._text import escape_control
 from .checkpoint import CheckpointSource
 from .errors import CheckpointError, LoadError
 
@@ -391,7 +392,7 @@ def plan_units(
         elif ckey in source.extras:
             what = type(source.extras[ckey]).__name__
             if isinstance(state.get(name), Tensor) and not (skipped and name in skipped):
-                misplaced.append(f"'{ckey}' ({what})")
+                misplaced.append(f"'{escape_control(ckey)}' ({what})")
                 continue
             entries.append(
                 PlanEntry(

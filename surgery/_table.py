@@ -1,9 +1,16 @@
-"""Tiny text/HTML table rendering shared by every report (load, trainable summary, groups)."""
+"""Tiny text/HTML table rendering shared by every report (load, trainable summary, groups).
+
+Names in the text forms come from files: every cell, list item, caption line and note is
+printed with control characters escaped (``escape_control``), so a key holding a newline
+cannot add a line of its own to a report.
+"""
 
 from __future__ import annotations
 
 import html
 from collections.abc import Collection, Iterable, Sequence
+
+from ._text import escape_control
 
 LIST_LIMIT = 10  # how many names a message or a table lists before 'and K more'
 
@@ -32,8 +39,9 @@ def format_shape(shape: Sequence[int] | None) -> str:
 
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[object]], indent: str = "") -> str:
-    """Left-aligned, space-padded columns."""
-    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    """Left-aligned, space-padded columns; control characters in cells escaped."""
+    cells = [[escape_control(str(c)) for c in header]]
+    cells += [[escape_control(str(c)) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = []
     for k, r in enumerate(cells):
@@ -156,7 +164,7 @@ def first_n(items: Iterable[object], n: int = LIST_LIMIT, sep: str = ", ") -> st
         >>> first_n(["conv1", "bn1", "layer1", "layer2"], 2)
         'conv1, bn1 and 2 more'
     """
-    items = [str(x) for x in items]
+    items = [escape_control(str(x)) for x in items]
     shown = sep.join(items[:n])
     return f"{shown} and {len(items) - n} more" if len(items) > n else shown
 
@@ -168,7 +176,7 @@ def first_n_lines(items: Iterable[object], n: int = LIST_LIMIT, indent: str = " 
         >>> first_n_lines(["a", "b", "c"], 2, indent="  ")
         ['  a', '  b', '  ... and 1 more']
     """
-    items = [str(x) for x in items]
+    items = [escape_control(str(x)) for x in items]
     lines = [indent + x for x in items[:n]]
     if len(items) > n:
         lines.append(f"{indent}... and {len(items) - n} more")
@@ -218,6 +226,10 @@ class _Table:
     def _caption(self) -> str:
         raise NotImplementedError
 
+    def _caption_lines(self) -> list[str]:
+        """The caption as text lines (a subclass may add a summary line under it)."""
+        return [self._caption()]
+
     def _rows(self) -> Sequence[Sequence[object]]:
         raise NotImplementedError
 
@@ -234,11 +246,11 @@ class _Table:
         return self._notes()
 
     def __str__(self) -> str:
-        lines = [self._caption()]
+        lines = [escape_control(line) for line in self._caption_lines()]
         rows = self._rows() if self._text_rows else ()
         if rows:
             lines.append(text_table(self._header, rows, indent=self._indent))
-        return "\n".join(lines + self._notes())
+        return "\n".join(lines + [escape_control(line) for line in self._notes()])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._caption()!r})"

@@ -9,7 +9,6 @@ The :class:`~surgery.report.LoadReport` is derived from the plan and what apply 
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 
 from . import _progress, _selfload, meta
 from . import distributed as _dist
+from ._sysmem import available_memory, format_bytes
 from ._table import first_n_lines, format_shape
 from .errors import LoadError, SurgeryError, UsageError
 from .plan import (
@@ -359,32 +359,10 @@ def _check_memory(model: nn.Module, state: Mapping[str, Tensor]) -> None:
     if free is not None and need > free:
         raise LoadError(
             f"materialising {type(model).__name__} from the meta device needs "
-            f"{_gb(need)} of memory, only {_gb(free)} is available. Nothing was loaded. Load "
-            "a part of it (skip=...), a smaller dtype (model.to(torch.float16) before loading), "
-            "or on a machine with more memory."
+            f"{format_bytes(need)} of memory, only {format_bytes(free)} is available. Nothing "
+            "was loaded. Load a part of it (skip=...), a smaller dtype (model.to(torch.float16) "
+            "before loading), or on a machine with more memory."
         )
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to allocate now (psutil if installed, else the OS's count of
-    free pages); ``None`` when neither can tell."""
-    try:
-        import psutil
-    except ImportError:
-        psutil = None
-    if psutil is not None:
-        try:
-            return int(psutil.virtual_memory().available)
-        except Exception:  # psutil cannot read this system's counters
-            pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def _adapter_notes(adapter: Adapter | None) -> list[str]:

@@ -243,12 +243,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         "keys:",
         *tree,
     ]
-    _emit("\n".join(lines))
+    # One name per line at most: escaped line by line, a name cannot start a line of its own.
+    print("\n".join(escape_control(line) for line in lines))
     return 0
 
 
 def _emit(text: str, file: Any = None) -> None:
-    """Print text that holds names from a file: control characters escaped, lines kept."""
+    """Print text whose names from a file are escaped already (reports, messages): control
+    characters escaped again, its own lines kept."""
     print(escape_control(text, keep="\n"), file=file or sys.stdout)
 
 

@@ -34,6 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.lr_scheduler import LRScheduler
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from ._args import require_module, require_optimizer
 from ._select import ModelIndex, Selection, Selector, describe_selector, select
 from ._table import _Table, format_count, format_percent
 from .errors import UsageError
@@ -202,6 +203,7 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
         >>> s.trainable_params
         5130
     """
+    require_module(model, "trainable_summary")
     children = dict(model.named_children())
     params: dict[str, int] = dict.fromkeys(children, 0)
     trainable: dict[str, int] = dict.fromkeys(children, 0)
@@ -461,6 +463,7 @@ def freeze(model: nn.Module, *selectors: Selector, bn: str = "eval") -> FreezeSu
         >>> len(s.bn_eval)  # bn1 and the 14 BatchNorms of layer1-3
         15
     """
+    require_module(model, "freeze")
     _check_bn(bn, _FREEZE_BN, "freeze")
     _check_selectors(selectors, "freeze")
     index = ModelIndex(model)
@@ -486,6 +489,7 @@ def freeze_except(model: nn.Module, *selectors: Selector, bn: str = "eval") -> F
         >>> s.trainable_params == sum(p.numel() for p in model.layer4.parameters()) + 5130
         True
     """
+    require_module(model, "freeze_except")
     _check_bn(bn, _FREEZE_BN, "freeze_except")
     _check_selectors(selectors, "freeze_except")
     index = ModelIndex(model)
@@ -534,6 +538,9 @@ def unfreeze(
         >>> s.optimizer_groups, len(opt.param_groups), sched.base_lrs
         (['unfreeze layer4'], 2, [0.1, 0.01])
     """
+    require_module(model, "unfreeze")
+    if optimizer is not None:
+        require_optimizer(optimizer, "unfreeze")
     _check_bn(bn, _UNFREEZE_BN, "unfreeze")
     _check_selectors(selectors, "unfreeze")
     if optimizer is None and (lr is not None or weight_decay is not None or scheduler):

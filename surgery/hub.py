@@ -9,12 +9,12 @@ cached file is used, anything else is a :class:`CheckpointError` naming the cach
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import posixpath
 from pathlib import Path
 from urllib.parse import urlparse
 
+from . import _json
 from .errors import CheckpointError
 
 __all__ = ["hub_file", "is_hub_name"]
@@ -167,7 +167,8 @@ def _hf_shards(
     if snapshot.parent.name == "snapshots":
         revision = snapshot.name  # the commit the index came from
     try:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = _json.read_file(index, limit=_json.MAX_INDEX)["weight_map"]
+        shards = sorted({str(v) for v in weight_map.values()})
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return  # open_source reports a malformed index with its own message
     folder = posixpath.dirname(in_repo)
@@ -239,7 +240,7 @@ def _torchvision_file(name: str, spec: str) -> Path:
 
     try:
         weights = get_weight(name) if "." in name else get_model_weights(name).DEFAULT
-    except (ValueError, KeyError, AttributeError) as e:
+    except (ValueError, KeyError, AttributeError, TypeError) as e:  # TypeError: not an enum
         raise CheckpointError(
             f"torchvision has no weights {name!r} ({_first_line(str(e))}); name an enum value "
             "like 'torchvision:ResNet18_Weights.IMAGENET1K_V1', or a model like "

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler as sched
 
+from ._args import require_module, require_optimizer
 from ._select import ModelIndex, Selector, as_selectors, describe_selector, select
 from ._table import _Table, first_n, format_count
 from .errors import SelectorError, UsageError
@@ -83,6 +84,7 @@ def param_groups(
         ['default', 'default no_decay', 'fc', 'fc no_decay']
         >>> opt = torch.optim.AdamW(groups)
     """
+    require_module(model, "param_groups")
     _check_number("lr", lr, positive=True)
     _check_number("weight_decay", weight_decay)
     if layer_decay is not None:
@@ -153,6 +155,8 @@ def add_param_groups(
         >>> sched.base_lrs
         [0.1, 0.01]
     """
+    require_optimizer(optimizer, "add_param_groups")
+    require_module(model, "add_param_groups")
     if lr is None:
         raise UsageError(
             "adding parameters to an optimizer needs the new group's lr=, e.g. lr=1e-5; the "
@@ -546,6 +550,27 @@ class GroupTable(_Table):
         return [f"note: {n}" for n in self.notes]
 
 
+def _checked_groups(groups: object) -> list[Mapping[str, Any]]:
+    """``groups`` as a list of dicts whose ``params`` are tensors, else a UsageError."""
+    listed = list(groups) if isinstance(groups, (list, tuple)) else None
+    for g in listed or ():
+        params = g.get("params") if isinstance(g, Mapping) else None
+        if isinstance(params, torch.Tensor):
+            continue
+        if not isinstance(params, (list, tuple)) or not all(
+            isinstance(p, torch.Tensor) for p in params
+        ):
+            listed = None
+            break
+    if listed is None:
+        raise UsageError(
+            "describe_groups needs an optimizer or a list of parameter groups (dicts whose "
+            f"'params' are tensors, as param_groups() returns) as groups, got "
+            f"{type(groups).__name__}"
+        )
+    return listed
+
+
 def describe_groups(groups: Sequence[Mapping[str, Any]] | torch.optim.Optimizer) -> GroupTable:
     """A table of group name, tensors, params, lr and weight decay, for groups or an optimizer.
 
@@ -565,7 +590,7 @@ def describe_groups(groups: Sequence[Mapping[str, Any]] | torch.optim.Optimizer)
         groups = groups.param_groups
     rows, notes = [], []
     owner: dict[int, str] = {}
-    for i, g in enumerate(groups):
+    for i, g in enumerate(_checked_groups(groups)):
         name = str(g.get("name", f"group {i}"))
         params = g["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)

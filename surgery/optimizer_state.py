@@ -11,52 +11,30 @@ before the optimizer is touched.
 from __future__ import annotations
 
 import os
-import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from ._args import require_module, require_optimizer
 from ._keymap import Remap, apply_prefix, apply_remap, describe_prefix, detect_prefix
+from ._optim_read import FORMAT, Names, Old, read_old
 from ._select import match_keys
 from ._table import _StatusTable, first_n_lines, format_shape, status_rows
-from .checkpoint import read_checkpoint
-from .errors import CheckpointError, OptimizerStateError, UsageError
+from ._text import escape_control
+from .errors import OptimizerStateError, UsageError
 from .report import Mismatch
-from .sources.torchfile import load_object
+from .scheduler_state import restore_scheduler
 
 __all__ = ["OptimizerReport", "optimizer_state", "restore_optimizer", "restore_scheduler"]
 
-FORMAT = "surgery.optimizer_state"
 _VERSION = 1
-
-# Entries of a training checkpoint that hold optimizer / scheduler state, most common first.
-_OPTIMIZER_ENTRIES = (
-    "optimizer",
-    "optimizer_state_dict",
-    "optimizer_states",
-    "optim",
-    "opt",
-    "optimizer_state",
-)
-_SCHEDULER_ENTRIES = (
-    "lr_scheduler",
-    "scheduler",
-    "lr_schedulers",
-    "lr_scheduler_state_dict",
-    "scheduler_state_dict",
-    "sched",
-)
-# Float state-dict entries that are buffers whatever the model (BatchNorm statistics).
-_BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
 _LIST = 8  # items listed per category in text and error messages
 
 StateAdapter = Callable[[str, Tensor, Tensor], Tensor | None]
-Names = Sequence[str] | nn.Module | Mapping[str, Tensor] | str | os.PathLike
 
 
 # --------------------------------------------------------------------------- report
@@ -151,10 +129,13 @@ class OptimizerReport(_StatusTable):
         return rows
 
     def _caption(self) -> str:
-        return (
-            f"OptimizerReport: {self.source} ({self.form}) -> {self.optimizer} of "
-            f"{self.model}\n  {self.summary()}"
-        )
+        return "\n".join(self._caption_lines())
+
+    def _caption_lines(self) -> list[str]:
+        return [
+            f"OptimizerReport: {self.source} ({self.form}) -> {self.optimizer} of {self.model}",
+            f"  {self.summary()}",
+        ]
 
     def _html_caption(self) -> str:
         return f"{self.source} -> {self.optimizer} of {self.model}: {self.summary()}"
@@ -181,10 +162,7 @@ def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[
         >>> sorted(optimizer_state(opt, model)["param_groups"][0]["params"])
         ['bias', 'weight']
     """
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise UsageError(
-            f"optimizer_state needs a torch.optim.Optimizer, got {type(optimizer).__name__}"
-        )
+    require_optimizer(optimizer, "optimizer_state")
     name_of = _param_names(model)
     unnamed = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in name_of]
     if unnamed:
@@ -218,18 +196,6 @@ def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[
 # --------------------------------------------------------------------------- restoring
 
 
-@dataclass
-class _Old:
-    """The old optimizer state with a name for every parameter."""
-
-    description: str
-    form: str
-    names: list[str]  # every parameter the old optimizer held, in its order
-    state: dict[str, dict[str, Any]]  # name -> per-parameter state (non-empty ones)
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # where known
-    notes: list[str] = field(default_factory=list)
-
-
 def restore_optimizer(
     optimizer: torch.optim.Optimizer,
     model: nn.Module,
@@ -250,7 +216,10 @@ def restore_optimizer(
     ``torch.distributed.checkpoint`` ``get_optimizer_state_dict`` output (FQN-keyed, nested or
     flattened), :func:`optimizer_state` output, or a training checkpoint (path or dict) holding
     one under ``optimizer``, ``optimizer_states`` (Lightning), ``optim``... (``entry=`` picks
-    one, dotted, list indices as numbers: ``"optimizer_states.1"``).
+    one, dotted, list indices as numbers: ``"optimizer_states.1"``). A training folder gives
+    the file its trainer names (``optimizer.pt``, accelerate's ``optimizer.bin``, Lightning's
+    ``*.ckpt``). Files are read with the checks weights get, and the state's structure is
+    checked before anything uses it.
 
     Positional state needs the old parameter names: ``names=`` gives them (a list in the
     optimizer's order, the old model, or its weights), else they are inferred from the model
@@ -274,12 +243,8 @@ def restore_optimizer(
         >>> opt = torch.optim.AdamW(surgery.param_groups(model, lr=1e-3))  # doctest: +SKIP
         >>> print(surgery.restore_optimizer(opt, model, "runs/last.pth"))  # doctest: +SKIP
     """
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise UsageError(
-            f"restore_optimizer needs a torch.optim.Optimizer, got {type(optimizer).__name__}"
-        )
-    if not isinstance(model, nn.Module):
-        raise UsageError(f"restore_optimizer needs an nn.Module, got {type(model).__name__}")
+    require_optimizer(optimizer, "restore_optimizer")
+    require_module(model, "restore_optimizer")
     if prefix not in ("auto", None):
         raise UsageError(f"prefix must be 'auto' or None, not {prefix!r}")
     if not (on_mismatch in ("reset", "error") or callable(on_mismatch)):
@@ -287,7 +252,7 @@ def restore_optimizer(
             "on_mismatch must be 'reset', 'error' or a callable (name, old_value, new_param) "
             f"-> Tensor | None, not {on_mismatch!r}"
         )
-    old = _read_old(
+    old = read_old(
         old_state, names=names, entry=entry, trust_pickle=trust_pickle, allow_globals=allow_globals
     )
     report = OptimizerReport(
@@ -307,7 +272,7 @@ def restore_optimizer(
 def _plan(
     optimizer: torch.optim.Optimizer,
     model: nn.Module,
-    old: _Old,
+    old: Old,
     report: OptimizerReport,
     remap: Remap | None,
     prefix: str | None,
@@ -406,7 +371,7 @@ def _plan(
         hint = ""
         if report.dropped:
             hint = (
-                f" Old names look like '{report.dropped[0]}', model names like "
+                f" Old names look like '{escape_control(report.dropped[0])}', model names like "
                 f"'{next(iter(params), '')}'; pass remap=."
             )
         raise OptimizerStateError(
@@ -478,433 +443,3 @@ def _param_names(model: nn.Module) -> dict[int, str]:
     if not isinstance(model, nn.Module):
         raise UsageError(f"expected an nn.Module, got {type(model).__name__}")
     return {id(p): n for n, p in reversed(list(model.named_parameters(remove_duplicate=False)))}
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def _load_file(path: Path, trust_pickle: bool, allow_globals: Iterable[Any] | None) -> Any:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' does not exist")
-    return load_object(path, trust_pickle=trust_pickle, allow_globals=allow_globals)
-
-
-def _is_optimizer_dict(obj: Any) -> bool:
-    return (
-        isinstance(obj, Mapping)
-        and isinstance(obj.get("state"), Mapping)
-        and isinstance(obj.get("param_groups"), (list, tuple))
-    )
-
-
-def _is_flat_dcp(obj: Any) -> bool:
-    return (
-        isinstance(obj, Mapping)
-        and len(obj) > 0
-        and all(isinstance(k, str) and k.startswith(("state.", "param_groups.")) for k in obj)
-        and any(k.startswith("state.") for k in obj)
-    )
-
-
-def _describe(v: Any) -> str:
-    if isinstance(v, Mapping):
-        return f"dict of {len(v)}"
-    if isinstance(v, (list, tuple)):
-        return f"list of {len(v)}"
-    return type(v).__name__
-
-
-def _entries(obj: Mapping) -> str:
-    return ", ".join(f"'{k}' ({_describe(v)})" for k, v in list(obj.items())[:20])
-
-
-def _pick(obj: Any, entry: str, where: str) -> tuple[Any, list[str]]:
-    path: list[str] = []
-    for part in entry.split("."):
-        if isinstance(obj, Mapping) and part in obj:
-            obj = obj[part]
-        elif isinstance(obj, (list, tuple)) and part.isdigit() and int(part) < len(obj):
-            obj = obj[int(part)]
-        else:
-            listing = _entries(obj) if isinstance(obj, Mapping) else _describe(obj)
-            raise CheckpointError(f"{where} has no entry {entry!r} (at {part!r}: {listing})")
-        path.append(part)
-    return obj, path
-
-
-def _find(
-    obj: Any,
-    entry: str | None,
-    entries: tuple[str, ...],
-    is_it: Callable[[Any], bool],
-    what: str,
-    where: str,
-) -> tuple[Any, list[str]]:
-    """The ``what`` state inside a checkpoint object, and the entry path to it."""
-    if entry is not None:
-        found, path = _pick(obj, entry, where)
-    elif is_it(obj):
-        return obj, []
-    elif isinstance(obj, Mapping) and (hits := [k for k in entries if k in obj]):
-        found, path = obj[hits[0]], [hits[0]]
-    else:
-        listing = _entries(obj) if isinstance(obj, Mapping) else f"a {_describe(obj)}"
-        raise CheckpointError(
-            f"found no {what} state in {where} (looked for {', '.join(entries)}); its entries "
-            f"are: {listing}. Pass entry= to name the one that holds it."
-        )
-    if isinstance(found, (list, tuple)):  # Lightning keeps a list, one per optimizer
-        if len(found) != 1:
-            raise CheckpointError(
-                f"{where}[{path[-1]!r}] holds {len(found)} {what} states; pick one with "
-                f"entry='{'.'.join(path)}.0' (or .1, ...)"
-            )
-        found, path = found[0], [*path, "0"]
-    if not is_it(found):
-        raise CheckpointError(
-            f"{where}{_suffix(path)} is a {_describe(found)}, not a {what} state dict"
-        )
-    return found, path
-
-
-def _suffix(path: list[str]) -> str:
-    return "".join(f"[{p!r}]" for p in path)
-
-
-def _read_old(
-    old_state: Any,
-    *,
-    names: Names | None,
-    entry: str | None,
-    trust_pickle: bool,
-    allow_globals: Iterable[Any] | None = None,
-) -> _Old:
-    if isinstance(old_state, (str, os.PathLike)):
-        path = Path(old_state).expanduser()
-        where = str(path)
-        obj = _load_file(path, trust_pickle, allow_globals)
-    elif isinstance(old_state, Mapping):
-        where, obj = "<dict>", old_state
-    else:
-        raise UsageError(
-            "restore_optimizer takes the old state as a dict (optimizer.state_dict(), "
-            "surgery.optimizer_state(...), a training checkpoint) or a checkpoint path, not a "
-            f"{type(old_state).__name__}"
-        )
-    osd, path = _find(
-        obj,
-        entry,
-        _OPTIMIZER_ENTRIES,
-        lambda o: _is_optimizer_dict(o) or _is_flat_dcp(o),
-        "optimizer",
-        where,
-    )
-    description = where + _suffix(path)
-    container = obj if path else None  # the checkpoint around it (model weights, maybe)
-    if _is_flat_dcp(osd):
-        osd = _unflatten(osd)
-    groups = list(osd["param_groups"])
-    order = [k for g in groups for k in g.get("params", ())]
-    state = osd["state"]
-    if not order:  # a flattened DCP dict carries no group membership
-        order = list(state)
-    if all(isinstance(k, str) for k in order):
-        form = "surgery name-keyed" if osd.get("format") == FORMAT else "name-keyed"
-        old = _Old(description, form, list(order), _nonempty(state))
-        if form == "surgery name-keyed":
-            old.shapes = {k: tuple(v) for k, v in osd.get("shapes", {}).items()}
-        if names is not None:
-            old.notes.append("names= ignored: the state names its parameters itself")
-        return old
-    if not all(isinstance(k, int) for k in order):
-        raise CheckpointError(
-            f"{description}: the optimizer's param_groups mix names and positions; it is not "
-            "an optimizer state dict torch or surgery wrote"
-        )
-    return _name_positions(order, state, groups, names, container, description)
-
-
-def _nonempty(state: Mapping) -> dict[str, dict[str, Any]]:
-    return {str(k): dict(v) for k, v in state.items() if v}
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """DCP's ``flatten_optimizer_state_dict=True`` form back to ``{'state': {fqn: {...}}}``."""
-    state: dict[str, dict[str, Any]] = {}
-    for k, v in flat.items():
-        if k.startswith("state."):
-            fqn, _, key = k[len("state.") :].rpartition(".")
-            state.setdefault(fqn, {})[key] = v
-    return {"state": state, "param_groups": []}
-
-
-def _name_positions(
-    order: list[int],
-    state: Mapping[int, Any],
-    groups: list[Mapping[str, Any]],
-    names: Names | None,
-    container: Any,
-    description: str,
-) -> _Old:
-    """Names for a positional state: given, stored as ``param_names``, or inferred."""
-    by_pos = [dict(state.get(i) or {}) for i in order]
-    n = len(order)
-    shapes: dict[str, tuple[int, ...]] = {}
-    if names is not None and isinstance(names, Sequence) and not isinstance(names, str):
-        given = [str(x) for x in names]
-        if len(given) != n:
-            raise OptimizerStateError(
-                f"names= lists {len(given)} names, but {description} holds {n} parameters "
-                "(in its param_groups' order); give one name per parameter."
-            )
-        form, found, notes = "positional, names given", given, []
-    elif names is None and groups and all("param_names" in g for g in groups):
-        found = [str(x) for g in groups for x in g["param_names"]]
-        if len(found) != n:
-            raise CheckpointError(f"{description}: its param_names do not line up with its params")
-        form, notes = "positional with param_names", []
-    else:
-        if names is not None:
-            candidates, what = _candidates(names), "names="
-        elif container is not None:
-            try:
-                candidates = _candidates(container)
-            except CheckpointError as e:
-                raise OptimizerStateError(
-                    f"{description} is positional (plain optimizer.state_dict()) and the model "
-                    f"weights beside it cannot be read to name its parameters: {e}. Pass names= "
-                    "(the old parameter names in the optimizer's order, or the old model)."
-                ) from None
-            what = description.rsplit("[", 1)[0] + "'s model weights"
-        else:
-            raise OptimizerStateError(
-                f"{description} is a positional optimizer state (plain optimizer.state_dict()) "
-                "with no parameter names. Pass names= (the old parameter names in the "
-                "optimizer's order, the old model, or its weights), or the whole training "
-                "checkpoint that holds the weights too; save with surgery.optimizer_state() "
-                "next time."
-            )
-        found, notes = _align(by_pos, candidates, what, description)
-        shapes = {name: candidates_shape for name, candidates_shape in candidates}
-        form = "positional, names from " + ("names=" if names is not None else "the checkpoint")
-    old = _Old(
-        description,
-        form,
-        found,
-        {name: st for name, st in zip(found, by_pos, strict=True) if st},
-        {k: v for k, v in shapes.items() if k in set(found)},
-        notes,
-    )
-    return old
-
-
-def _candidates(weights: Any) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of the tensors that can be parameters, in state-dict order.
-
-    An ``nn.Module`` gives its parameters exactly. A state dict gives its floating tensors, less
-    BatchNorm statistics and the second name of tied tensors; other float buffers may remain,
-    which the shape check and the alignment take care of.
-    """
-    if isinstance(weights, nn.Module):
-        return [(n, tuple(p.shape)) for n, p in weights.named_parameters()]
-    sd = read_checkpoint(weights)
-    out: list[tuple[str, tuple[int, ...]]] = []
-    seen: set[tuple] = set()
-    for k, t in sd.items():
-        if not (t.is_floating_point() or t.is_complex()):
-            continue
-        if k.rpartition(".")[2] in _BUFFER_NAMES:
-            continue
-        try:
-            ident = (
-                t.untyped_storage().data_ptr(),
-                t.storage_offset(),
-                tuple(t.shape),
-                t.stride(),
-            )
-        except (RuntimeError, NotImplementedError):
-            ident = None
-        if ident is not None and ident[0] != 0:
-            if ident in seen:
-                continue
-            seen.add(ident)
-        out.append((k, tuple(t.shape)))
-    return out
-
-
-def _fits(st: Mapping[str, Any], shape: tuple[int, ...]) -> bool:
-    """Whether a parameter of ``shape`` can own state ``st``: every per-element tensor has its
-    shape, or (factored second moments, as in Adafactor) its rank with some dimensions 1."""
-    for v in st.values():
-        if isinstance(v, Tensor) and v.ndim > 0:
-            vs = tuple(v.shape)
-            if vs != shape and not (
-                len(vs) == len(shape) and all(a in (b, 1) for a, b in zip(vs, shape, strict=True))
-            ):
-                return False
-    return True
-
-
-def _state_desc(st: Mapping[str, Any]) -> str:
-    shown = [f"{k} {format_shape(v.shape)}" for k, v in st.items() if isinstance(v, Tensor)]
-    return ", ".join(shown[:3]) or "no tensors"
-
-
-def _align(
-    by_pos: list[dict[str, Any]],
-    candidates: list[tuple[str, tuple[int, ...]]],
-    what: str,
-    description: str,
-) -> tuple[list[str], list[str]]:
-    """Assign the optimizer's positions to candidate parameters, in order, checking shapes.
-
-    With as many candidates as positions the assignment is the identity; with more, the
-    order-preserving assignment whose shapes fit must be unique. Anything else is refused.
-    """
-    n, m = len(by_pos), len(candidates)
-    if m < n:
-        raise OptimizerStateError(
-            f"{description} holds {n} parameters, but {what} has only {m} tensors that can be "
-            "parameters; they are not the weights this optimizer trained. Pass names= with the "
-            "old parameter names in the optimizer's order."
-        )
-    if m == n:
-        bad = [
-            (i, c)
-            for i, (st, c) in enumerate(zip(by_pos, candidates, strict=True))
-            if not _fits(st, c[1])
-        ]
-        if bad:
-            lines = first_n_lines(
-                [
-                    f"position {i}: {_state_desc(by_pos[i])} vs '{name}' {format_shape(shape)}"
-                    for i, (name, shape) in bad
-                ],
-                _LIST,
-            )
-            raise OptimizerStateError(
-                f"cannot name the parameters of the positional optimizer state {description} "
-                f"from {what}: in order, {len(bad)} of its {n} states have shapes that "
-                f"contradict the parameter they would belong to:\n"
-                + "\n".join(lines)
-                + "\nThe optimizer was not built from these weights' parameters in order (or "
-                "from other weights). Pass names= with the old parameter names in the "
-                "optimizer's order. The optimizer is unchanged."
-            )
-        return [c[0] for c in candidates], []
-    # ways[i][j]: assignments of positions i.. to candidates i+j.. (j: candidates skipped so
-    # far, at most m - n), capped at 2 since only uniqueness matters.
-    slack = m - n
-    ways = [[0] * (slack + 1) for _ in range(n + 1)]
-    ways[n] = [1] * (slack + 1)
-    for i in range(n - 1, -1, -1):
-        row, nxt = ways[i], ways[i + 1]
-        for j in range(slack, -1, -1):
-            total = nxt[j] if _fits(by_pos[i], candidates[i + j][1]) else 0
-            if j < slack:
-                total += row[j + 1]
-            row[j] = min(total, 2)
-    if ways[0][0] == 0:
-        raise OptimizerStateError(
-            f"cannot name the parameters of the positional optimizer state {description} "
-            f"from {what}: no choice of {n} of its {m} parameter-like tensors, in order, has "
-            "the shapes of the optimizer's states. Pass names= with the old parameter names "
-            "in the optimizer's order. The optimizer is unchanged."
-        )
-    if ways[0][0] > 1:
-        raise OptimizerStateError(
-            f"cannot name the parameters of the positional optimizer state {description} "
-            f"from {what}: its {n} states fit {m} parameter-like tensors in more than one way "
-            "(the optimizer held a subset of the parameters, or float buffers share their "
-            "shapes). Pass names= with the old parameter names in the optimizer's order. The "
-            "optimizer is unchanged."
-        )
-    found: list[str] = []
-    j = 0
-    for i in range(n):
-        while not (_fits(by_pos[i], candidates[i + j][1]) and ways[i + 1][j]):
-            j += 1
-        found.append(candidates[i + j][0])
-    note = (
-        f"old parameter names inferred from {what}: {n} of {m} parameter-like tensors, the only "
-        "choice in order whose shapes fit"
-    )
-    return found, [note]
-
-
-# --------------------------------------------------------------------------- schedulers
-
-
-def restore_scheduler(
-    scheduler: Any,
-    old_state: Mapping[str, Any] | str | os.PathLike,
-    *,
-    entry: str | None = None,
-    trust_pickle: bool = False,
-    allow_globals: Iterable[Any] | None = None,
-) -> int:
-    """Bring a new LR scheduler to the step an old one had reached; returns that step.
-
-    A scheduler's ``state_dict()`` mixes counters (``last_epoch``) with per-group lists
-    (``base_lrs``) that a surgery changes. This keeps the new scheduler's groups and settings
-    and replays ``step()`` up to the old ``last_epoch``, so every group's lr (and momentum) is
-    what the schedule gives at that step for the *new* groups. ``ReduceLROnPlateau`` gets its
-    counters (``best``, ``num_bad_epochs``, ``cooldown_counter``, ``last_epoch``) copied. Call
-    it on a freshly built scheduler, after :func:`restore_optimizer`; ``old_state`` is a
-    scheduler ``state_dict()`` or a training checkpoint holding one (``lr_scheduler``,
-    ``scheduler``, Lightning's ``lr_schedulers``...).
-
-    Example:
-        >>> model = torch.nn.Linear(2, 2)
-        >>> opt = torch.optim.SGD(model.parameters(), lr=1.0)
-        >>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.1)
-        >>> restore_scheduler(sched, {"last_epoch": 5, "_step_count": 6})
-        5
-        >>> round(opt.param_groups[0]["lr"], 6)
-        0.01
-    """
-    if isinstance(old_state, (str, os.PathLike)):
-        path = Path(old_state).expanduser()
-        obj, where = _load_file(path, trust_pickle, allow_globals), str(path)
-    elif isinstance(old_state, Mapping):
-        obj, where = old_state, "<dict>"
-    else:
-        raise UsageError(
-            f"restore_scheduler takes a scheduler state_dict(), a checkpoint dict or a path, "
-            f"not a {type(old_state).__name__}"
-        )
-    if isinstance(obj, Mapping) and isinstance(obj.get("lr_schedulers"), (list, tuple)):
-        # Lightning: a list of {'scheduler': state, ...} or of states
-        listed = obj["lr_schedulers"]
-        if len(listed) == 1 and isinstance(listed[0], Mapping) and "last_epoch" not in listed[0]:
-            obj = {"lr_schedulers": [listed[0].get("scheduler", listed[0])]}
-    sd, _ = _find(
-        obj,
-        entry,
-        _SCHEDULER_ENTRIES,
-        lambda o: isinstance(o, Mapping) and "last_epoch" in o,
-        "LR scheduler",
-        where,
-    )
-    target = int(sd["last_epoch"])
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        for k in ("best", "num_bad_epochs", "cooldown_counter", "last_epoch"):
-            if k in sd:
-                setattr(scheduler, k, sd[k])
-        return target
-    if not callable(getattr(scheduler, "step", None)) or not hasattr(scheduler, "last_epoch"):
-        raise UsageError(
-            f"restore_scheduler needs a torch LR scheduler, got {type(scheduler).__name__}"
-        )
-    current = int(scheduler.last_epoch)
-    if current > target:
-        raise UsageError(
-            f"the new {type(scheduler).__name__} is already at step {current}, past the old "
-            f"scheduler's {target}; build a fresh scheduler and call restore_scheduler first."
-        )
-    with warnings.catch_warnings():
-        # Replaying the schedule, no optimizer step is due.
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
-        for _ in range(target - current):
-            scheduler.step()
-    return target

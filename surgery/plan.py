@@ -62,10 +62,12 @@ import torch
 from torch import Tensor, nn
 
 from . import _peft, _selfload, _ties
+from ._args import require_module
 from ._keymap import Remap, apply_prefix, apply_remap, detect_prefix, prefix_hint
 from ._names import closest
 from ._select import Selector, match_keys
 from ._table import first_n, first_n_lines, format_shape, text_table
+from ._text import escape_control
 from .distributed import model_class_name
 from .errors import KeyCollisionError, LoadError, UsageError
 from .report import Mismatch
@@ -502,9 +504,12 @@ class LoadPlan:
         from ._keymap import describe_prefix
 
         counts = ", ".join(f"{n} {a}" for a, n in self.counts().items())
-        parts = [f"LoadPlan: {self.source} -> {self.model}", f"  {counts or 'no entries'}"]
+        parts = [
+            escape_control(f"LoadPlan: {self.source} -> {self.model}"),
+            f"  {counts or 'no entries'}",
+        ]
         if self.prefix:
-            parts.append(f"  prefix: {describe_prefix(self.prefix)}")
+            parts.append(escape_control(f"  prefix: {describe_prefix(self.prefix)}"))
         rows = []
         for e in self.entries:
             if e.action == "load" and not e.tied_to and (e.via is None or e.via == e.model_key):
@@ -515,7 +520,7 @@ class LoadPlan:
             rows.append((e.action, e.key, detail))
         if rows:
             parts.append(text_table(("action", "key", "detail"), rows, indent="  "))
-        parts.extend(f"  note: {n}" for n in self.notes)
+        parts.extend(escape_control(f"  note: {n}") for n in self.notes)
         return "\n".join(parts)
 
 
@@ -612,11 +617,6 @@ def plan_load(
             source.close()
     plan.allow_globals = tuple(allow_globals or ())
     return plan
-
-
-def require_module(model: Any, fn: str) -> None:
-    if not isinstance(model, nn.Module):
-        raise UsageError(f"{fn} needs an nn.Module, got {type(model).__name__}")
 
 
 def check_args(

@@ -18,6 +18,7 @@ from ._table import (
     html_verdict,
     status_rows,
 )
+from ._text import escape_control
 from .errors import LoadError
 
 __all__ = ["LoadReport", "Mismatch"]
@@ -182,7 +183,7 @@ class LoadReport(_StatusTable):
                 f"{n} unexpected checkpoint key{'s' * (n != 1)}: {first_n(self.unexpected, 3)}; "
                 f"drop with remap=[(r'{_regex(self.unexpected)}', None)] if intended"
             )
-        return "; ".join(parts)
+        return escape_control("; ".join(parts))  # one line, whatever the keys hold
 
     def to_dict(self) -> dict:
         """Everything in plain Python types (JSON-serialisable)."""
@@ -254,7 +255,10 @@ class LoadReport(_StatusTable):
         return rows
 
     def _caption(self) -> str:
-        return f"LoadReport: {self.source} -> {self.model}\n  {self.summary()}"
+        return "\n".join(self._caption_lines())
+
+    def _caption_lines(self) -> list[str]:
+        return [f"LoadReport: {self.source} -> {self.model}", f"  {self.summary()}"]
 
     def _html_caption(self) -> str:
         return f"{self.source} -> {self.model}: {self.summary()}"

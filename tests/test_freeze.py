@@ -488,3 +488,23 @@ def test_held_bn_compiles_as_a_plain_module():
     compiled(_batch()[0])
     assert torch.equal(model.bn1.running_mean, means[0])
     assert not torch.equal(model.bn2.running_mean, means[1])
+
+
+@pytest.mark.parametrize(
+    ("call", "argument"),
+    [
+        (lambda m: surgery.freeze(42, "fc"), "model"),
+        (lambda m: surgery.freeze_except(42, "fc"), "model"),
+        (lambda m: surgery.unfreeze(42, "fc"), "model"),
+        (lambda m: surgery.trainable_summary(42), "model"),
+        (lambda m: surgery.unfreeze(m, "fc", optimizer="x", lr=0.1), "optimizer"),
+        (lambda m: surgery.unfreeze(m, "fc", optimizer="x"), "optimizer"),
+    ],
+)
+def test_wrong_argument_types_are_usage_errors_naming_the_argument(call, argument):
+    model = SmallCNN()
+    surgery.freeze(model, "conv1")
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(UsageError, match=f"needs .* as {argument}, got"):
+        call(model)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before

@@ -5,8 +5,12 @@ and ``*.index.json`` files and a DCP folder are built once, then hypothesis flip
 truncates them, rewrites the index JSON or points the DCP storage entries elsewhere.
 ``read_checkpoint``,
 ``load_partial`` and ``surgery inspect`` must each either succeed or raise a ``SurgeryError``,
-and a refused load leaves the model bit-for-bit as it was. A fixed example budget keeps it in
-the suite (``slow``); tests/fuzz/fuzz_load.py runs the same checks under atheris for longer.
+and a refused load leaves the model bit-for-bit as it was. A training checkpoint (weights,
+optimizer and scheduler state) is mutated the same way, and hostile optimizer / scheduler
+structures are generated: ``restore_optimizer`` and ``restore_scheduler`` succeed or raise a
+``SurgeryError`` leaving the optimizer and the scheduler bit-for-bit as they were. A fixed
+example budget keeps it in the suite (``slow``); tests/fuzz/fuzz_load.py runs the load checks
+under atheris for longer.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 import surgery
 from surgery import cli
@@ -56,6 +61,16 @@ def _state() -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in Small().state_dict().items()}
 
 
+def _fresh_training() -> tuple[Small, torch.optim.Optimizer, LambdaLR]:
+    """A model, its SGD optimizer after one step (so it has state) and a LambdaLR on it."""
+    torch.manual_seed(0)
+    model = Small()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.fc(torch.ones(2, 3)).sum().backward()
+    opt.step()
+    return model, opt, LambdaLR(opt, lambda step: 1 / (1 + step))
+
+
 def _originals() -> dict[str, bytes]:
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d)
@@ -65,6 +80,16 @@ def _originals() -> dict[str, bytes]:
         torch.save(_state(), folder / "legacy.pth", _use_new_zipfile_serialization=False)
         arrays = {k: v.numpy() for k, v in _state().items()}
         (folder / "m.pkl").write_bytes(pickle.dumps({"model": arrays}, protocol=2))
+        model, opt, sched = _fresh_training()
+        for _ in range(3):
+            opt.step()
+            sched.step()
+        training = {
+            "state_dict": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "lr_scheduler": sched.state_dict(),
+        }
+        torch.save(training, folder / "train.pth")
         # Outside the checkpoint's folder: values no load may ever bring in.
         save_file({k: torch.full_like(v, 7) for k, v in _state().items()}, folder / "o")
         return {
@@ -73,6 +98,7 @@ def _originals() -> dict[str, bytes]:
             "m4.pth": (folder / "m4.pth").read_bytes(),
             "legacy.pth": (folder / "legacy.pth").read_bytes(),
             "m.pkl": (folder / "m.pkl").read_bytes(),
+            "train.pth": (folder / "train.pth").read_bytes(),
             "outside": (folder / "o").read_bytes(),
         }
 
@@ -238,3 +264,119 @@ def test_mutated_dcp_folders_raise_only_surgery_errors(
         path = root / "ckpt" / name
         path.write_bytes(_mutate(path.read_bytes(), edits, cut))
         _check(root / "ckpt")
+
+
+# --------------------------------------------------------------------------- training state
+
+
+def _opt_snapshot(opt: torch.optim.Optimizer, sched: LambdaLR) -> tuple:
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = [
+        {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()} for p in params
+    ]
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    return state, groups, dict(sched.state_dict())
+
+
+def _same(a: object, b: object) -> bool:
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b or (a != a and b != b)  # NaN equals NaN here
+
+
+def _check_training(old: object) -> None:
+    """restore_optimizer and restore_scheduler on ``old`` (a path or a dict): success, or a
+    SurgeryError with the optimizer and the scheduler exactly as they were."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, opt, sched = _fresh_training()
+        before = _opt_snapshot(opt, sched)
+        try:
+            surgery.restore_optimizer(opt, model, old)
+        except SurgeryError:
+            assert _same(_opt_snapshot(opt, sched), before), "optimizer changed by a refusal"
+        before = _opt_snapshot(opt, sched)
+        try:
+            surgery.restore_scheduler(sched, old)
+        except SurgeryError:
+            assert _same(_opt_snapshot(opt, sched), before), "scheduler changed by a refusal"
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - _BASELINE_KB
+    assert grown < _MAX_GROWTH_KB, f"peak memory grew by {grown // 1024} MB"
+
+
+@_SETTINGS
+@hypothesis.given(edits=_edits, cut=st.none() | st.integers(0, 1 << 20))
+def test_mutated_training_checkpoints_raise_only_surgery_errors(
+    edits: list[tuple[int, int]], cut: int | None
+) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "train.pth"
+        path.write_bytes(_mutate(_ORIGINALS["train.pth"], edits, cut))
+        _check_training(path)
+
+
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8)
+    | st.sampled_from(["fc.weight", "fc.bias", 0, 1, 2])
+)
+_tensors = st.sampled_from([(2, 3), (2,), (3,), (), (0,), (2, 1), (1, 3), "meta", "sparse"]).map(
+    lambda s: (
+        torch.empty(2, 3, device="meta")
+        if s == "meta"
+        else torch.ones(2).to_sparse()
+        if s == "sparse"
+        else torch.ones(s)
+    )
+)
+_values = st.recursive(
+    _scalars | _tensors,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=8,
+)
+_param_state = st.dictionaries(
+    st.sampled_from(["momentum_buffer", "step", "exp_avg"]) | st.text(max_size=4), _values
+)
+_group = st.fixed_dictionaries(
+    {"params": st.lists(_scalars, max_size=4) | _values},
+    optional={
+        "param_names": st.lists(st.sampled_from(["fc.weight", "fc.bias", "x"]), max_size=3)
+        | _values,
+        "lr": _values,
+    },
+)
+_optimizer = st.fixed_dictionaries(
+    {
+        "state": st.dictionaries(_scalars, _param_state | _values, max_size=3),
+        "param_groups": st.lists(_group | _values, max_size=3),
+    },
+    optional={"format": st.just("surgery.optimizer_state"), "shapes": _values},
+)
+_scheduler = st.fixed_dictionaries(
+    {"last_epoch": _values},
+    optional={"best": _values, "num_bad_epochs": _values, "_step_count": _values},
+)
+
+
+@_SETTINGS
+@hypothesis.given(
+    optimizer=_optimizer | _values, scheduler=_scheduler | _values, as_file=st.booleans()
+)
+def test_hostile_optimizer_and_scheduler_state_raise_only_surgery_errors(
+    optimizer: object, scheduler: object, as_file: bool
+) -> None:
+    training = {"state_dict": _state(), "optimizer": optimizer, "lr_scheduler": scheduler}
+    if not as_file:
+        _check_training(training)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "train.pth"
+        torch.save(training, path)
+        _check_training(path)

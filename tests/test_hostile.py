@@ -10,6 +10,8 @@ import importlib
 import json
 import os
 import pickle
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -381,3 +383,187 @@ def test_hostile_pickles_are_refused_quickly(tmp_path: Path, name: str) -> None:
     err = assert_refused(path, f"{name}.pth")
     assert isinstance(err, CheckpointError)
     assert torch.float32.itemsize == 4 and torch.FloatStorage is torch.FloatStorage
+
+
+# --------------------------------------------------------------------------- round three
+
+
+def safetensors_raw(path: Path, header: bytes, data: bytes = b"\0" * 4) -> Path:
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+    return path
+
+
+_A = b'"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}'
+
+# Headers the safetensors format (and its library) refuses, which Python's json reads.
+FORBIDDEN_HEADERS = {
+    "dtype a list": b'{"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}',
+    "dtype a dict": b'{"a": {"dtype": {"F": 32}, "shape": [1], "data_offsets": [0, 4]}}',
+    "NaN in metadata": b"{" + _A + b', "__metadata__": {"x": NaN}}',
+    "Infinity offset": b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, Infinity]}}',
+    "float shape": b'{"a": {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}}',
+    "float offset": b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4.0]}}',
+    "bool shape": b'{"a": {"dtype": "F32", "shape": [true], "data_offsets": [0, 4]}}',
+    "string shape": b'{"a": {"dtype": "F32", "shape": ["1"], "data_offsets": [0, 4]}}',
+    "three offsets": b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 4]}}',
+    "offset past 2**64": b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, '
+    + str(2**64 + 4).encode()
+    + b"]}}",
+    "metadata a number": b"{" + _A + b', "__metadata__": {"x": 1}}',
+    "metadata a list": b"{" + _A + b', "__metadata__": ["x"]}',
+    "metadata a string": b"{" + _A + b', "__metadata__": "x"}',
+    "metadata nested": b"{" + _A + b', "__metadata__": {"x": {"y": "z"}}}',
+    "entry null": b'{"a": null}',
+    "unpaired surrogate": b'{"a\\ud800": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
+    "nested 128 deep": b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "x": '
+    + b"[" * 126
+    + b"]" * 126
+    + b"}}",
+    "nested 100,000 deep": b"{" + _A + b', "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+}
+
+
+@pytest.mark.parametrize("case", list(FORBIDDEN_HEADERS))
+def test_safetensors_headers_the_format_forbids_are_refused(tmp_path: Path, case: str) -> None:
+    from safetensors import safe_open
+
+    path = safetensors_raw(tmp_path / "w.safetensors", FORBIDDEN_HEADERS[case])
+    with pytest.raises(Exception, match="(?i)header|deserializ|invalid"):  # the oracle refuses
+        with safe_open(str(path), "pt") as f:
+            [f.get_tensor(k) for k in f.keys()]
+    with pytest.raises(CheckpointError, match="w.safetensors") as err:
+        surgery.read_checkpoint(path)
+    assert "download or save it again" in str(err.value) or "cannot hold" in str(err.value)
+    assert_refused(path, "w.safetensors")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"{" + _A + b', "__metadata__": null}',
+        b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "extra": 1}}',
+        b" {" + _A + b"}  ",
+        b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "x": '
+        + b"[" * 125
+        + b"]" * 125
+        + b"}}",
+        b"{" + _A + b', "__metadata__": {"format": "pt", "note": "[[[{{{"}}',
+    ],
+)
+def test_safetensors_headers_the_format_allows_still_load(tmp_path: Path, header: bytes) -> None:
+    from safetensors.torch import load_file
+
+    path = safetensors_raw(tmp_path / "w.safetensors", header, b"\0\0\x80\x3f")
+    expected = load_file(path)  # the oracle reads it
+    sd = surgery.read_checkpoint(path)
+    assert sd.keys() == expected.keys() and torch.equal(sd["a"], expected["a"])
+
+
+def test_index_naming_a_shard_the_os_refuses_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "ckpt"
+    index = sharded(folder, "a" * 300 + ".safetensors")
+    for ckpt in (index, folder):
+        err = assert_refused(ckpt, "model.safetensors.index.json")
+        assert "name too long" in str(err).lower() and "a" * 300 in str(err)
+
+
+def test_sparse_4tb_safetensors_is_refused_before_allocating(tmp_path: Path) -> None:
+    header = json.dumps(
+        {"w": {"dtype": "F32", "shape": [1 << 40], "data_offsets": [0, 4 << 40]}}
+    ).encode()
+    path = tmp_path / "huge.safetensors"
+    try:
+        with open(path, "wb") as f:
+            f.write(len(header).to_bytes(8, "little") + header)
+            f.truncate(8 + len(header) + (4 << 40))
+    except OSError:
+        pytest.skip("this file system cannot hold a 4 TB sparse file")
+    with pytest.raises(CheckpointError, match=r"huge\.safetensors.*4398\.0 GB.*available"):
+        surgery.read_checkpoint(path)
+
+
+def run_measured(code: str, env: dict[str, str] | None = None) -> dict:
+    """Run ``code`` in a fresh interpreter; its outcome and peak memory growth (MB)."""
+    script = (
+        "import json, resource, surgery\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n"
+        f"    {code}\n"
+        "    out = 'ok'\n"
+        "except surgery.SurgeryError as e:\n"
+        "    out = type(e).__name__ + ': ' + str(e)\n"
+        "grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024\n"
+        "print(json.dumps({'outcome': out, 'mb': grown}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def sparse_index(path: Path, size: int = 1 << 30) -> Path:
+    """A valid index after ``size`` bytes of spaces, as a sparse file would be if it held them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.seek(size)
+        f.write(json.dumps({"weight_map": {}}).encode())
+    return path
+
+
+def test_sparse_1gb_index_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    index = sparse_index(tmp_path / "ckpt" / "model.safetensors.index.json")
+    result = run_measured(f"surgery.read_checkpoint({str(tmp_path / 'ckpt')!r})")
+    assert result["mb"] < 100, result  # 1 GB read and decoded once: +2 GB
+    assert result["outcome"].startswith("CheckpointError") and str(index) in result["outcome"]
+    assert "200 MB at most" in result["outcome"]
+
+
+def test_sparse_1gb_index_in_an_offline_hub_cache_is_refused_before_it_is_read(
+    tmp_path: Path,
+) -> None:
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "models--org--big"
+    index = sparse_index(repo / "snapshots" / rev / "model.safetensors.index.json")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    result = run_measured("surgery.read_checkpoint('hf-hub:org/big')", env)
+    assert result["mb"] < 100, result
+    assert result["outcome"].startswith("CheckpointError") and str(index) in result["outcome"]
+
+
+@pytest.mark.parametrize("where", ["folder", "index"])
+def test_deeply_nested_index_is_refused(tmp_path: Path, where: str) -> None:
+    index = tmp_path / "ckpt" / "model.safetensors.index.json"
+    index.parent.mkdir()
+    index.write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    err = assert_refused(index.parent if where == "folder" else index, "nested deeper")
+    assert str(index) in str(err)
+
+
+def test_key_names_cannot_add_lines_to_reports(tmp_path: Path, capsys) -> None:
+    fake = "a\nverified: safe to load"
+    path = tmp_path / "w.safetensors"
+    save_file({fake: torch.ones(4), "b": torch.ones(3), "c\rok": torch.ones(2)}, path)
+    outputs = []
+    assert cli.main(["inspect", str(path)]) == 0
+    outputs.append(capsys.readouterr().out)
+    cli.main(["diff", str(path), "--model", "conftest:SmallCNN"])
+    outputs.append(capsys.readouterr().out)
+    model = Two()
+    outputs.append(str(surgery.load_partial(model, path, strict=False)))
+    outputs.append(str(surgery.plan_load(Two(), path)))
+    with pytest.raises(LoadError) as err:  # and the messages: nothing matches here
+        surgery.load_partial(Two(), {fake: torch.ones(4)})
+    outputs.append(str(err.value))
+    for out in outputs:
+        lines = out.splitlines()
+        assert not any(line.lstrip().startswith("verified") for line in lines), out
+        assert "a\\x0averified: safe to load" in out, out
+        assert "\r" not in out

@@ -163,6 +163,7 @@ def test_offline_env_set_after_import_is_respected(caches, monkeypatch):
         ("timm:resnett18", "close names: resnet18"),
         ("torchvision:Nope_Weights.X", "torchvision has no weights 'Nope_Weights.X'"),
         ("torchvision:ResNet18_Weights.NOPE", "torchvision has no weights"),
+        ("torchvision:resnet18.x", "torchvision has no weights 'resnet18.x'"),  # not an enum
         ("hf-hub:", "names nothing after 'hf-hub:'"),
     ],
 )

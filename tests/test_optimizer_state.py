@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import copy
+import importlib
+import itertools
 import json
+import os
+import random
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -452,3 +457,348 @@ def test_recipe_resume_restores_all_but_the_head(trained, tmp_path, capsys):
     assert not opt.state.get(model.fc.weight)
     with pytest.raises(SystemExit, match="--resume needs"):
         recipe.resume_optimizer(opt, model, old_model.state_dict())
+
+
+# --------------------------------------------------------------------------- hostile files
+
+
+def trained_pair(kind: str = "sgd"):
+    """A new model and its optimizer with state (one step), and a snapshot of both."""
+    torch.manual_seed(2)
+    model = SmallCNN()
+    opt = make_optimizer(kind, model.parameters())
+    train(model, opt, steps=1)
+    return model, opt, optimizer_snapshot(opt)
+
+
+def optimizer_snapshot(opt: torch.optim.Optimizer) -> dict:
+    return copy.deepcopy(
+        {
+            "state": {i: dict(opt.state[p]) for i, p in enumerate(_params(opt)) if opt.state[p]},
+            "groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+        }
+    )
+
+
+def _params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+def assert_optimizer_unchanged(opt: torch.optim.Optimizer, before: dict) -> None:
+    after = optimizer_snapshot(opt)
+    assert after["groups"] == before["groups"]
+    assert after["state"].keys() == before["state"].keys()
+    for i, st in before["state"].items():
+        assert after["state"][i].keys() == st.keys()
+        for k, v in st.items():
+            assert torch.equal(after["state"][i][k], v), (i, k)
+
+
+def scheduler_snapshot(s) -> dict:
+    return copy.deepcopy(
+        {
+            "state": s.state_dict(),
+            "lrs": [g["lr"] for g in s.optimizer.param_groups],
+        }
+    )
+
+
+def test_optimizer_and_scheduler_files_get_the_checks_weights_get(tmp_path, monkeypatch):
+    from surgery.sources import torchfile
+
+    old_model, old_opt, _ = trained_pair()
+    old_sched = torch.optim.lr_scheduler.StepLR(old_opt, step_size=2)
+    old_opt.step()
+    old_sched.step()
+    path = tmp_path / "last.pth"
+    ckpt = {
+        "state_dict": old_model.state_dict(),
+        "optimizer": old_opt.state_dict(),
+        "lr_scheduler": old_sched.state_dict(),
+    }
+    torch.save(ckpt, path)
+    model, opt, _ = trained_pair()
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2)
+    before, sched_before = optimizer_snapshot(opt), scheduler_snapshot(sched)
+
+    # A pickle record inflating past the bound is refused before torch reads it.
+    monkeypatch.setattr(torchfile, "_MAX_PICKLE", 64)
+    real_load = torch.load
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", no_load)
+    for call in (
+        lambda: surgery.restore_optimizer(opt, model, path),
+        lambda: surgery.restore_scheduler(sched, path),
+    ):
+        with pytest.raises(surgery.CheckpointError, match="inflates to") as err:
+            call()
+        assert str(path) in str(err.value)
+    assert_optimizer_unchanged(opt, before)
+    assert scheduler_snapshot(sched) == sched_before
+    monkeypatch.undo()
+    assert torch.load is real_load
+
+    # A named pipe would hang the read: refused by kind.
+    fifo = tmp_path / "optimizer.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(surgery.CheckpointError, match="not a regular file"):
+        surgery.restore_optimizer(opt, model, fifo)
+    assert_optimizer_unchanged(opt, before)
+
+    # The same file read through sources gives what the dict gives (oracle: torch.load).
+    expected = torch.load(path, weights_only=True)
+    from_file = surgery.restore_optimizer(opt, model, path)
+    opt2 = make_optimizer("sgd", model.parameters())
+    from_dict = surgery.restore_optimizer(opt2, model, expected)
+    assert from_file.restored == from_dict.restored == [n for n, _ in model.named_parameters()]
+    for p, q in zip(_params(opt), _params(opt2), strict=True):
+        assert torch.equal(opt.state[p]["momentum_buffer"], opt2.state[q]["momentum_buffer"])
+    assert surgery.restore_scheduler(sched, path) == 1
+
+
+def trainer_style_folder(folder: Path, kind: str = "trainer") -> tuple[nn.Module, list[str]]:
+    """A folder as transformers' Trainer (or accelerate) writes it: weights, optimizer and
+    scheduler files, rng state. The optimizer groups decay / no-decay parameters as Trainer
+    does, so its positional order is not the model's; returns the model and that order."""
+    torch.manual_seed(0)
+    model = SmallCNN()
+    named = list(model.named_parameters())
+    decay = [(n, p) for n, p in named if p.ndim > 1]
+    no_decay = [(n, p) for n, p in named if p.ndim <= 1]
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for _, p in decay], "weight_decay": 0.01},
+            {"params": [p for _, p in no_decay], "weight_decay": 0.0},
+        ],
+        lr=1e-3,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (1 + step))
+    for _ in range(3):
+        train(model, opt, steps=1)
+        sched.step()
+    folder.mkdir()
+    ext = "pt" if kind == "trainer" else "bin"
+    torch.save(opt.state_dict(), folder / f"optimizer.{ext}")
+    torch.save(sched.state_dict(), folder / f"scheduler.{ext}")
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    torch.save(
+        {"python": 1}, folder / ("rng_state.pth" if kind == "trainer" else "random_states_0.pkl")
+    )
+    return model, [n for n, _ in decay + no_decay]
+
+
+@pytest.mark.parametrize("kind", ["trainer", "accelerate"])
+def test_training_folders_give_their_optimizer_and_scheduler_files(tmp_path, kind):
+    _, order = trainer_style_folder(tmp_path / "checkpoint-3", kind)
+    old_state = torch.load(
+        tmp_path / "checkpoint-3" / f"optimizer.{'pt' if kind == 'trainer' else 'bin'}",
+        weights_only=True,
+    )
+    model = SmallCNN()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    report = surgery.restore_optimizer(opt, model, tmp_path / "checkpoint-3", names=order)
+    assert report.source.endswith(("optimizer.pt", "optimizer.bin"))
+    assert sorted(report.restored) == sorted(order)
+    params = dict(model.named_parameters())
+    for pos, name in enumerate(order):  # oracle: torch.load of the file, by position
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[params[name]][k], old_state["state"][pos][k])
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (1 + step))
+    assert surgery.restore_scheduler(sched, tmp_path / "checkpoint-3") == 3
+    ref_opt = torch.optim.AdamW(SmallCNN().parameters(), lr=1e-3)
+    ref = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda step: 1 / (1 + step))
+    for _ in range(3):
+        ref_opt.step()
+        ref.step()
+    assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in ref_opt.param_groups]
+    assert sched.state_dict()["_step_count"] == ref.state_dict()["_step_count"]
+
+
+def test_training_folder_with_several_candidates_asks_and_lightning_ckpt_is_found(tmp_path):
+    old, order = trainer_style_folder(tmp_path / "run")
+    model = SmallCNN()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    step_lr = torch.optim.lr_scheduler.StepLR(opt, 1)
+    before = optimizer_snapshot(opt)
+    lightning = {
+        "state_dict": old.state_dict(),
+        "optimizer_states": [torch.load(tmp_path / "run" / "optimizer.pt", weights_only=True)],
+        "lr_schedulers": [torch.load(tmp_path / "run" / "scheduler.pt", weights_only=True)],
+    }
+    torch.save(lightning, tmp_path / "run" / "last.ckpt")
+    for call in (
+        lambda: surgery.restore_optimizer(opt, model, tmp_path / "run", names=order),
+        lambda: surgery.restore_scheduler(step_lr, tmp_path / "run"),
+    ):
+        with pytest.raises(surgery.CheckpointError, match="several") as err:
+            call()
+        assert "last.ckpt" in str(err.value) and ".pt" in str(err.value)
+    assert_optimizer_unchanged(opt, before)
+
+    for name in ("optimizer.pt", "scheduler.pt", "pytorch_model.bin", "rng_state.pth"):
+        (tmp_path / "run" / name).unlink()
+    report = surgery.restore_optimizer(opt, model, tmp_path / "run", names=order)
+    assert report.source.endswith("last.ckpt['optimizer_states']['0']")
+    assert len(report.restored) == 10
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (1 + step))
+    assert surgery.restore_scheduler(sched, tmp_path / "run") == 3
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    torch.save(old.state_dict(), empty / "model.safetensors.bak")
+    with pytest.raises(surgery.CheckpointError, match="holds no optimizer state") as err:
+        surgery.restore_optimizer(opt, model, empty)
+    assert str(empty) in str(err.value) and "optimizer.pt" in str(err.value)
+
+
+def brute_force_embeddings(shapes: list, candidates: list) -> list[tuple[int, ...]]:
+    """Every in-order choice of candidates that can own the states (the oracle): the same
+    shape, or (factored moments) the same rank with some sizes 1."""
+
+    def owns(c: tuple, s: tuple) -> bool:
+        return len(c) == len(s) and all(a in (b, 1) for a, b in zip(s, c, strict=True))
+
+    return [
+        c
+        for c in itertools.combinations(range(len(candidates)), len(shapes))
+        if all(owns(candidates[j], s) for j, s in zip(c, shapes, strict=True))
+    ]
+
+
+def test_positional_alignment_agrees_with_brute_force_and_is_linear(monkeypatch):
+    _optim_read = importlib.import_module("surgery._optim_read")
+    rng = random.Random(0)
+    for _ in range(300):
+        m = rng.randint(1, 8)
+        n = rng.randint(1, m)
+        cands = [(rng.choice([1, 2, 3]),) for _ in range(m)]
+        states = [(rng.choice([1, 2, 3]),) for _ in range(n)]
+        by_pos = [{"momentum_buffer": torch.zeros(s)} for s in states]
+        named = [(f"p{j}", c) for j, c in enumerate(cands)]
+        ways = brute_force_embeddings(states, cands)
+        if n == m:  # the identity, or a contradiction
+            ways = [tuple(range(n))] if ways == [tuple(range(n))] else []
+        try:
+            found, _ = _optim_read._align(by_pos, named, "names=", "<dict>")
+        except surgery.OptimizerStateError as e:
+            assert len(ways) != 1, (states, cands)
+            assert ("more than one way" in str(e)) == (len(ways) > 1)
+        else:
+            assert len(ways) == 1 and found == [f"p{j}" for j in ways[0]], (states, cands)
+
+    # 4,000 same-shaped weights for 2,000 positional states: ambiguous, found in linear work.
+    calls = []
+    fits = _optim_read._fits
+    monkeypatch.setattr(_optim_read, "_fits", lambda st, shape: calls.append(1) or fits(st, shape))
+    weights = {f"w{i:04d}": torch.zeros(1) for i in range(4000)}
+    params = [nn.Parameter(torch.zeros(1)) for _ in range(2000)]
+    old_opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    for p in params:
+        p.grad = torch.ones(1)
+    old_opt.step()
+    model = nn.ParameterList([nn.Parameter(torch.zeros(1)) for _ in range(2000)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(surgery.OptimizerStateError, match="more than one way"):
+        surgery.restore_optimizer(opt, model, {"model": weights, "optimizer": old_opt.state_dict()})
+    assert not opt.state
+    assert len(calls) <= 3 * (4000 + 2000)
+
+
+def test_restore_scheduler_reaches_far_steps_in_bounded_time():
+    def fresh(make):
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5, momentum=0.9)
+        return opt, make(opt)
+
+    # A closed form (torch's own, for step(epoch)): set, not replayed.
+    opt, sched = fresh(lambda o: torch.optim.lr_scheduler.StepLR(o, 10**6, gamma=0.999))
+    assert surgery.restore_scheduler(sched, {"last_epoch": 10**12}) == 10**12
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * 0.999 ** (10**6), rel=1e-12)
+    assert sched.last_epoch == 10**12
+    # A function of the step alone: set directly, the value replaying gives.
+    opt, sched = fresh(lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda e: 1 / (1 + e)))
+    surgery.restore_scheduler(sched, {"last_epoch": 10**9})
+    assert opt.param_groups[0]["lr"] == 0.5 * (1 / (1 + 10**9))
+    assert sched.state_dict()["_step_count"] == 10**9 + 1
+    # Neither, and too far to replay: refused, unchanged.
+    opt, sched = fresh(lambda o: torch.optim.lr_scheduler.MultiplicativeLR(o, lambda e: 0.99))
+    before = scheduler_snapshot(sched)
+    with pytest.raises(surgery.UsageError, match="1,000,000"):
+        surgery.restore_scheduler(sched, {"last_epoch": 10**12})
+    assert scheduler_snapshot(sched) == before
+    # The schedule itself refuses the step: unchanged, momentum included.
+    opt, sched = fresh(lambda o: torch.optim.lr_scheduler.OneCycleLR(o, 1.0, total_steps=20))
+    before = scheduler_snapshot(sched)
+    momentum = opt.param_groups[0]["momentum"]
+    with pytest.raises(surgery.UsageError, match="cannot be brought to step 50"):
+        surgery.restore_scheduler(sched, {"last_epoch": 50})
+    assert scheduler_snapshot(sched) == before
+    assert opt.param_groups[0]["momentum"] == momentum
+
+
+HOSTILE_OPTIMIZER_STATES = {
+    "groups are not dicts": lambda: {"state": {}, "param_groups": [1]},
+    "params is a number": lambda: {"state": {}, "param_groups": [{"params": 5}]},
+    "params holds a bool": lambda: {"state": {}, "param_groups": [{"params": [True]}]},
+    "param_names is a number": lambda: {
+        "state": {0: {"momentum_buffer": torch.zeros(8, 3, 3, 3)}},
+        "param_groups": [{"params": [0], "param_names": 3}],
+    },
+    "param_names too short": lambda: {
+        "state": {},
+        "param_groups": [{"params": [0, 1], "param_names": ["conv1.weight"]}],
+    },
+    "a state is a number": lambda: {"state": {0: 5}, "param_groups": [{"params": [0]}]},
+    "a state is a list": lambda: {"state": {0: [1]}, "param_groups": [{"params": [0]}]},
+    "a meta tensor": lambda: {
+        "state": {"conv1.weight": {"momentum_buffer": torch.empty(8, 3, 3, 3, device="meta")}},
+        "param_groups": [{"params": ["conv1.weight"]}],
+    },
+    "a sparse tensor": lambda: {
+        "state": {"fc.bias": {"momentum_buffer": torch.ones(10).to_sparse()}},
+        "param_groups": [{"params": ["fc.bias"]}],
+    },
+    "surgery shapes not a dict": lambda: {
+        "format": "surgery.optimizer_state",
+        "state": {},
+        "param_groups": [{"params": ["fc.bias"]}],
+        "shapes": 3,
+    },
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_OPTIMIZER_STATES))
+def test_hostile_optimizer_state_is_refused_naming_the_file(tmp_path, case):
+    path = tmp_path / "opt.pt"
+    torch.save({"optimizer": HOSTILE_OPTIMIZER_STATES[case]()}, path)
+    model, opt, before = trained_pair()
+    with pytest.raises(surgery.CheckpointError) as err:
+        surgery.restore_optimizer(opt, model, path)
+    msg = str(err.value)
+    assert str(path) in msg and "save the optimizer state again" in msg
+    assert_optimizer_unchanged(opt, before)
+
+
+@pytest.mark.parametrize(
+    "value", ["abc", float("nan"), float("inf"), None, -3, True, 2**60, 2.5, [1]]
+)
+def test_hostile_last_epoch_is_refused_naming_the_file(tmp_path, value):
+    path = tmp_path / "scheduler.pt"
+    torch.save({"last_epoch": value, "_step_count": 1}, path)
+    _, opt, _ = trained_pair()
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2)
+    before = scheduler_snapshot(sched)
+    with pytest.raises(surgery.CheckpointError, match="not a step count") as err:
+        surgery.restore_scheduler(sched, path)
+    assert str(path) in str(err.value)
+    assert scheduler_snapshot(sched) == before
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    for bad in ({"last_epoch": 3, "best": "abc"}, {"last_epoch": 3, "num_bad_epochs": -1}):
+        with pytest.raises(surgery.CheckpointError, match="ReduceLROnPlateau"):
+            surgery.restore_scheduler(plateau, bad)
+    assert (plateau.best, plateau.num_bad_epochs, plateau.last_epoch) == (float("inf"), 0, 0)
+    with pytest.raises(surgery.UsageError, match="scheduler="):
+        surgery.restore_scheduler("x", {"last_epoch": 3})

@@ -395,3 +395,24 @@ def test_scheduler_must_be_passed_and_be_one_a_group_can_follow(resnet):
         surgery.add_param_groups(two, resnet)
     with pytest.raises(UsageError, match="scheduler apply only with optimizer"):
         surgery.unfreeze(resnet, "layer4", scheduler=other)
+
+
+@pytest.mark.parametrize(
+    ("call", "argument"),
+    [
+        (lambda: surgery.param_groups(42, lr=0.1), "model"),
+        (lambda: surgery.describe_groups(42), "groups"),
+        (lambda: surgery.describe_groups([1]), "groups"),
+        (lambda: surgery.describe_groups([{"params": 3}]), "groups"),
+        (lambda: surgery.add_param_groups("x", nn.Linear(2, 2), lr=0.1), "optimizer"),
+        (
+            lambda: surgery.add_param_groups(
+                torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=1), 42, lr=0.1
+            ),
+            "model",
+        ),
+    ],
+)
+def test_wrong_argument_types_are_usage_errors_naming_the_argument(call, argument):
+    with pytest.raises(UsageError, match=f"as {argument}, got"):
+        call()

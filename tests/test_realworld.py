@@ -175,6 +175,63 @@ def test_accelerate_save_state_folder(tmp_path):
     assert_same_state(model, snapshot(acc.unwrap_model(net)))
 
 
+def test_trainer_folder_restores_optimizer_and_scheduler(trainer_folder, tmp_path):
+    """restore_optimizer / restore_scheduler on a real Trainer folder pick optimizer.pt and
+    scheduler.pt (they once said the folder "does not exist")."""
+    from transformers import Trainer, TrainingArguments, get_linear_schedule_with_warmup
+
+    folder, _ = trainer_folder
+    model = _tiny_gpt2()
+    # The Trainer's own parameter order (decayed, then not): oracle for the positions' names.
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    reference = Trainer(model=model, args=args).create_optimizer()
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    order = [name_of[id(p)] for g in reference.param_groups for p in g["params"]]
+    saved = torch.load(folder / "optimizer.pt", weights_only=True)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    with pytest.raises(surgery.OptimizerStateError, match="Pass names="):
+        surgery.restore_optimizer(opt, model, folder)  # positional, no names: asked for
+    report = surgery.restore_optimizer(opt, model, folder, names=order)
+    assert report.source == str(folder / "optimizer.pt") and report.ok
+    params = dict(model.named_parameters())
+    for pos, name in enumerate(order):
+        for k, v in saved["state"][pos].items():
+            assert torch.equal(opt.state[params[name]][k], v), (name, k)
+
+    sched = get_linear_schedule_with_warmup(opt, 0, 4)
+    assert surgery.restore_scheduler(sched, folder) == 1
+    ref_opt = torch.optim.AdamW(_tiny_gpt2().parameters(), lr=1e-4)
+    ref = get_linear_schedule_with_warmup(ref_opt, 0, 4)
+    ref_opt.step()
+    ref.step()
+    assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in ref_opt.param_groups]
+
+
+def test_accelerate_folder_restores_optimizer(tmp_path):
+    from accelerate import Accelerator
+
+    torch.manual_seed(6)
+    acc = Accelerator(cpu=True)
+    net = SmallCNN()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net, opt = acc.prepare(net, opt)
+    acc.backward(net(torch.randn(2, 3, 4, 4)).sum())
+    opt.step()
+    acc.save_state(str(tmp_path / "state"))
+    saved = torch.load(tmp_path / "state" / "optimizer.bin", weights_only=True)
+
+    model = SmallCNN()
+    new_opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    # names from a model of the same architecture: the optimizer held its parameters in order
+    report = surgery.restore_optimizer(new_opt, model, tmp_path / "state", names=SmallCNN())
+    assert report.source == str(tmp_path / "state" / "optimizer.bin")
+    for pos, p in enumerate(model.parameters()):
+        assert torch.equal(
+            new_opt.state[p]["momentum_buffer"], saved["state"][pos]["momentum_buffer"]
+        )
+
+
 def test_lightning_checkpoints_folder_asks_which(tmp_path):
     import lightning as L
 

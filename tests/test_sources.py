@@ -125,7 +125,7 @@ def test_unwrap_names_non_tensor_values():
         unwrap({"a": torch.ones(1), "stats": {"epoch": 1}})
     with pytest.raises(CheckpointError, match="is empty"):
         unwrap({})
-    with pytest.raises(CheckpointError, match=r"holds a list, not a state dict"):
+    with pytest.raises(CheckpointError, match=r"holds a list of 1, not a state dict"):
         find_state_dict([torch.ones(1)], "<x>", explicit=False)
 
 

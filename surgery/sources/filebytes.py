@@ -6,17 +6,24 @@ known a load is one ``readinto`` into the destination's memory: no temporary, no
 
 from __future__ import annotations
 
-from typing import Any
+import errno
+import math
+import stat
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from .._sysmem import available_memory, format_bytes
 from ..errors import CheckpointError
 
-__all__ = ["OffsetReader"]
+__all__ = ["OffsetReader", "file_kind"]
 
 # Linux caps a single read at just under 2 GiB.
 _MAX_READ = 1 << 30
+# A new tensor this large or larger is checked against the memory available before allocating.
+_CHECK_FROM = 1 << 26
 
 
 class OffsetReader:
@@ -28,7 +35,19 @@ class OffsetReader:
         self._file: Any = None
 
     def read(self, offset: int, shape: torch.Size, dtype: torch.dtype) -> Tensor:
-        """A new CPU tensor holding the bytes at ``offset``."""
+        """A new CPU tensor holding the bytes at ``offset``; refused, before allocating, when
+        it needs more memory than is available (a sparse file can claim terabytes)."""
+        need = math.prod(shape) * dtype.itemsize
+        if need >= _CHECK_FROM:
+            free = available_memory()
+            if free is not None and need > free:
+                raise CheckpointError(
+                    f"'{self.description}' holds a tensor of {format_bytes(need)} (shape "
+                    f"{tuple(shape)}) at byte {offset}, more than the {format_bytes(free)} of "
+                    "memory available; nothing was allocated. Skip it (skip=[...]) or read the "
+                    "file on a machine with more memory; a file claiming more than it can hold "
+                    "is corrupt or hostile."
+                )
         out = torch.empty(shape, dtype=dtype)
         if out.numel():
             _readinto_at(self._handle(), offset, out, self.description)
@@ -55,6 +74,30 @@ class OffsetReader:
         if self._file is None:
             self._file = open(self.path, "rb", buffering=0)
         return self._file
+
+
+def file_kind(path: Path) -> Literal["file", "dir", "missing", "other"]:
+    """What ``path`` is, following symlinks: a regular file, a folder, nothing (or a dangling
+    link), or something else (a device, a pipe, a socket). A name the OS refuses (too long, a
+    loop of links) raises :class:`CheckpointError` naming it.
+
+    Example:
+        >>> file_kind(Path("/")), file_kind(Path("/no/such/file"))
+        ('dir', 'missing')
+    """
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "missing"
+        raise CheckpointError(
+            f"cannot open '{path}': {e.strerror or e}; pass the path of a checkpoint file or folder"
+        ) from None
+    except ValueError:  # a NUL in the name
+        raise CheckpointError(f"cannot open {str(path)!r}: the name holds a NUL byte") from None
+    if stat.S_ISREG(mode):
+        return "file"
+    return "dir" if stat.S_ISDIR(mode) else "other"
 
 
 def _readinto_at(f: Any, offset: int, out: Tensor, description: str) -> None:

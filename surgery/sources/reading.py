@@ -14,13 +14,14 @@ from ..errors import CheckpointError, UsageError
 from ..hub import hub_file, is_hub_name
 from .base import CheckpointLike, CheckpointSource
 from .dcp import DCPSource, is_dcp_dir
+from .filebytes import file_kind
 from .memory import from_mapping, from_module
 from .safetensors import SafetensorsSource, looks_like_safetensors
-from .sharded import ShardedSource, pick_in_folder
-from .torchfile import SUFFIXES, TorchFileSource
+from .sharded import ShardedSource, pick_in_folder, pick_training_file
+from .torchfile import SUFFIXES, TorchFileSource, load_object
 from .unpickler import allowed_from
 
-__all__ = ["open_file", "open_source", "read_checkpoint", "resolve_entry"]
+__all__ = ["load_training_state", "open_file", "open_source", "read_checkpoint", "resolve_entry"]
 
 
 def open_source(
@@ -55,14 +56,15 @@ def open_source(
         src = hub_file(src)
     if isinstance(src, (str, os.PathLike)):
         path = Path(src).expanduser()
+        kind = file_kind(path)
         # A torch.distributed.checkpoint folder (or its .metadata file): see sources/dcp.py.
-        if path.name == ".metadata" and path.is_file():
-            path = path.parent
-        if is_dcp_dir(path):
+        if path.name == ".metadata" and kind == "file":
+            path, kind = path.parent, "dir"
+        if kind == "dir" and is_dcp_dir(path):
             return DCPSource(path, entry=entry)
-        if path.is_dir():
+        if kind == "dir":
             path = pick_in_folder(path)
-        elif not path.exists():
+        elif kind == "missing":
             raise CheckpointError(f"checkpoint '{path}' does not exist")
         return open_file(
             path, entry=entry, trust_pickle=trust_pickle, mmap=mmap, allow_globals=allow_globals
@@ -124,14 +126,9 @@ def open_file(
 ) -> CheckpointSource:
     """Open one checkpoint file by its kind: index, safetensors (by name or content), torch.
 
-    Only regular files are read (a symlink to one counts): a device such as ``/dev/zero`` or
-    a named pipe would never end or never answer.
+    Only regular files are read (a symlink to one counts).
     """
-    if not path.is_file():
-        what = "does not exist" if not os.path.lexists(path) else "is not a regular file"
-        raise CheckpointError(
-            f"checkpoint '{path}' {what}; pass a checkpoint file or a folder holding one"
-        )
+    _require_file(path)
     name = path.name.lower()
     if name.endswith(".index.json"):
         if entry is not None:
@@ -154,6 +151,41 @@ def open_file(
     return TorchFileSource(
         path, entry=entry, trust_pickle=trust_pickle, mmap=mmap, allow_globals=allow_globals
     )
+
+
+def load_training_state(
+    src: str | os.PathLike,
+    what: str,
+    *,
+    trust_pickle: bool = False,
+    allow_globals: Iterable[Any] | None = None,
+) -> tuple[Any, Path]:
+    """The object a file of ``what`` (``"optimizer"`` or ``"scheduler"``) state holds, and
+    that file; a folder gives the file trainers name for it (see
+    :func:`~surgery.sources.sharded.pick_training_file`). The file is read with every check
+    :class:`TorchFileSource` makes (:func:`~surgery.sources.torchfile.load_object`).
+
+    Example:
+        >>> obj, path = load_training_state("out/checkpoint-500", "optimizer")  # doctest: +SKIP
+        >>> path.name, sorted(obj)  # doctest: +SKIP
+        ('optimizer.pt', ['param_groups', 'state'])
+    """
+    path = Path(src).expanduser()
+    if file_kind(path) == "dir":
+        path = pick_training_file(path, what)
+    _require_file(path)
+    return load_object(path, trust_pickle=trust_pickle, allow_globals=allow_globals), path
+
+
+def _require_file(path: Path) -> None:
+    """Only regular files are read (a symlink to one counts): a device such as ``/dev/zero``
+    or a named pipe would never end or never answer."""
+    kind = file_kind(path)
+    if kind != "file":
+        what = "does not exist" if kind == "missing" else "is not a regular file"
+        raise CheckpointError(
+            f"checkpoint '{path}' {what}; pass a checkpoint file or a folder holding one"
+        )
 
 
 def resolve_entry(entry: str | None, key: str | None, *, stacklevel: int = 3) -> str | None:

@@ -7,7 +7,6 @@ tensor is read until asked for, and ``read_into`` reads straight into the destin
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, NoReturn
@@ -15,6 +14,8 @@ from typing import Any, NoReturn
 import torch
 from torch import Tensor
 
+from .. import _json
+from .._text import escape_control
 from ..errors import CheckpointError
 from .base import CheckpointSource
 from .filebytes import OffsetReader
@@ -44,6 +45,8 @@ _DTYPES = {
 _MAX_HEADER = 100_000_000
 # torch sizes and strides are signed 64-bit: a shape whose extents multiply past that overflows.
 _MAX_NUMEL = 2**62
+# The format's integers are unsigned 64-bit.
+_MAX_UINT = 2**64
 
 
 class SafetensorsSource(CheckpointSource):
@@ -95,24 +98,27 @@ def _parse(path: Path) -> tuple[dict[str, tuple[torch.Size, torch.dtype]], dict[
     except OSError as e:
         raise CheckpointError(f"cannot open checkpoint '{path}': {e}") from None
     try:
-        header = json.loads(raw)
+        header = _json.decode(raw)
     except ValueError as e:
-        _corrupt(path, f"its header is not JSON ({e})")
+        _corrupt(path, f"its header is not JSON the format allows ({e})")
     if not isinstance(header, dict):
         _corrupt(path, "its header is not a JSON object")
     data_start, data_len = 8 + n, size - 8 - n
     specs: dict[str, tuple[torch.Size, torch.dtype]] = {}
     spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
+        if not _is_text(name):
+            _corrupt(path, f"a tensor name holds an unpaired surrogate ({_short(name)})")
         if name == "__metadata__":
+            _check_metadata(path, info)
             continue
         shape, dtype, begin, end = _entry(path, name, info)
         nbytes = math.prod(shape) * dtype.itemsize
         if end - begin != nbytes:
             _corrupt(
                 path,
-                f"tensor '{name}' spans {end - begin} bytes but its shape {tuple(shape)} and "
-                f"dtype {info['dtype']} need {nbytes}",
+                f"tensor '{_short(name)}' spans {end - begin} bytes but its shape "
+                f"{tuple(shape)} and dtype {info['dtype']} need {nbytes}",
             )
         specs[name] = (torch.Size(shape), dtype)
         spans.append((begin, end, name))
@@ -120,7 +126,7 @@ def _parse(path: Path) -> tuple[dict[str, tuple[torch.Size, torch.dtype]], dict[
     pos = 0
     for begin, end, name in spans:
         if begin != pos:
-            _corrupt(path, f"tensor '{name}' starts at data byte {begin}, expected {pos}")
+            _corrupt(path, f"tensor '{_short(name)}' starts at data byte {begin}, expected {pos}")
         pos = end
     if pos != data_len:
         what = "truncated" if pos > data_len else "longer than its header says"
@@ -129,26 +135,62 @@ def _parse(path: Path) -> tuple[dict[str, tuple[torch.Size, torch.dtype]], dict[
 
 
 def _entry(path: Path, name: str, info: Any) -> tuple[list[int], torch.dtype, int, int]:
-    try:
-        shape = [int(d) for d in info["shape"]]
-        begin, end = (int(x) for x in info["data_offsets"])
-        code = info["dtype"]
-    except (KeyError, TypeError, ValueError):
-        _corrupt(path, f"tensor '{name}' has a malformed header entry {_short(info)}")
-    if any(d < 0 for d in shape) or begin < 0 or end < begin:
-        _corrupt(path, f"tensor '{name}' has a malformed header entry {_short(info)}")
+    """One tensor's header entry, as the format defines it: ``dtype`` a string, ``shape`` a
+    list of unsigned 64-bit integers, ``data_offsets`` two of them (what the safetensors
+    library refuses, from floats and booleans to a list as a dtype, is refused here too)."""
+    if not isinstance(info, dict):
+        _corrupt(path, f"tensor '{_short(name)}' has a malformed header entry {_short(info)}")
+    shape, offsets, code = info.get("shape"), info.get("data_offsets"), info.get("dtype")
+    if (
+        not isinstance(code, str)
+        or not _is_uint_list(shape)
+        or not _is_uint_list(offsets)
+        or len(offsets) != 2
+        or offsets[1] < offsets[0]
+    ):
+        _corrupt(path, f"tensor '{_short(name)}' has a malformed header entry {_short(info)}")
     if math.prod(max(d, 1) for d in shape) >= _MAX_NUMEL:
-        _corrupt(path, f"tensor '{name}' has shape {_short(shape)}, too large for any tensor")
+        _corrupt(
+            path, f"tensor '{_short(name)}' has shape {_short(shape)}, too large for any tensor"
+        )
     dtype = _DTYPES.get(code)
     if dtype is None:
         raise CheckpointError(
-            f"'{path}': tensor '{name}' has dtype {code}, which this torch cannot hold"
+            f"'{path}': tensor '{_short(name)}' has dtype {_short(code)}, which this torch "
+            "cannot hold"
         )
-    return shape, dtype, begin, end
+    return shape, dtype, offsets[0], offsets[1]
+
+
+def _is_uint_list(value: Any) -> bool:
+    return isinstance(value, list) and all(type(x) is int and 0 <= x < _MAX_UINT for x in value)
+
+
+def _is_text(value: str) -> bool:
+    """A string JSON can hold as UTF-8 (no unpaired surrogate from a ``\\ud800`` escape)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_metadata(path: Path, meta: Any) -> None:
+    """``__metadata__``: absent, null, or a map of strings to strings, as the format says."""
+    if meta is None:
+        return
+    if not isinstance(meta, dict) or not all(
+        isinstance(v, str) and _is_text(k) and _is_text(v) for k, v in meta.items()
+    ):
+        _corrupt(
+            path,
+            f"its __metadata__ is {_short(meta)}; the format allows only a map of strings to "
+            "strings",
+        )
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    text = escape_control(value if isinstance(value, str) else repr(value))
     return text if len(text) <= 200 else text[:200] + "..."
 
 

@@ -7,21 +7,21 @@ reads still go straight into the destination.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
 
 from torch import Tensor
 
+from .. import _json
+from .._text import escape_control
 from ..errors import CheckpointError
 from .base import CheckpointSource
+from .filebytes import file_kind
 from .torchfile import SUFFIXES
 
-__all__ = ["ShardedSource", "pick_in_folder", "shard_path"]
-
-# An index of a million keys is about 100 MB; anything larger is not an index.
-_MAX_INDEX = 200_000_000
+__all__ = ["ShardedSource", "pick_in_folder", "pick_training_file", "read_index", "shard_path"]
 
 # What a folder may hold, in order of preference: an index, then safetensors, then pickles.
 _FOLDER_PATTERNS = (".safetensors.index.json", ".index.json", ".safetensors", *SUFFIXES)
@@ -44,8 +44,9 @@ class ShardedSource(CheckpointSource):
                 src = self._shard(index, str(shard), name, open_shard)
                 if name not in src.specs:
                     raise CheckpointError(
-                        f"'{index}' maps '{name}' to '{shard}', but that shard has no such "
-                        "tensor; the index and the shards do not belong together"
+                        f"'{index}' maps '{escape_control(name)}' to '{escape_control(shard)}', "
+                        "but that shard has no such tensor; the index and the shards do not "
+                        "belong together"
                     )
                 self._owner[name] = src
                 self.specs[name] = src.specs[name]
@@ -64,10 +65,19 @@ class ShardedSource(CheckpointSource):
     ) -> CheckpointSource:
         if shard not in self._shards:
             path = shard_path(index, shard, name)
-            if not path.is_file():
+            try:
+                kind = file_kind(path)
+            except CheckpointError as e:
                 raise CheckpointError(
-                    f"shard '{shard}' listed in '{index}' (for '{name}') does not exist in "
-                    f"{index.parent}; download every shard next to the index"
+                    f"shard '{escape_control(shard)}' listed in '{index}' (for "
+                    f"'{escape_control(name)}'): {e}; the index is malformed, download it again"
+                ) from None
+            if kind != "file":
+                what = "does not exist" if kind == "missing" else "is not a regular file"
+                raise CheckpointError(
+                    f"shard '{escape_control(shard)}' listed in '{index}' (for "
+                    f"'{escape_control(name)}') {what} in {index.parent}; download every shard "
+                    "next to the index"
                 )
             self._shards[shard] = open_shard(path)
         return self._shards[shard]
@@ -100,6 +110,18 @@ _TRAINING_STATE = re.compile(
 )
 
 
+# Optimizer and scheduler state by the names trainers give their files: transformers' Trainer
+# (optimizer.pt, scheduler.pt), accelerate (optimizer.bin, optimizer_1.bin, scheduler.bin).
+# Lightning keeps both inside its *.ckpt files.
+_STATE_FILES = {
+    "optimizer": re.compile(r"^optimizer(_\d+)?\.(pt|bin)$", re.IGNORECASE),
+    "scheduler": re.compile(r"^(lr_)?scheduler(_\d+)?\.(pt|bin)$", re.IGNORECASE),
+}
+_STATE_NAMES = {
+    "optimizer": "optimizer.pt, optimizer.bin, optimizer_N.bin, *.ckpt",
+    "scheduler": "scheduler.pt, scheduler.bin, scheduler_N.bin, *.ckpt",
+}
+
 # A shard of a sharded checkpoint, by the name transformers gives it.
 _SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.", re.IGNORECASE)
 
@@ -110,8 +132,8 @@ def _indexed_shards(files: list[Path]) -> set[str]:
     for p in files:
         if p.name.lower().endswith(".index.json"):
             try:
-                out.update(str(v) for v in json.loads(p.read_text())["weight_map"].values())
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                out.update(str(v) for v in read_index(p)["weight_map"].values())
+            except (CheckpointError, KeyError, TypeError, AttributeError):
                 pass  # a broken index is reported when it is opened
     return out
 
@@ -128,22 +150,33 @@ def _stem(name: str) -> str:
     return "model" if name == "pytorch_model" else name
 
 
+def read_index(index: Path) -> Any:
+    """The JSON value of a sharded-checkpoint index, its size (200 MB at most) checked before
+    it is read and its nesting before it is decoded; a :class:`CheckpointError` otherwise."""
+    try:
+        return _json.read_file(index, limit=_json.MAX_INDEX)
+    except _json.JSONLimitError as e:
+        raise CheckpointError(
+            f"'{index}' is not a sharded-checkpoint index ({e}; an index is a JSON object "
+            f"with a 'weight_map' of key -> shard file, {_json.MAX_INDEX // 1_000_000} MB at "
+            "most); is it the right file?"
+        ) from None
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot open sharded-checkpoint index '{index}': {e.strerror or e}"
+        ) from None
+    except ValueError as e:
+        raise CheckpointError(
+            f"'{index}' is not a sharded-checkpoint index (expected a JSON object with a "
+            f"'weight_map' of key -> shard file): {type(e).__name__}: {e}"
+        ) from None
+
+
 def _weight_map(index: Path) -> list[tuple[str, str]]:
     """The index's ``weight_map`` as (key, shard file) pairs, every value checked for type."""
     try:
-        with open(index, "rb") as f:
-            raw = f.read(_MAX_INDEX + 1)
-    except OSError as e:
-        raise CheckpointError(f"cannot open sharded-checkpoint index '{index}': {e}") from None
-    if len(raw) > _MAX_INDEX:
-        raise CheckpointError(
-            f"'{index}' is over {_MAX_INDEX // 1_000_000} MB, too big for a sharded-checkpoint "
-            "index (a weight_map of key -> shard file); is it the right file?"
-        )
-    try:
-        weight_map = json.loads(raw)["weight_map"]
-        items = list(weight_map.items())
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:
+        items = list(read_index(index)["weight_map"].items())
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
         raise CheckpointError(
             f"'{index}' is not a sharded-checkpoint index (expected a JSON object with a "
             f"'weight_map' of key -> shard file): {type(e).__name__}: {e}"
@@ -151,8 +184,8 @@ def _weight_map(index: Path) -> list[tuple[str, str]]:
     for name, shard in items:
         if not isinstance(shard, str) or not shard:
             raise CheckpointError(
-                f"'{index}' maps '{name}' to {shard!r}, which is not a shard file name; the "
-                "index is malformed, download it again"
+                f"'{index}' maps '{escape_control(name)}' to {shard!r}, which is not a shard "
+                "file name; the index is malformed, download it again"
             )
     return items
 
@@ -165,7 +198,7 @@ def shard_path(index: Path, shard: str, name: str) -> Path:
     (a hub cache links every file of a snapshot to its blob folder) is refused. Another index
     as a shard is refused too.
     """
-    where = f"'{index}' maps '{name}' to '{shard}'"
+    where = f"'{index}' maps '{escape_control(name)}' to '{escape_control(shard)}'"
     pure = PurePosixPath(shard.replace("\\", "/"))
     if pure.is_absolute() or PureWindowsPath(shard).drive or ".." in pure.parts or "\0" in shard:
         raise CheckpointError(
@@ -242,4 +275,45 @@ def pick_in_folder(folder: Path) -> Path:
     raise CheckpointError(
         f"folder '{folder}' holds no checkpoint (looked for *.index.json, *.safetensors, "
         f"{', '.join('*' + s for s in SUFFIXES)})"
+    )
+
+
+def pick_training_file(folder: Path, what: str) -> Path:
+    """The file holding the ``what`` (``"optimizer"`` or ``"scheduler"``) state in a folder.
+
+    Picked by name, as :func:`pick_in_folder` picks the weights: a transformers ``Trainer``
+    folder's ``optimizer.pt`` / ``scheduler.pt``, accelerate's ``optimizer.bin`` /
+    ``scheduler.bin`` (``optimizer_1.bin``... for more), Lightning's ``*.ckpt`` (which hold
+    ``optimizer_states`` and ``lr_schedulers``). Several candidates raise, naming each; with
+    none, the folder's one checkpoint (a training checkpoint holding an ``optimizer`` entry)
+    when it is a torch file.
+
+    Example:
+        >>> pick_training_file(Path("out/checkpoint-500"), "optimizer")  # doctest: +SKIP
+        PosixPath('out/checkpoint-500/optimizer.pt')
+    """
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    found = [
+        p for p in files if _STATE_FILES[what].match(p.name) or p.name.lower().endswith(".ckpt")
+    ]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        names = ", ".join(escape_control(p.name) for p in found)
+        last = [p for p in found if p.name.lower().startswith("last.")]
+        why = f" '{last[0].name}' is the latest save." if last else ""
+        raise CheckpointError(
+            f"folder '{folder}' holds several files that may hold the {what} state ({names})."
+            f"{why} Pass the file path, e.g. '{folder / (last or found)[0].name}'"
+        )
+    try:
+        weights = pick_in_folder(folder)
+    except CheckpointError:
+        weights = None
+    if weights is not None and weights.name.lower().endswith(SUFFIXES):
+        return weights
+    listing = ", ".join(escape_control(p.name) for p in files[:20]) or "nothing"
+    raise CheckpointError(
+        f"folder '{folder}' holds no {what} state (looked for {_STATE_NAMES[what]}, or one "
+        f"training checkpoint); it holds {listing}. Pass the file that holds it."
     )

@@ -8,19 +8,22 @@ here touches files, so every rule is testable on plain dicts.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
 
 from .._table import first_n
+from .._text import escape_control
 from ..errors import CheckpointError
 
 __all__ = [
     "CONTAINER_KEYS",
     "Unwrapped",
     "describe",
+    "find_entry",
     "find_state_dict",
     "is_optimizer_state",
     "pick_entry",
@@ -95,20 +98,93 @@ def unwrap(obj: Any, entry: str | None = None, where: str = "<dict>") -> Unwrapp
 
 
 def pick_entry(obj: Any, entry: str, where: str) -> tuple[Any, list[str]]:
-    """The value at ``entry`` (an exact key first, else dotted nesting) and its key path."""
-    if not isinstance(obj, Mapping):
+    """The value at ``entry`` (an exact key first, else dotted nesting) and its key path.
+
+    List items are named by their index (``"optimizer_states.1"``: Lightning keeps one state
+    per optimizer in a list).
+
+    Example:
+        >>> pick_entry({"a": {"b.c": [1, 2]}}, "a.b.c.1", "<dict>")
+        (2, ['a', 'b.c', '1'])
+    """
+    if not isinstance(obj, (Mapping, list, tuple)):
         raise CheckpointError(
             f"entry={entry!r} given, but {where} holds a {describe(obj)}, not a dict"
         )
-    if entry in obj:
-        return obj[entry], [entry]
+    found = _walk(obj, entry)
+    if found is None:
+        listing = _listing(obj) if isinstance(obj, Mapping) else f"a {describe(obj)}"
+        raise CheckpointError(f"{where} has no entry {entry!r}; its entries are: {listing}")
+    return found
+
+
+def _child(obj: Any, part: str) -> tuple[bool, Any]:
+    """``obj[part]`` for a dict key or a list index, and whether there is one."""
+    if isinstance(obj, Mapping):
+        return (True, obj[part]) if part in obj else (False, None)
+    if isinstance(obj, (list, tuple)) and part.isascii() and part.isdigit():
+        i = int(part)
+        return (True, obj[i]) if i < len(obj) else (False, None)
+    return False, None
+
+
+def _walk(obj: Any, entry: str) -> tuple[Any, list[str]] | None:
+    ok, value = _child(obj, entry)
+    if ok:
+        return value, [entry]
     parts = entry.split(".")
     for i in range(len(parts) - 1, 0, -1):
         head = ".".join(parts[:i])
-        if head in obj and isinstance(obj[head], Mapping):
-            inner, path = pick_entry(obj[head], ".".join(parts[i:]), where)
-            return inner, [head, *path]
-    raise CheckpointError(f"{where} has no entry {entry!r}; its entries are: {_listing(obj)}")
+        ok, inner = _child(obj, head)
+        if ok and isinstance(inner, (Mapping, list, tuple)):
+            found = _walk(inner, ".".join(parts[i:]))
+            if found is not None:
+                return found[0], [head, *found[1]]
+    return None
+
+
+def find_entry(
+    obj: Any,
+    entry: str | None,
+    names: tuple[str, ...],
+    is_it: Callable[[Any], bool],
+    what: str,
+    where: str,
+) -> tuple[Any, list[str]]:
+    """The ``what`` state (an optimizer's, a scheduler's) in a loaded checkpoint, and its path.
+
+    ``entry`` names it (as in :func:`pick_entry`); else ``obj`` itself when ``is_it(obj)``;
+    else the first of ``names`` that ``obj`` holds. A list of one such state (Lightning's
+    ``optimizer_states``) gives its item; a longer list asks for ``entry=``.
+
+    Example:
+        >>> find_entry({"epoch": 3, "sched": {"last_epoch": 3}}, None, ("sched",),
+        ...            lambda o: "last_epoch" in o, "LR scheduler", "<dict>")
+        ({'last_epoch': 3}, ['sched'])
+    """
+    if entry is not None:
+        found, path = pick_entry(obj, entry, where)
+    elif is_it(obj):
+        return obj, []
+    elif isinstance(obj, Mapping) and (hits := [k for k in names if k in obj]):
+        found, path = obj[hits[0]], [hits[0]]
+    else:
+        listing = _listing(obj) if isinstance(obj, Mapping) else f"a {describe(obj)}"
+        raise CheckpointError(
+            f"found no {what} state in {where} (looked for {', '.join(names)}); its entries "
+            f"are: {listing}. Pass entry= to name the one that holds it."
+        )
+    suffix = "".join(f"[{p!r}]" for p in path)
+    if isinstance(found, (list, tuple)):  # Lightning keeps a list, one per optimizer
+        if len(found) != 1:
+            raise CheckpointError(
+                f"{where}{suffix} holds {len(found)} {what} states; pick one with "
+                f"entry='{'.'.join(path)}.0' (or .1, ...)"
+            )
+        found, path, suffix = found[0], [*path, "0"], suffix + "['0']"
+    if not is_it(found):
+        raise CheckpointError(f"{where}{suffix} is a {describe(found)}, not a {what} state dict")
+    return found, path
 
 
 def find_state_dict(obj: Any, where: str, *, explicit: bool) -> tuple[Mapping, list[str]]:
@@ -193,6 +269,8 @@ def describe(v: Any) -> str:
         return "optimizer state"
     if isinstance(v, Mapping):
         return f"dict of {len(v)}"
+    if isinstance(v, (list, tuple)):
+        return f"{type(v).__name__} of {len(v)}"
     return type(v).__name__
 
 
@@ -204,7 +282,8 @@ def _value(v: Any) -> str:
 
 
 def _listing(obj: Mapping) -> str:
-    return ", ".join(f"'{k}' ({describe(v)})" for k, v in list(obj.items())[:20])
+    shown = itertools.islice(obj.items(), 20)
+    return ", ".join(f"'{escape_control(str(k))}' ({describe(v)})" for k, v in shown)
 
 
 def _is_tensor_dict(obj: Any) -> bool:
