@@ -504,7 +504,7 @@ def scheduler_snapshot(s) -> dict:
 
 
 def test_optimizer_and_scheduler_files_get_the_checks_weights_get(tmp_path, monkeypatch):
-    from surgery.sources import torchfile
+    from surgery.sources import torchformat
 
     old_model, old_opt, _ = trained_pair()
     old_sched = torch.optim.lr_scheduler.StepLR(old_opt, step_size=2)
@@ -522,7 +522,7 @@ def test_optimizer_and_scheduler_files_get_the_checks_weights_get(tmp_path, monk
     before, sched_before = optimizer_snapshot(opt), scheduler_snapshot(sched)
 
     # A pickle record inflating past the bound is refused before torch reads it.
-    monkeypatch.setattr(torchfile, "_MAX_PICKLE", 64)
+    monkeypatch.setattr(torchformat, "MAX_PICKLE", 64)
     real_load = torch.load
 
     def no_load(*args, **kwargs):
