@@ -69,7 +69,11 @@ def test_wheel_works_from_a_fresh_virtualenv(dist, tmp_path):
     _run([sys.executable, "-m", "venv", str(venv)], tmp_path)
     py = venv / "bin" / "python"
     site = _run([str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], tmp_path)
-    (Path(site.strip()) / "_deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    # Every site-packages folder this interpreter sees (a virtualenv may reach another one
+    # through a path file itself), never the source tree.
+    deps = [p for p in sys.path if p.endswith("site-packages")]
+    assert sysconfig.get_path("purelib") in deps
+    (Path(site.strip()) / "_deps.pth").write_text("\n".join(deps) + "\n")
     wheel = next(dist.glob("*.whl"))
     _run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], tmp_path)
     where = _run([str(py), "-c", "import surgery; print(surgery.__file__)"], tmp_path)
