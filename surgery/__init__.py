@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 from .adapters import adapt_shapes
-from .apply import apply_plan
 from .errors import (
     CheckpointError,
     DistributedError,
@@ -35,8 +34,10 @@ from .freeze import (
     unfreeze,
 )
 from .heads import Chain, HeadRows, chain, head_rows
-from .hub import hub_file
-from .load import load_partial
+from .loading.apply import apply_plan
+from .loading.load import load_partial
+from .loading.plan import LoadPlan, PlanEntry, plan_load
+from .loading.report import LoadReport, Mismatch
 from .matching import Layout, Match, MatchedKey, match, verify
 from .meta import empty_init
 from .optim import GroupTable, add_param_groups, describe_groups, param_groups
@@ -46,9 +47,8 @@ from .optimizer_state import (
     restore_optimizer,
     restore_scheduler,
 )
-from .plan import LoadPlan, PlanEntry, plan_load
-from .report import LoadReport, Mismatch
 from .sources import read_checkpoint
+from .sources.hub import hub_file
 
 __version__ = "0.1.0"
 

@@ -35,9 +35,9 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ._args import require_module, require_optimizer
-from ._select import ModelIndex, Selection, Selector, describe_selector, select
 from ._table import _Table, format_count, format_percent
 from .errors import UsageError
+from .keys.select import ModelIndex, Selection, Selector, describe_selector, select
 from .optim import add_param_groups
 
 __all__ = [

@@ -23,11 +23,11 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from ._keymap import apply_remap
 from ._names import closest
 from ._table import _Table, format_shape
 from .checkpoint import CheckpointLike, read_checkpoint
 from .errors import KeyCollisionError, SurgeryError, UsageError
+from .keys.remap import apply_remap
 
 __all__ = ["Layout", "Match", "MatchedKey", "match", "verify"]
 

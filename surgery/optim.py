@@ -23,9 +23,9 @@ from torch import nn
 from torch.optim import lr_scheduler as sched
 
 from ._args import require_module, require_optimizer
-from ._select import ModelIndex, Selector, as_selectors, describe_selector, select
 from ._table import _Table, first_n, format_count
 from .errors import SelectorError, UsageError
+from .keys.select import ModelIndex, Selector, as_selectors, describe_selector, select
 
 __all__ = ["GroupTable", "add_param_groups", "describe_groups", "param_groups"]
 

@@ -20,13 +20,14 @@ import torch
 from torch import Tensor, nn
 
 from ._args import require_module, require_optimizer
-from ._keymap import Remap, apply_prefix, apply_remap, describe_prefix, detect_prefix
 from ._optim_read import FORMAT, Names, Old, read_old
-from ._select import match_keys
 from ._table import _StatusTable, first_n_lines, format_shape, status_rows
 from ._text import escape_control
 from .errors import OptimizerStateError, UsageError
-from .report import Mismatch
+from .keys.prefix import apply_prefix, describe_prefix, detect_prefix
+from .keys.remap import Remap, apply_remap
+from .keys.select import match_keys
+from .loading.report import Mismatch
 from .scheduler_state import restore_scheduler
 
 __all__ = ["OptimizerReport", "optimizer_state", "restore_optimizer", "restore_scheduler"]

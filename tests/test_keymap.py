@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from surgery._keymap import apply_prefix, apply_remap, detect_prefix
 from surgery.errors import KeyCollisionError
+from surgery.keys.prefix import apply_prefix, detect_prefix
+from surgery.keys.remap import apply_remap
 
 MODEL = {"conv1.weight", "bn1.weight", "bn1.bias", "layer1.0.conv1.weight", "fc.weight", "fc.bias"}
 

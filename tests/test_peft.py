@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import surgery
-from surgery import _peft
+from surgery.keys import peft as _peft
 
 transformers = pytest.importorskip("transformers", reason="PEFT tests need transformers")
 peft = pytest.importorskip("peft", reason="PEFT tests need peft")

@@ -11,7 +11,7 @@ from torch import nn
 import surgery
 from surgery import SelectorError, UsageError
 from surgery._names import compile_pattern
-from surgery._select import match_keys
+from surgery.keys.select import match_keys
 
 
 def _frozen_by(selector) -> set[str]:

@@ -19,7 +19,7 @@ from torch import nn
 
 import surgery
 from surgery import LoadError
-from surgery._keymap import detect_prefix
+from surgery.keys.prefix import detect_prefix
 
 # --------------------------------------------------------------------------- non-tensor values
 

@@ -11,10 +11,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, UsageError
-from ..hub import hub_file, is_hub_name
 from .base import CheckpointLike, CheckpointSource
 from .dcp import DCPSource, is_dcp_dir
 from .filebytes import file_kind
+from .hub import hub_file, is_hub_name
 from .memory import from_mapping, from_module
 from .safetensors import SafetensorsSource, looks_like_safetensors
 from .sharded import ShardedSource, pick_in_folder, pick_training_file

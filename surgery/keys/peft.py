@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from ._keymap import apply_prefix, best_rewrites, tie_error
-from .errors import KeyCollisionError
+from ..errors import KeyCollisionError
+from .prefix import apply_prefix, best_rewrites, tie_error
 
 _MARKERS = ("base_layer.", "original_module.", "modules_to_save.")
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ._names import closest, compile_pattern, parents
-from ._table import first_n
-from .errors import SelectorError
+from .._names import closest, compile_pattern, parents
+from .._table import first_n
+from ..errors import SelectorError
 
 Selector = str | type[nn.Module] | Callable[[str, nn.Module], bool]
 _TOP_LEVEL = 12  # top-level modules named in a 'matched nothing' hint

@@ -26,9 +26,9 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from .errors import DistributedError, UsageError
-from .sources import CheckpointSource
-from .sources.dcp import DCPSource
+from ..errors import DistributedError, UsageError
+from ..sources import CheckpointSource
+from ..sources.dcp import DCPSource
 
 __all__ = [
     "agree",

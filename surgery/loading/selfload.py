@@ -35,10 +35,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from . import meta
-from ._text import escape_control
-from .checkpoint import CheckpointSource
-from .errors import CheckpointError, LoadError
+from .. import meta
+from .._text import escape_control
+from ..errors import CheckpointError, LoadError
+from ..sources import CheckpointSource
 
 _LIST = 12
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .errors import KeyCollisionError
+from ..errors import KeyCollisionError
 
 __all__ = ["alias", "conflict_error", "has_ties", "resolve"]
 

@@ -1,115 +1,23 @@
-"""Checkpoint-key rewriting: user ``remap`` rules and automatic prefix detection.
+"""Automatic prefix detection: the ``(strip, add)`` rewrite that lines checkpoint keys up with
+model keys (``module.``, ``_orig_mod.``, ``backbone.``), and the hints that name it.
 
-Both run in time linear in the number of keys: the prefix search compares a handful of
-candidate prefixes (the most common leading components on each side) with set operations.
+The search runs in time linear in the number of keys: it compares a handful of candidate
+prefixes (the most common leading components on each side) with set operations.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
-from ._text import escape_control
-from .errors import KeyCollisionError, PrefixTieError, UsageError
-
-Remap = Mapping[str, str] | Sequence[tuple[str, str | None]] | Callable[[str], str | None]
+from .._text import escape_control
+from ..errors import PrefixTieError
+from .remap import collision
 
 _MAX_DEPTH = 3  # leading components considered for a prefix
 _CANDIDATES = 4  # most common prefixes tried on each side
 _SAMPLE = 4096  # keys scored per candidate
-
-
-def apply_remap(
-    keys: Iterable[str], remap: Remap | None
-) -> tuple[dict[str, str], list[str], list[str]]:
-    """Rename checkpoint keys.
-
-    Returns ``(new -> old, dropped old keys, notes)``. A dict maps exact names; dict entries
-    that name no checkpoint key are used as regex rules (so ``{"^backbone\\.": ""}`` works).
-    A list holds ``(regex, replacement)`` rules applied in order (``None`` drops the key);
-    a callable returns the new name or ``None`` to drop it.
-    """
-    keys = list(keys)
-    notes: list[str] = []
-    if remap is None:
-        return {k: k for k in keys}, [], notes
-    if callable(remap) and not isinstance(remap, Mapping):
-        rename = remap
-    else:
-        exact: dict[str, str] = {}
-        rules: list[tuple[str, str | None]]
-        if isinstance(remap, Mapping):
-            present = set(keys)
-            exact = {k: v for k, v in remap.items() if k in present}
-            rules = [(k, v) for k, v in remap.items() if k not in present]
-        elif isinstance(remap, Sequence) and not isinstance(remap, str):
-            rules = []
-            for rule in remap:
-                if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
-                    raise UsageError(
-                        f"remap rule {rule!r} is not a (regex, replacement) pair; pass e.g. "
-                        "remap=[(r'^backbone\\.', '')]"
-                    )
-                rules.append((rule[0], rule[1]))
-        else:
-            raise UsageError(
-                f"remap must be a dict, a list of (regex, replacement) pairs or a callable, "
-                f"not {type(remap).__name__}"
-            )
-        compiled = []
-        for pattern, repl in rules:
-            try:
-                compiled.append((pattern, re.compile(pattern), repl))
-            except (re.error, TypeError) as e:
-                raise UsageError(f"remap rule {pattern!r} is not a valid regex: {e}") from None
-        used: set[str] = set()
-
-        def rename(k: str) -> str | None:
-            if k in exact:
-                used.add(k)
-                return exact[k]
-            out: str | None = k
-            for pattern, rx, repl in compiled:
-                if rx.search(out):
-                    used.add(pattern)
-                    if repl is None:
-                        return None
-                    out = rx.sub(repl, out)
-            return out
-
-    new_to_old: dict[str, str] = {}
-    dropped: list[str] = []
-    for k in keys:
-        try:
-            new = rename(k)
-        except Exception as e:  # a user callable or replacement string failing
-            raise UsageError(
-                f"remap failed on checkpoint key '{k}': {type(e).__name__}: {e}"
-            ) from e
-        if new is None:
-            dropped.append(k)
-            continue
-        if not isinstance(new, str):
-            raise UsageError(f"remap returned {new!r} for '{k}'; it must return a str or None")
-        if new in new_to_old:
-            raise _collision(new_to_old[new], k, new, "remap")
-        new_to_old[new] = k
-    if not callable(remap) or isinstance(remap, Mapping):
-        unused = [p for p, _ in rules if p not in used] + [k for k in exact if k not in used]
-        for p in unused:
-            notes.append(f"remap rule {p!r} matched no checkpoint key")
-    return new_to_old, dropped, notes
-
-
-def _collision(a: str, b: str, new: str, how: str) -> KeyCollisionError:
-    return KeyCollisionError(
-        f"checkpoint keys '{a}' and '{b}' both map to model key '{new}' after {how}. "
-        "Only one can load: drop one with remap (e.g. remap=[(r'^"
-        + re.escape(b)
-        + "$', None)])"
-        + (" or pass prefix=None" if how == "prefix rewrite" else "")
-    )
 
 
 def _leading(key: str, depth: int) -> list[str]:
@@ -242,7 +150,7 @@ def apply_prefix(new_to_old: dict[str, str], rewrite: tuple[str, str]) -> dict[s
     for new, old in new_to_old.items():
         key = mp + new[n:] if new.startswith(cp) else new
         if key in out:
-            raise _collision(out[key], old, key, "prefix rewrite")
+            raise collision(out[key], old, key, "prefix rewrite")
         out[key] = old
     return out
 

@@ -1,0 +1,1 @@
+"""Loading a checkpoint into a model: plan, check, prepare, agree, commit, report."""

@@ -1,0 +1,315 @@
+"""``LoadReport``: what ``load_partial`` did, as data, as text and as an HTML table."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+from .._table import (
+    _StatusTable,
+    first_n,
+    first_n_lines,
+    format_count,
+    format_shape,
+    html_bar,
+    html_verdict,
+    status_rows,
+)
+from .._text import escape_control
+from ..errors import LoadError
+from ..keys.select import Selector, match_keys
+
+__all__ = ["LoadReport", "Mismatch"]
+
+_SHOW = 8  # keys listed per category in the text form
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """A checkpoint tensor whose shape differs from the model's."""
+
+    key: str
+    checkpoint_shape: tuple[int, ...]
+    model_shape: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "key": self.key,
+            "checkpoint_shape": list(self.checkpoint_shape),
+            "model_shape": list(self.model_shape),
+        }
+
+    def shapes(self, sep: str = "vs", old: str = "checkpoint", new: str = "model") -> str:
+        """``'checkpoint (1000, 512) vs model (10, 512)'``; the words can be changed."""
+        return (
+            f"{old} {format_shape(self.checkpoint_shape)} {sep} {new} "
+            f"{format_shape(self.model_shape)}"
+        )
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.shapes()}"
+
+
+@dataclass
+class LoadReport(_StatusTable):
+    """What a load did (or, with ``dry_run=True``, would do), derived from its plan.
+
+    Model keys are the model's ``state_dict()`` names; checkpoint keys are the names in the
+    file after unwrapping. ``ok`` is true exactly when ``strict=True`` would not have raised:
+    nothing missing, unexpected or mismatched (skipped keys and ``defaulted`` counters are
+    fine). ``missing_keys`` / ``unexpected_keys`` read as torch's ``_IncompatibleKeys``,
+    ``incorrect_shapes`` as fvcore's ``(key, checkpoint shape, model shape)`` list.
+
+    Example:
+        >>> report = surgery.load_partial(model, "ckpt.pth")  # doctest: +SKIP
+        >>> report.assert_loaded(allow_missing=["fc.*"])  # doctest: +SKIP
+
+    ``tensors_*`` and ``params_*`` count parameters (tensors and elements, tied ones once);
+    buffers (BatchNorm statistics) are counted apart in ``buffers_*``. ``loaded`` lists
+    every model key that got a value, buffers included (every alias of a tied tensor). Every
+    other list names a tied tensor once, by the key that carries it; ``tied`` maps each other
+    key of a tied tensor to that key (``missing_keys`` lists them too, as torch does).
+    ``missing`` includes keys a meta model ``initialised`` from their module's init.
+    ``adapter`` lists the PEFT adapter weights (``lora_A``, ``lora_B``, ...) of a model wrapped
+    by ``peft.get_peft_model`` that a base checkpoint left as they were; they are not missing.
+    """
+
+    source: str = ""
+    model: str = ""
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[Mismatch] = field(default_factory=list)
+    adapted: list[Mismatch] = field(default_factory=list)
+    renamed: dict[str, str] = field(default_factory=dict)
+    cast: list[tuple[str, str, str]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    defaulted: list[str] = field(default_factory=list)
+    initialised: list[str] = field(default_factory=list)
+    adapter: list[str] = field(default_factory=list)
+    tied: dict[str, str] = field(default_factory=dict)
+    prefix: tuple[str, str] | None = None
+    notes: list[str] = field(default_factory=list)
+    tensors_loaded: int = 0
+    tensors_total: int = 0
+    params_loaded: int = 0
+    params_total: int = 0
+    buffers_loaded: int = 0
+    buffers_total: int = 0
+    dry_run: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True exactly when ``strict=True`` would not have raised: nothing missing,
+        unexpected or mismatched. Skipped keys, defaulted counters and PEFT adapter weights
+        are fine."""
+        return not self.missing and not self.unexpected and not self.mismatched
+
+    @property
+    def missing_keys(self) -> list[str]:
+        """Model keys the checkpoint had no tensor for (as torch's ``_IncompatibleKeys``:
+        every key of a tied tensor)."""
+        if not self.tied:
+            return self.missing
+        aliases: dict[str, list[str]] = {}
+        for k, carrier in self.tied.items():
+            aliases.setdefault(carrier, []).append(k)
+        return [a for k in self.missing for a in (k, *aliases.get(k, ()))]
+
+    @property
+    def unexpected_keys(self) -> list[str]:
+        """Checkpoint keys (after renaming) the model has no tensor for (as torch's)."""
+        return self.unexpected
+
+    @property
+    def incorrect_shapes(self) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
+        """``(key, checkpoint shape, model shape)`` of every mismatched key, as fvcore."""
+        return [(m.key, m.checkpoint_shape, m.model_shape) for m in self.mismatched]
+
+    def not_loaded(self) -> list[str]:
+        """Model keys that did not get a value: missing plus mismatched (not adapted)."""
+        return sorted({*self.missing, *(m.key for m in self.mismatched)})
+
+    def assert_loaded(self, allow_missing: Selector | Iterable[Selector] = ()) -> LoadReport:
+        """Raise ``LoadError`` if any model key outside ``allow_missing`` got no value.
+
+        ``allow_missing`` holds name patterns (``"fc.*"``, ``"fc"``, ``"re:..."``) resolved
+        like every selector in surgery. It lists keys that *may* go without a value, so a
+        pattern matching keys that did load is fine; one that matches no key of the model at
+        all is a typo and raises ``SelectorError`` with the closest names.
+
+        Example:
+            >>> report = surgery.load_partial(model, ckpt)  # doctest: +SKIP
+            >>> report.assert_loaded(allow_missing=["fc.*"])  # doctest: +SKIP
+        """
+        not_loaded = self.not_loaded()
+        known = [*self.loaded, *not_loaded, *self.skipped, *self.defaulted, *self.tied]
+        allowed = match_keys(
+            allow_missing or None, known, action="allow_missing", owner=self.model or "the model"
+        )
+        allowed |= {self.tied[k] for k in allowed if k in self.tied}  # a tied tensor's key
+        bad = [k for k in not_loaded if k not in allowed]
+        if bad:
+            raise LoadError(
+                f"{len(bad)} model tensor(s) of {self.model} got no value from {self.source}:\n"
+                + "\n".join(first_n_lines(bad, 20))
+                + "\nPass allow_missing=[...] with their names (globs like 'fc.*') if that is "
+                "intended."
+            )
+        return self
+
+    def why_not_ok(self) -> str:
+        """One line saying why ``ok`` is false, and the fix if it was intended (``""`` if ok).
+
+        Example:
+            >>> report.why_not_ok()  # doctest: +SKIP
+            "2 tensors not loaded: fc.weight, fc.bias (mismatched); pass skip='fc.*' if intended"
+        """
+        parts: list[str] = []
+        for keys, what in (
+            ([m.key for m in self.mismatched], "mismatched"),
+            (self.missing, "missing from the checkpoint"),
+        ):
+            if keys:
+                parts.append(
+                    f"{len(keys)} tensor{'s' * (len(keys) != 1)} not loaded: "
+                    f"{first_n(keys, 3)} ({what}); pass skip={_pattern(keys)} if intended"
+                )
+        if self.unexpected:
+            n = len(self.unexpected)
+            parts.append(
+                f"{n} unexpected checkpoint key{'s' * (n != 1)}: {first_n(self.unexpected, 3)}; "
+                f"drop with remap=[(r'{_regex(self.unexpected)}', None)] if intended"
+            )
+        return escape_control("; ".join(parts))  # one line, whatever the keys hold
+
+    def to_dict(self) -> dict:
+        """Everything in plain Python types (JSON-serialisable)."""
+        out = asdict(self)
+        out["mismatched"] = [m.to_dict() for m in self.mismatched]
+        out["adapted"] = [m.to_dict() for m in self.adapted]
+        out["cast"] = [list(c) for c in self.cast]
+        out["prefix"] = list(self.prefix) if self.prefix else None
+        out["ok"] = self.ok
+        return out
+
+    # ------------------------------------------------------------------ rendering
+
+    def summary(self) -> str:
+        """One line: ``loaded 60/62 parameter tensors (11,176,512/11,181,642 params), ...``."""
+        s = (
+            f"{'would load' if self.dry_run else 'loaded'} {self.tensors_loaded}/"
+            f"{self.tensors_total} parameter tensors ({self.params_loaded:,}/"
+            f"{self.params_total:,} params)"
+        )
+        if self.buffers_total:
+            s += f", buffers {self.buffers_loaded}/{self.buffers_total}"
+        if self.adapter:
+            s += f", {len(self.adapter)} PEFT adapter tensors kept"
+        return s
+
+    _header = ("status", "key", "detail")
+    _text_limit = _SHOW
+    _html_limit = 50
+
+    def _status_rows(self, limit: int | None) -> list[tuple[str, str, str]]:
+        """(status, key, detail) rows, at most ``limit`` keys per status."""
+        from ..keys.prefix import describe_prefix
+
+        rows: list[tuple[str, str, str]] = []
+        aliases: dict[str, list[str]] = {}  # a tied tensor's other keys, named in its row
+        for k, carrier in self.tied.items():
+            aliases.setdefault(carrier, []).append(k)
+
+        def add(status: str, items: list[tuple[str, str]]) -> None:
+            items = [
+                (k, f"{d} (tied: {', '.join(aliases[k])})" if k in aliases else d) for k, d in items
+            ]
+            rows.extend(status_rows(status, items, limit))
+
+        if self.prefix:
+            n = len(self.renamed)
+            rows.append(("prefix", "", f"{describe_prefix(self.prefix)} ({n} keys)"))
+        add("mismatched", [(m.key, f"{m.shapes()}, not loaded") for m in self.mismatched])
+        add("adapted", [(m.key, m.shapes("->")) for m in self.adapted])
+        add("missing", [(k, "not in checkpoint") for k in self.missing])
+        add("unexpected", [(k, "not in model") for k in self.unexpected])
+        add("skipped", [(k, "skipped as asked") for k in self.skipped])
+        add("initialised", [(k, "reset_parameters()") for k in self.initialised])
+        add("defaulted", [(k, "counter left at its default") for k in self.defaulted])
+        add("adapter", [(k, "PEFT adapter weight, left as it is") for k in self.adapter])
+        if self.cast:
+            kinds = sorted({f"{a} -> {b}" for _, a, b in self.cast})
+            rows.append(("cast", f"{len(self.cast)} tensors", ", ".join(kinds)))
+        if self.renamed:
+            # Renames the prefix rewrite explains are summarised in its row, not listed.
+            cp, mp = self.prefix or ("", "")
+            items = [
+                (new, f"from '{old}'")
+                for old, new in self.renamed.items()
+                if not (self.prefix and old.startswith(cp) and new == mp + old[len(cp) :])
+            ]
+            add("renamed", items)
+        return rows
+
+    def _caption(self) -> str:
+        return "\n".join(self._caption_lines())
+
+    def _caption_lines(self) -> list[str]:
+        return [f"LoadReport: {self.source} -> {self.model}", f"  {self.summary()}"]
+
+    def _html_caption(self) -> str:
+        return f"{self.source} -> {self.model}: {self.summary()}"
+
+    def __repr__(self) -> str:
+        why = "" if self.ok else f" ({self.why_not_ok()})"
+        return f"<LoadReport {self.summary()}; ok={self.ok}{why}>"
+
+    def _loaded_fraction(self) -> str:
+        """'99.9% of parameters loaded (11.2M of 11.2M)': rounded down, never '100' short."""
+        done = "would load" if self.dry_run else "loaded"
+        part, whole = self.params_loaded, self.params_total
+        pct = math.floor(1000 * part / whole) / 10 if whole else 0.0
+        return f"{pct:.1f}% of parameters {done} ({format_count(part)} of {format_count(whole)})"
+
+    def _repr_html_(self) -> str:
+        # The table (status cells coloured), the loaded fraction as a bar, the ok / not-ok line
+        # with its reason, then the notes.
+        table = super()._repr_html_()
+        cut = table.index("</table>") + len("</table>")
+        bar = html_bar(self.params_loaded, self.params_total, self._loaded_fraction())
+        return table[:cut] + bar + html_verdict(self.ok, self.why_not_ok()) + table[cut:]
+
+
+def _common_parent(keys: list[str]) -> str:
+    """The longest dotted module prefix every key shares (``""`` when none)."""
+    parts = [k.split(".")[:-1] for k in keys]
+    common: list[str] = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def _pattern(keys: list[str]) -> str:
+    """A ``skip=`` value naming ``keys``: ``'fc.*'`` for one module, else a short list."""
+    parent = _common_parent(keys)
+    if parent:
+        return repr(parent + ".*")
+    if len(keys) == 1:
+        return repr(keys[0])
+    return "[" + ", ".join(repr(k) for k in keys[:3]) + (", ...]" if len(keys) > 3 else "]")
+
+
+def _regex(keys: list[str]) -> str:
+    parent = _common_parent(keys)
+    if parent:
+        return "^" + re.escape(parent + ".")
+    return (
+        "^" + re.escape(keys[0]) + "$"
+        if len(keys) == 1
+        else "^(" + "|".join(re.escape(k) for k in keys[:3]) + ")$"
+    )
