@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ._table import first_n_lines, format_shape
 from ._text import escape_control
-from .errors import CheckpointError, OptimizerStateError, UsageError
+from .errors import Advice, CheckpointError, Fix, OptimizerStateError, UsageError
 from .sources import read_checkpoint
 from .sources.reading import load_training_state
 from .sources.unwrap import describe, find_entry, is_optimizer_state
@@ -212,9 +212,13 @@ def _short(v: Any) -> str:
 
 def _malformed(description: str, why: str) -> NoReturn:
     raise CheckpointError(
-        f"{description} is not an optimizer state torch or surgery wrote: {why}. The file is "
-        "corrupt or hostile; save the optimizer state again (optimizer.state_dict() or "
-        "surgery.optimizer_state()), or pass entry= if another entry holds it."
+        Advice(
+            f"{description} is not an optimizer state torch or surgery wrote: {why}. The file "
+            "is corrupt or hostile; save the optimizer state again (optimizer.state_dict() or "
+            "surgery.optimizer_state()), or pass ",
+            Fix("entry"),
+            " if another entry holds it.",
+        )
     )
 
 

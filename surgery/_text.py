@@ -10,6 +10,8 @@ as it is.
 
 from __future__ import annotations
 
+from .errors import Advice
+
 __all__ = ["escape_control"]
 
 
@@ -38,4 +40,6 @@ def escape_control(text: str, *, keep: str = "") -> str:
     """
     if text.isprintable():  # the common case, in C
         return text
+    if isinstance(text, Advice):  # escape its text, keep its fixes as data
+        return text.map_text(lambda part: escape_control(part, keep=keep))
     return "".join(ch if ch.isprintable() or ch in keep else _escape(ch) for ch in text)

@@ -37,7 +37,15 @@ from torch import nn
 from . import meta
 from ._table import format_count, format_shape
 from ._text import escape_control
-from .errors import CheckpointError, SurgeryError, UnsafeCheckpointError, UsageError
+from .errors import (
+    UNSET,
+    CheckpointError,
+    Fix,
+    SurgeryError,
+    UnsafeCheckpointError,
+    UsageError,
+    render,
+)
 from .load import load_partial
 from .meta import empty_init
 from .sources import CheckpointSource, open_source
@@ -239,7 +247,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         f"tensors:    {info['tensors']}, {format_count(info['elements'])} elements, "
         f"{info['bytes'] / 2**20:.1f} MiB",
         "dtypes:     " + ", ".join(f"{d} ({n})" for d, n in info["dtypes"].items()),
-        *(f"note:       {_cli_words(n)}" for n in info["notes"]),
+        *(f"note:       {render(n, _flag)}" for n in info["notes"]),
         "keys:",
         *tree,
     ]
@@ -375,32 +383,28 @@ def _raw(text: str | None) -> str:
 # --------------------------------------------------------------------------- advice
 
 
-# The library's advice names Python arguments; on the command line these are options.
-_CLI_WORDS: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"trust_pickle=True"), "--trust-pickle"),
-    (
-        re.compile(r"allow_globals=\[\.\.\.\] naming (them|it)"),
-        "--allow-global MODULE.NAME for each",
-    ),
-    (re.compile(r"\bkey=(('[^']*'|\"[^\"]*\"))"), r"--key \1"),
-    (re.compile(r"\bkey= "), "--key "),
-    (re.compile(r"\bentry=(('[^']*'|\"[^\"]*\"))"), r"--key \1"),
-    (re.compile(r"\bentry= "), "--key "),
-    (re.compile(r"\bprefix=None\b"), "--no-prefix"),
-    (re.compile(r" \(or prefix=\"auto\"\)"), ""),
-    (re.compile(r"\bskip=\[\.\.\.\]"), "--skip GLOB"),
-    (re.compile(r"\bskip=('[^']*')"), r"--skip \1"),
-    (
-        re.compile(r"""remap=\[\(r(['"])(.*?)\1, (['"])(.*?)\3\)\]"""),
-        r"--remap '\2=\4'",
-    ),
-]
-
-
-def _cli_words(message: str) -> str:
-    for pattern, repl in _CLI_WORDS:
-        message = pattern.sub(repl, message)
-    return message
+def _flag(fix: Fix) -> str:
+    """A fix the library words as a Python argument (``entry='ema'``), as this command's flag
+    (``--key 'ema'``); a fix no flag can give is shown as the library words it."""
+    option, value = fix.option, fix.value
+    if option in ("entry", "key"):
+        return "--key" if value is UNSET else f"--key {value!r}"
+    if option == "skip":
+        if value is UNSET:
+            return "--skip GLOB"
+        keys = [value] if isinstance(value, str) else list(value)
+        return " ".join(f"--skip {k!r}" for k in keys)
+    if option == "remap" and value is UNSET:
+        return "--remap"
+    if option == "remap" and all(repl is not None for _, repl in value):
+        return " ".join(f"--remap '{pattern}={repl}'" for pattern, repl in value)
+    if option == "prefix":
+        return "--no-prefix" if value is None else ""  # "auto" is the default here
+    if option == "trust_pickle":
+        return "--trust-pickle"
+    if option == "allow_globals":
+        return "--allow-global MODULE.NAME for each"
+    return str(fix)
 
 
 def _pickle_advice(names: list[str], *, refused: bool) -> str:
@@ -426,7 +430,7 @@ def _pickle_advice(names: list[str], *, refused: bool) -> str:
 
 
 def _message(e: SurgeryError, args: argparse.Namespace) -> str:
-    message = _cli_words(str(e))
+    message = e.render(_flag)
     names = getattr(e, "globals", None)
     if not isinstance(e, CheckpointError) or not names:
         return message

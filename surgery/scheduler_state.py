@@ -25,7 +25,7 @@ import torch
 from torch.optim import lr_scheduler as sched
 
 from ._text import escape_control
-from .errors import CheckpointError, SurgeryError, UsageError
+from .errors import Advice, CheckpointError, Fix, SurgeryError, UsageError
 from .sources.reading import load_training_state
 from .sources.unwrap import find_entry
 
@@ -164,9 +164,12 @@ def _step(value: Any, description: str) -> int:
     if not 0 <= step <= _MAX_STEP:
         shown = escape_control(repr(value))
         raise CheckpointError(
-            f"{description}: last_epoch is {shown[:60]}, not a step count (a whole number "
-            f"from 0 to 2**53); the scheduler state is corrupt or hostile. Pass entry= if "
-            "another entry holds it, or save the scheduler's state_dict() again."
+            Advice(
+                f"{description}: last_epoch is {shown[:60]}, not a step count (a whole number "
+                "from 0 to 2**53); the scheduler state is corrupt or hostile. Pass ",
+                Fix("entry"),
+                " if another entry holds it, or save the scheduler's state_dict() again.",
+            )
         )
     return step
 

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 
 from .._text import escape_control
-from ..errors import PrefixTieError
+from ..errors import Advice, Fix, PrefixTieError
 from .remap import collision
 
 _MAX_DEPTH = 3  # leading components considered for a prefix
@@ -125,20 +125,30 @@ def best_rewrites(
     return base, distinct
 
 
-def _rewrite_arg(rewrite: tuple[str, str]) -> str:
+def rewrite_fix(rewrite: tuple[str, str]) -> Fix:
+    """The ``remap=`` that performs a ``(strip, add)`` prefix rewrite."""
     cp, mp = rewrite
-    return f'remap=[(r"^{re.escape(cp)}", "{mp}")]'
+    pattern = "^" + re.escape(cp)
+    return Fix("remap", [(pattern, mp)], shown=f'remap=[(r"{pattern}", "{mp}")]')
 
 
 def tie_error(best: list[tuple[int, tuple[str, str]]]) -> PrefixTieError:
-    lines = "\n".join(
-        f"    {describe_prefix(rw)} ({score} keys match): {_rewrite_arg(rw)}" for score, rw in best
-    )
+    lines: list[str | Fix] = []
+    for score, rw in best:
+        lines += ["\n" if lines else "", f"    {describe_prefix(rw)} ({score} keys match): "]
+        lines.append(rewrite_fix(rw))
     return PrefixTieError(
-        f"{len(best)} prefix rewrites match the model equally well, so the checkpoint holds "
-        f"several models (an EMA or teacher copy, a momentum encoder) and the order of its keys "
-        f"would decide which one loads:\n{lines}\nPass the remap= that picks the one you "
-        "want, or prefix=None to load the names as they are."
+        Advice(
+            f"{len(best)} prefix rewrites match the model equally well, so the checkpoint "
+            "holds several models (an EMA or teacher copy, a momentum encoder) and the order "
+            "of its keys would decide which one loads:\n",
+            *lines,
+            "\nPass the ",
+            Fix("remap", shown="remap="),
+            " that picks the one you want, or ",
+            Fix("prefix", None),
+            " to load the names as they are.",
+        )
     )
 
 
@@ -164,8 +174,9 @@ def describe_prefix(rewrite: tuple[str, str]) -> str:
     return f"added prefix '{mp}'"
 
 
-def prefix_hint(ckpt_keys: Sequence[str], model_keys: set[str]) -> str:
-    """A sentence suggesting the remap that would make the key sets line up."""
+def prefix_hint(ckpt_keys: Sequence[str], model_keys: set[str], *, or_auto: bool = True) -> str:
+    """A sentence suggesting the remap that would make the key sets line up (``or_auto``: and
+    saying ``prefix="auto"`` would find it too)."""
     best = best_rewrites(ckpt_keys, model_keys)[1]
     rewrite = best[0][1] if best else None
     present = set(ckpt_keys)
@@ -185,6 +196,7 @@ def prefix_hint(ckpt_keys: Sequence[str], model_keys: set[str]) -> str:
     )
     if rewrite is None:
         return looks
-    cp, mp = rewrite
-    hint = f'Try remap=[(r"^{re.escape(cp)}", "{mp}")] (or prefix="auto").'
-    return looks + " " + escape_control(hint)
+    fix = rewrite_fix(rewrite)
+    fix = Fix(fix.option, fix.value, shown=escape_control(str(fix)))
+    auto = (Fix("prefix", "auto", shown=' (or prefix="auto")'),) if or_auto else ()
+    return Advice(looks, " Try ", fix, *auto, ".")

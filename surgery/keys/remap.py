@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from ..errors import KeyCollisionError, UsageError
+from ..errors import Advice, Fix, KeyCollisionError, UsageError
 
 Remap = Mapping[str, str] | Sequence[tuple[str, str | None]] | Callable[[str], str | None]
 
@@ -41,8 +41,14 @@ def apply_remap(
             for rule in remap:
                 if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
                     raise UsageError(
-                        f"remap rule {rule!r} is not a (regex, replacement) pair; pass e.g. "
-                        "remap=[(r'^backbone\\.', '')]"
+                        Advice(
+                            f"remap rule {rule!r} is not a (regex, replacement) pair; pass e.g. ",
+                            Fix(
+                                "remap",
+                                [("^backbone\\.", "")],
+                                shown="remap=[(r'^backbone\\.', '')]",
+                            ),
+                        )
                     )
                 rules.append((rule[0], rule[1]))
         else:
@@ -96,10 +102,13 @@ def apply_remap(
 
 
 def collision(a: str, b: str, new: str, how: str) -> KeyCollisionError:
+    drop = "^" + re.escape(b) + "$"
     return KeyCollisionError(
-        f"checkpoint keys '{a}' and '{b}' both map to model key '{new}' after {how}. "
-        "Only one can load: drop one with remap (e.g. remap=[(r'^"
-        + re.escape(b)
-        + "$', None)])"
-        + (" or pass prefix=None" if how == "prefix rewrite" else "")
+        Advice(
+            f"checkpoint keys '{a}' and '{b}' both map to model key '{new}' after {how}. "
+            "Only one can load: drop one with remap (e.g. ",
+            Fix("remap", [(drop, None)], shown=f"remap=[(r'{drop}', None)]"),
+            ")",
+            *((" or pass ", Fix("prefix", None)) if how == "prefix rewrite" else ()),
+        )
     )

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..errors import KeyCollisionError
+from ..errors import Advice, Fix, KeyCollisionError
 
 __all__ = ["alias", "conflict_error", "has_ties", "resolve"]
 
@@ -142,13 +142,15 @@ def conflict_error(
     more = f"\n    ... and {len(conflicts) - 12} more" if len(conflicts) > 12 else ""
     keep, other = conflicts[0][0], conflicts[0][1]
     return KeyCollisionError(
-        f"{source} holds different tensors for {len(conflicts)} tied parameter(s) of {model} "
-        "(one tensor under several model keys); the order of its keys would decide which one "
-        "the model holds:\n"
-        + "\n".join(lines)
-        + more
-        + f"\nNothing was loaded. Pick the one to keep: skip='{other.model_key}' loads "
-        f"'{keep.ckpt_key}' into both, skip='{keep.model_key}' loads '{other.ckpt_key}' (if "
-        "they hold the same values, either does). To load both, untie the model first (e.g. "
-        "tie_word_embeddings=False)."
+        Advice(
+            f"{source} holds different tensors for {len(conflicts)} tied parameter(s) of "
+            f"{model} (one tensor under several model keys); the order of its keys would "
+            "decide which one the model holds:\n" + "\n".join(lines) + more,
+            "\nNothing was loaded. Pick the one to keep: ",
+            Fix("skip", other.model_key),
+            f" loads '{keep.ckpt_key}' into both, ",
+            Fix("skip", keep.model_key),
+            f" loads '{other.ckpt_key}' (if they hold the same values, either does). To load "
+            "both, untie the model first (e.g. tie_word_embeddings=False).",
+        )
     )

@@ -65,7 +65,7 @@ from .._args import require_module
 from .._names import closest
 from .._table import first_n, first_n_lines, format_shape, text_table
 from .._text import escape_control
-from ..errors import KeyCollisionError, LoadError, UsageError
+from ..errors import Advice, Fix, KeyCollisionError, LoadError, UsageError
 from ..keys import peft as _peft
 from ..keys import ties as _ties
 from ..keys.prefix import apply_prefix, detect_prefix, prefix_hint
@@ -889,16 +889,17 @@ def copy_problems(plan: LoadPlan, source: CheckpointSource) -> list[tuple[str, s
     return out
 
 
-def copy_failure(problems: list[tuple[str, str]], description: str) -> str:
+def copy_failure(problems: list[tuple[str, str]], description: str) -> Advice:
     """The message refusing a plan whose copies cannot all happen."""
     lines = [f"    '{k}': {why}" for k, why in problems[:_LIST]]
     more = f"\n    ... and {len(problems) - _LIST} more" if len(problems) > _LIST else ""
-    keys = ", ".join(repr(k) for k, _ in problems[:3])
-    return (
+    keys = [k for k, _ in problems[:3]]
+    return Advice(
         f"{description} holds {len(problems)} tensor(s) the plan would load that cannot be "
         "copied into the model:\n" + "\n".join(lines) + more + "\nNothing was loaded. "
-        f"Leave them out (skip=[{keys}]) or convert them in the file first (e.g. "
-        "dequantize() or to_dense())."
+        "Leave them out (",
+        Fix("skip", keys),
+        ") or convert them in the file first (e.g. dequantize() or to_dense()).",
     )
 
 
@@ -1014,10 +1015,15 @@ def validate(
     if mismatched and plan.on_mismatch == "error":
         items = [_mismatch(e) for e in mismatched]
         raise LoadError(
-            f"size mismatch loading {plan.source} into {checked.model} ({len(items)} keys):\n"
-            + "\n".join(first_n_lines(items, _LIST))
-            + "\nNothing was loaded. Pass on_mismatch='skip' to load the rest, skip=[...] for "
-            "a replaced head, or an adapter callable."
+            Advice(
+                f"size mismatch loading {plan.source} into {checked.model} ({len(items)} keys):\n"
+                + "\n".join(first_n_lines(items, _LIST))
+                + "\nNothing was loaded. Pass ",
+                Fix("on_mismatch", "skip"),
+                " to load the rest, ",
+                Fix("skip"),
+                " for a replaced head, or an adapter callable.",
+            )
         )
     if plan.strict:
         message = strict_failure(checked, state)
@@ -1195,14 +1201,22 @@ def strict_failure(
         if items:
             parts.append(f"  {title}:")
             parts += first_n_lines(items, _LIST)
-    hint = prefix_hint(_mapped_names(plan), set(state)) if missing else ""
-    if hint:
-        parts.append(hint if not plan.auto_prefix else hint.replace(' (or prefix="auto")', ""))
-    parts.append(
-        "Nothing was loaded. Use strict=False to load what fits, or skip=[...] for the keys "
-        "you mean to leave out (e.g. skip='fc.*' for a replaced head)."
+    hint = (
+        prefix_hint(_mapped_names(plan), set(state), or_auto=not plan.auto_prefix)
+        if missing
+        else ""
     )
-    return "\n".join(p for p in parts if p)
+    return Advice(
+        "\n".join(p for p in parts if p),
+        *(("\n", hint) if hint else ()),
+        "\nNothing was loaded. Use ",
+        Fix("strict", False),
+        " to load what fits, or ",
+        Fix("skip"),
+        " for the keys you mean to leave out (e.g. ",
+        Fix("skip", "fc.*"),
+        " for a replaced head).",
+    )
 
 
 def meta_to_initialise(model: nn.Module, written: set[int]) -> tuple[list[nn.Module], list[str]]:

@@ -37,7 +37,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from .. import meta
 from .._text import escape_control
-from ..errors import CheckpointError, LoadError
+from ..errors import Advice, CheckpointError, Fix, LoadError
 from ..sources import CheckpointSource
 
 _LIST = 12
@@ -224,10 +224,13 @@ def rehearse(unit: Unit, fed: dict[str, str], source: CheckpointSource) -> Rehea
         private = copy.deepcopy(unit.module)
     except Exception as ex:
         raise LoadError(
-            f"{unit.describe()} loads itself, and surgery could not make a private copy of it "
-            f"to check that loading before writing (copy.deepcopy raised {type(ex).__name__}: "
-            f"{ex}). Nothing was loaded. Leave it out with skip='{unit.name}' and load it with "
-            "its own load_state_dict."
+            Advice(
+                f"{unit.describe()} loads itself, and surgery could not make a private copy of "
+                f"it to check that loading before writing (copy.deepcopy raised "
+                f"{type(ex).__name__}: {ex}). Nothing was loaded. Leave it out with ",
+                Fix("skip", unit.name),
+                " and load it with its own load_state_dict.",
+            )
         ) from ex
     pending = [t for t in _tensors(private) if t.is_meta]
     if pending:  # real memory, so that the module's copies (and its reads) do something
@@ -288,10 +291,14 @@ def rehearse(unit: Unit, fed: dict[str, str], source: CheckpointSource) -> Rehea
 
 def _raised(unit: Unit, ex: BaseException) -> LoadError:
     return LoadError(
-        f"{unit.describe()} loads itself, and its loading raised {type(ex).__name__}: {ex}. "
-        "Nothing was loaded. Check that the checkpoint was saved from this kind of module "
-        "(torch.save(model.state_dict()) keeps the module versions it needs), or leave it "
-        f"out with skip='{unit.name}'."
+        Advice(
+            f"{unit.describe()} loads itself, and its loading raised {type(ex).__name__}: "
+            f"{ex}. Nothing was loaded. Check that the checkpoint was saved from this kind of "
+            "module (torch.save(model.state_dict()) keeps the module versions it needs), or "
+            "leave it out with ",
+            Fix("skip", unit.name),
+            ".",
+        )
     )
 
 
@@ -319,10 +326,13 @@ def refuse(unit: Unit, errors: list[str], when: str) -> LoadError:
     if len(errors) > _LIST:
         lines.append(f"    ... and {len(errors) - _LIST} more")
     return LoadError(
-        f"{unit.describe()} loads itself, and {when} it reported {len(errors)} error(s):\n"
-        + "\n".join(lines)
-        + f"\nNothing was loaded. Leave it out with skip='{unit.name}', or plan again with "
-        "surgery.plan_load() if the checkpoint changed."
+        Advice(
+            f"{unit.describe()} loads itself, and {when} it reported {len(errors)} error(s):\n"
+            + "\n".join(lines)
+            + "\nNothing was loaded. Leave it out with ",
+            Fix("skip", unit.name),
+            ", or plan again with surgery.plan_load() if the checkpoint changed.",
+        )
     )
 
 
@@ -406,10 +416,13 @@ def plan_units(
             rest[name] = ckey
     if misplaced:  # as load_state_dict refuses them: "expected torch.Tensor ... but received"
         raise CheckpointError(
-            f"{source.description} holds values that are not tensors where the model "
-            f"has tensors: {', '.join(misplaced[:_LIST])}. The file is not a state dict for this "
-            "model, or it is corrupt; leave them out with skip=[...] if that is intended. "
-            "Nothing was loaded."
+            Advice(
+                f"{source.description} holds values that are not tensors where the model has "
+                f"tensors: {', '.join(misplaced[:_LIST])}. The file is not a state dict for "
+                "this model, or it is corrupt; leave them out with ",
+                Fix("skip"),
+                " if that is intended. Nothing was loaded.",
+            )
         )
     keys_by: dict[str, list[str]] = {u.prefix: [] for u in index.units}
     for k in state:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import CheckpointError, SurgeryError
+from ..errors import Advice, CheckpointError, Fix, SurgeryError
 from .base import CheckpointSource
 from .dcp_files import Chunk, DataFiles, checked_reader, chunk_of
 from .dcp_metadata import read_dcp_metadata
@@ -99,8 +99,12 @@ class DCPSource(CheckpointSource):
             if not self.specs:
                 tops = sorted({k.split(".", 1)[0] for k in tensors})
                 raise CheckpointError(
-                    f"DCP checkpoint '{path}' has no tensors under {lead[:-1]!r}; its top-level "
-                    f"entries are: {', '.join(tops)}. Pass entry= with one of them."
+                    Advice(
+                        f"DCP checkpoint '{path}' has no tensors under {lead[:-1]!r}; its "
+                        f"top-level entries are: {', '.join(tops)}. Pass ",
+                        Fix("entry"),
+                        " with one of them.",
+                    )
                 )
             self.container = container
             self.description += "".join(f"[{p!r}]" for p in container)

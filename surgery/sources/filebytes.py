@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .._sysmem import available_memory, format_bytes
-from ..errors import CheckpointError
+from ..errors import Advice, CheckpointError, Fix
 
 __all__ = ["OffsetReader", "file_kind"]
 
@@ -42,11 +42,14 @@ class OffsetReader:
             free = available_memory()
             if free is not None and need > free:
                 raise CheckpointError(
-                    f"'{self.description}' holds a tensor of {format_bytes(need)} (shape "
-                    f"{tuple(shape)}) at byte {offset}, more than the {format_bytes(free)} of "
-                    "memory available; nothing was allocated. Skip it (skip=[...]) or read the "
-                    "file on a machine with more memory; a file claiming more than it can hold "
-                    "is corrupt or hostile."
+                    Advice(
+                        f"'{self.description}' holds a tensor of {format_bytes(need)} (shape "
+                        f"{tuple(shape)}) at byte {offset}, more than the {format_bytes(free)} "
+                        "of memory available; nothing was allocated. Skip it (",
+                        Fix("skip"),
+                        ") or read the file on a machine with more memory; a file claiming more "
+                        "than it can hold is corrupt or hostile.",
+                    )
                 )
         out = torch.empty(shape, dtype=dtype)
         if out.numel():

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..errors import CheckpointError, UsageError
+from ..errors import Advice, CheckpointError, Fix, UsageError
 from .base import CheckpointLike, CheckpointSource
 from .dcp import DCPSource, is_dcp_dir
 from .filebytes import file_kind
@@ -133,7 +133,7 @@ def open_file(
     if name.endswith(".index.json"):
         if entry is not None:
             raise CheckpointError(
-                f"entry={entry!r} does not apply to the sharded checkpoint '{path}'"
+                Advice(Fix("entry", entry), f" does not apply to the sharded checkpoint '{path}'")
             )
         return ShardedSource(
             path,
@@ -144,8 +144,10 @@ def open_file(
     if name.endswith(".safetensors") or (not name.endswith(SUFFIXES) and _sniff_safetensors(path)):
         if entry is not None:
             raise CheckpointError(
-                f"entry={entry!r} does not apply to '{path}': a safetensors file is a flat "
-                "tensor dict"
+                Advice(
+                    Fix("entry", entry),
+                    f" does not apply to '{path}': a safetensors file is a flat tensor dict",
+                )
             )
         return SafetensorsSource(path)
     return TorchFileSource(

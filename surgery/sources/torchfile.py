@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import CheckpointError, UsageError
+from ..errors import Advice, CheckpointError, Fix, UsageError
 from .filebytes import OffsetReader
 from .memory import MemorySource
 from .pickle_safety import trusted_load
 from .torchformat import TorchObject, read_torch, sniff
 from .torchglobals import ndarrays_to_tensors
-from .unpickler import allowed_from, refused_in, unsafe_error
+from .unpickler import ALLOW_GLOBALS, allowed_from, refused_in, unsafe_error
 from .unwrap import Unwrapped, unwrap
 
 __all__ = ["SUFFIXES", "TorchFileSource", "load_object"]
@@ -141,9 +141,12 @@ def check_format(path: Path, trust_pickle: bool = False) -> str:
     kind = sniff(head)
     if kind == "tar" and not trust_pickle:
         raise CheckpointError(
-            f"'{path}' is a torch checkpoint in the legacy tar format (torch < 0.4), which "
-            "safe loading cannot read. If you trust the file, pass trust_pickle=True "
-            "(it is unpickled without limits), then re-save it with torch.save."
+            Advice(
+                f"'{path}' is a torch checkpoint in the legacy tar format (torch < 0.4), which "
+                "safe loading cannot read. If you trust the file, pass ",
+                Fix("trust_pickle", True),
+                " (it is unpickled without limits), then re-save it with torch.save.",
+            )
         )
     if kind is None:
         raise CheckpointError(f"'{path}' is not a torch checkpoint: {_what_it_is(head[:64])}")
@@ -194,9 +197,13 @@ def _skipped(loaded: TorchObject, path: Path, container: list[str]) -> list[str]
             break
         node, prefix = node[part], f"{prefix}{part}."
     return [
-        f"{path.name}: not read: {', '.join(repr(e) for e in entries) or 'some entries'} "
-        f"(pickled {', '.join(loaded.refused)}; not needed for the weights). To read them "
-        "too, pass allow_globals=[...] naming them."
+        Advice(
+            f"{path.name}: not read: {', '.join(repr(e) for e in entries) or 'some entries'} "
+            f"(pickled {', '.join(loaded.refused)}; not needed for the weights). To read them "
+            "too, pass ",
+            ALLOW_GLOBALS,
+            ".",
+        )
     ]
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import CheckpointError, UnsafeCheckpointError
+from ..errors import Advice, CheckpointError, Fix, UnsafeCheckpointError
 from .torchglobals import Storage, StorageType, allowed_globals, builders, ndarrays_to_tensors
 from .unpickler import Refused, restricted_loads
 
@@ -283,11 +283,14 @@ def is_torchscript(names: list[str]) -> bool:
 
 def torchscript_error(where: str) -> UnsafeCheckpointError:
     return UnsafeCheckpointError(
-        f"'{where}' is a TorchScript archive (saved with torch.jit.save): a compiled module with "
-        "its code, not a plain state dict. Loading it runs that module's TorchScript code, so "
-        "safe loading refuses it. If you trust this file, pass trust_pickle=True (it is then "
-        "read with torch.jit.load), or take the weights yourself with "
-        "torch.jit.load(path).state_dict()."
+        Advice(
+            f"'{where}' is a TorchScript archive (saved with torch.jit.save): a compiled module "
+            "with its code, not a plain state dict. Loading it runs that module's TorchScript "
+            "code, so safe loading refuses it. If you trust this file, pass ",
+            Fix("trust_pickle", True),
+            " (it is then read with torch.jit.load), or take the weights yourself with "
+            "torch.jit.load(path).state_dict().",
+        )
     )
 
 
@@ -548,8 +551,11 @@ def _legacy_view(file: _File, root: Storage, view: Any, views: dict[str, Storage
 def _read_raw(file: _File, names: Mapping[str, Any]) -> TorchObject:
     if file.size > MAX_RAW_PICKLE:
         raise CheckpointError(
-            f"'{file.where}' is a raw pickle of {file.size} bytes, more than surgery reads "
-            f"into memory ({MAX_RAW_PICKLE}); if you trust it, pass trust_pickle=True"
+            Advice(
+                f"'{file.where}' is a raw pickle of {file.size} bytes, more than surgery reads "
+                f"into memory ({MAX_RAW_PICKLE}); if you trust it, pass ",
+                Fix("trust_pickle", True),
+            )
         )
     got = _unpickle(file.read(0, file.size), file.where, names, None, "latin1")
     return TorchObject(ndarrays_to_tensors(got.value), got.refused, "pickle")

@@ -41,7 +41,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..errors import CheckpointError, UnsafeCheckpointError, UsageError
+from ..errors import Advice, CheckpointError, Fix, UnsafeCheckpointError, UsageError
+
+# The fix for refused classes, as the messages word it.
+ALLOW_GLOBALS = Fix("allow_globals", shown="allow_globals=[...] naming them")
 
 __all__ = [
     "PLAIN_GLOBALS",
@@ -443,7 +446,11 @@ def restricted_loads(
         raise unsafe_error(where, scanned or unpickler.refused, what=what) from None
     except Forbidden as e:
         raise UnsafeCheckpointError(
-            f"{what} '{where}' {e}. Only if you trust the whole file, pass trust_pickle=True."
+            Advice(
+                f"{what} '{where}' {e}. Only if you trust the whole file, pass ",
+                Fix("trust_pickle", True),
+                ".",
+            )
         ) from None
     except (CheckpointError, UsageError):
         raise
@@ -467,11 +474,16 @@ def unsafe_error(where: str, names: Iterable[str], *, what: str = "checkpoint") 
     names = list(dict.fromkeys(names))
     listed = ", ".join(names) or "an unknown global"
     err = UnsafeCheckpointError(
-        f"{what} '{where}' contains pickled Python objects ({listed}) that safe loading "
-        "refuses: unpickling them can run arbitrary code. If they are plain data you trust, "
-        "pass allow_globals=[...] naming them; better, re-save the weights as a plain state "
-        "dict (torch.save(model.state_dict(), path)) or as safetensors. Only if you trust the "
-        "whole file, pass trust_pickle=True."
+        Advice(
+            f"{what} '{where}' contains pickled Python objects ({listed}) that safe loading "
+            "refuses: unpickling them can run arbitrary code. If they are plain data you "
+            "trust, pass ",
+            ALLOW_GLOBALS,
+            "; better, re-save the weights as a plain state dict (torch.save(model."
+            "state_dict(), path)) or as safetensors. Only if you trust the whole file, pass ",
+            Fix("trust_pickle", True),
+            ".",
+        )
     )
     err.globals = names
     return err

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .._table import first_n
 from .._text import escape_control
-from ..errors import CheckpointError
+from ..errors import Advice, CheckpointError, Fix
 
 __all__ = [
     "CONTAINER_KEYS",
@@ -109,7 +109,7 @@ def pick_entry(obj: Any, entry: str, where: str) -> tuple[Any, list[str]]:
     """
     if not isinstance(obj, (Mapping, list, tuple)):
         raise CheckpointError(
-            f"entry={entry!r} given, but {where} holds a {describe(obj)}, not a dict"
+            Advice(Fix("entry", entry), f" given, but {where} holds a {describe(obj)}, not a dict")
         )
     found = _walk(obj, entry)
     if found is None:
@@ -171,15 +171,22 @@ def find_entry(
     else:
         listing = _listing(obj) if isinstance(obj, Mapping) else f"a {describe(obj)}"
         raise CheckpointError(
-            f"found no {what} state in {where} (looked for {', '.join(names)}); its entries "
-            f"are: {listing}. Pass entry= to name the one that holds it."
+            Advice(
+                f"found no {what} state in {where} (looked for {', '.join(names)}); its "
+                f"entries are: {listing}. Pass ",
+                Fix("entry"),
+                " to name the one that holds it.",
+            )
         )
     suffix = "".join(f"[{p!r}]" for p in path)
     if isinstance(found, (list, tuple)):  # Lightning keeps a list, one per optimizer
         if len(found) != 1:
             raise CheckpointError(
-                f"{where}{suffix} holds {len(found)} {what} states; pick one with "
-                f"entry='{'.'.join(path)}.0' (or .1, ...)"
+                Advice(
+                    f"{where}{suffix} holds {len(found)} {what} states; pick one with ",
+                    Fix("entry", ".".join(path) + ".0"),
+                    " (or .1, ...)",
+                )
             )
         found, path, suffix = found[0], [*path, "0"], suffix + "['0']"
     if not is_it(found):
@@ -218,9 +225,13 @@ def find_state_dict(obj: Any, where: str, *, explicit: bool) -> tuple[Mapping, l
         if others:  # 'model' and 'state_dict' both holding weights: no order decides
             listing = ", ".join(f"'{k}' ({_n_tensors(candidates[k][0])} tensors)" for k in named)
             raise CheckpointError(
-                f"{where} holds several model state dicts: {listing}, each under a name "
-                f"training scripts use for the weights. Pass entry= to choose one, e.g. "
-                f"entry={named[0]!r}"
+                Advice(
+                    f"{where} holds several model state dicts: {listing}, each under a name "
+                    "training scripts use for the weights. Pass ",
+                    Fix("entry"),
+                    " to choose one, e.g. ",
+                    Fix("entry", named[0]),
+                )
             )
         return first
     if not candidates:  # no clear state dict: the one dict of tensors beside plain values
@@ -230,21 +241,36 @@ def find_state_dict(obj: Any, where: str, *, explicit: bool) -> tuple[Mapping, l
     if len(candidates) > 1:
         listing = ", ".join(f"'{k}' ({_n_tensors(v[0])} tensors)" for k, v in candidates.items())
         raise CheckpointError(
-            f"{where} holds several tensor dicts: {listing}. None is the obvious model state; "
-            f"pass entry= to choose one, e.g. entry={next(iter(candidates))!r}"
+            Advice(
+                f"{where} holds several tensor dicts: {listing}. None is the obvious model "
+                "state; pass ",
+                Fix("entry"),
+                " to choose one, e.g. ",
+                Fix("entry", next(iter(candidates))),
+            )
         )
     bad = [(k, v) for k, v in obj.items() if not isinstance(v, Tensor)]
     if len(bad) < len(obj):
         listing = first_n([f"'{k}' ({describe(v)})" for k, v in bad], 10)
         raise CheckpointError(
-            f"{where} mixes tensors with dicts and other values: {listing}, and none of its "
-            "entries is a state dict. Pass entry= to pick the entry that holds the weights"
+            Advice(
+                f"{where} mixes tensors with dicts and other values: {listing}, and none of "
+                "its entries is a state dict. Pass ",
+                Fix("entry"),
+                " to pick the entry that holds the weights",
+            )
         )
     if any(is_optimizer_state(v) for v in obj.values()):
         hint = f" It holds optimizer state but no model weights. {_OPTIMIZER_HINT}"
     else:
-        hint = "" if explicit else " Pass entry= to pick the entry that holds the weights."
-    raise CheckpointError(f"found no tensors in {where}; its entries are: {_listing(obj)}.{hint}")
+        hint = (
+            ""
+            if explicit
+            else Advice(" Pass ", Fix("entry"), " to pick the entry that holds the weights.")
+        )
+    raise CheckpointError(
+        Advice(f"found no tensors in {where}; its entries are: {_listing(obj)}.", hint)
+    )
 
 
 def is_optimizer_state(obj: Any) -> bool:
