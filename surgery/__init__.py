@@ -34,10 +34,9 @@ from .freeze import (
     unfreeze,
 )
 from .heads import Chain, HeadRows, chain, head_rows
-from .loading.apply import apply_plan
-from .loading.load import load_partial
-from .loading.plan import LoadPlan, PlanEntry, plan_load
-from .loading.report import LoadReport, Mismatch
+from .loading.entries import Mismatch, PlanEntry
+from .loading.pipeline import LoadPlan, apply_plan, load_partial, plan_load
+from .loading.report import LoadReport
 from .matching import Layout, Match, MatchedKey, match, verify
 from .meta import empty_init
 from .optim import GroupTable, add_param_groups, describe_groups, param_groups

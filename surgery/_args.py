@@ -13,7 +13,7 @@ from torch import nn
 
 from .errors import UsageError
 
-__all__ = ["require_module", "require_optimizer"]
+__all__ = ["model_class_name", "require_module", "require_optimizer"]
 
 
 def require_module(value: Any, fn: str, arg: str = "model") -> None:
@@ -39,3 +39,19 @@ def _got(value: Any) -> str:
     shown = repr(value)
     name = type(value).__name__
     return f"{name} ({shown})" if len(shown) <= 40 else name
+
+
+def model_class_name(model: nn.Module) -> str:
+    """The model's class name, not the ``FSDP<Name>`` class ``fully_shard`` swaps in.
+
+    Example:
+        >>> model_class_name(torch.nn.Linear(2, 2))
+        'Linear'
+    """
+    cls = type(model)
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
+
+        if issubclass(cls, FSDPModule):
+            cls = next((c for c in cls.__mro__[1:] if not issubclass(c, FSDPModule)), cls)
+    return cls.__name__

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .loading.apply import apply_plan
+from .loading.pipeline import apply_plan
 
 __all__ = ["apply_plan"]

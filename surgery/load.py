@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .loading.load import load_partial
+from .loading.pipeline import load_partial
 
 __all__ = ["load_partial"]

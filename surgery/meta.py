@@ -6,7 +6,9 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import nn
+
+from ._tensors import holders, replace
 
 __all__ = ["empty_init"]
 
@@ -45,32 +47,6 @@ def empty_init(*, include_buffers: bool = False) -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
-
-
-def holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
-    """id(tensor) -> every (module, attribute, is_parameter) holding it (ties included)."""
-    out: dict[int, list[tuple[nn.Module, str, bool]]] = {}
-    for mod in model.modules():
-        for name, t in mod._parameters.items():
-            if t is not None:
-                out.setdefault(id(t), []).append((mod, name, True))
-        for name, t in mod._buffers.items():
-            if t is not None:
-                out.setdefault(id(t), []).append((mod, name, False))
-    return out
-
-
-def replace(old: Tensor, new: Tensor, where: list[tuple[nn.Module, str, bool]]) -> Tensor:
-    """Put ``new`` in place of ``old`` in every holder; parameters stay parameters."""
-    if isinstance(old, nn.Parameter):
-        try:
-            new = type(old)(new, requires_grad=old.requires_grad)
-        except TypeError:
-            new = nn.Parameter(new, requires_grad=old.requires_grad)
-        new.__dict__.update(old.__dict__)
-    for mod, name, is_param in where:
-        (mod._parameters if is_param else mod._buffers)[name] = new
-    return new
 
 
 def to_empty(model: nn.Module, device: str | torch.device = "cpu") -> nn.Module:

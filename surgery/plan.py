@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
-from .loading.plan import ACTIONS, LoadPlan, PlanEntry, plan_load
+from .loading.entries import ACTIONS, PlanEntry
+from .loading.pipeline import LoadPlan, plan_load
 
 __all__ = ["ACTIONS", "LoadPlan", "PlanEntry", "plan_load"]

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 import surgery
 from surgery import UsageError
-from surgery.loading.apply import _Staging
+from surgery.loading.placements.local import Staging as _Staging
 from surgery.sources import open_source
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -27,7 +27,7 @@ from surgery import cli
 from surgery.errors import CheckpointError, LoadError, SurgeryError, UnsafeCheckpointError
 from surgery.sources import torchformat
 
-apply_module = importlib.import_module("surgery.loading.apply")
+apply_module = importlib.import_module("surgery.loading.placements.local")
 
 
 class Two(nn.Module):

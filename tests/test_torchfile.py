@@ -496,7 +496,7 @@ def test_zip64_locator_claiming_several_disks_is_refused(tmp_path):
 
 TRUNCATE = """
 import os, sys, torch, surgery
-from surgery.loading import load
+from surgery.loading import options as load
 from surgery.errors import CheckpointError
 real = load.open_source
 

@@ -1,55 +1,40 @@
-"""``LoadReport``: what ``load_partial`` did, as data, as text and as an HTML table."""
+"""``LoadReport``: what ``load_partial`` did, as data, as text and as an HTML table.
+
+A report is derived, here only, from the plan and the :class:`Outcome` of applying it
+(:func:`report_of`): what was planned, and what the load did (tensors written, adapters that
+declined, meta tensors initialised).
+"""
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
 
 from .._table import (
     _StatusTable,
     first_n,
     first_n_lines,
     format_count,
-    format_shape,
     html_bar,
     html_verdict,
     status_rows,
 )
 from .._text import escape_control
 from ..errors import LoadError
+from ..keys.prefix import describe_prefix
 from ..keys.select import Selector, match_keys
+from .entries import Mismatch, PlanEntry
+from .plan import PlanData
 
-__all__ = ["LoadReport", "Mismatch"]
+__all__ = ["LoadReport", "Mismatch", "Outcome", "outcome_of", "report_of"]
 
 _SHOW = 8  # keys listed per category in the text form
-
-
-@dataclass(frozen=True)
-class Mismatch:
-    """A checkpoint tensor whose shape differs from the model's."""
-
-    key: str
-    checkpoint_shape: tuple[int, ...]
-    model_shape: tuple[int, ...]
-
-    def to_dict(self) -> dict:
-        return {
-            "key": self.key,
-            "checkpoint_shape": list(self.checkpoint_shape),
-            "model_shape": list(self.model_shape),
-        }
-
-    def shapes(self, sep: str = "vs", old: str = "checkpoint", new: str = "model") -> str:
-        """``'checkpoint (1000, 512) vs model (10, 512)'``; the words can be changed."""
-        return (
-            f"{old} {format_shape(self.checkpoint_shape)} {sep} {new} "
-            f"{format_shape(self.model_shape)}"
-        )
-
-    def __str__(self) -> str:
-        return f"{self.key}: {self.shapes()}"
 
 
 @dataclass
@@ -216,8 +201,6 @@ class LoadReport(_StatusTable):
 
     def _status_rows(self, limit: int | None) -> list[tuple[str, str, str]]:
         """(status, key, detail) rows, at most ``limit`` keys per status."""
-        from ..keys.prefix import describe_prefix
-
         rows: list[tuple[str, str, str]] = []
         aliases: dict[str, list[str]] = {}  # a tied tensor's other keys, named in its row
         for k, carrier in self.tied.items():
@@ -313,3 +296,100 @@ def _regex(keys: list[str]) -> str:
         if len(keys) == 1
         else "^(" + "|".join(re.escape(k) for k in keys[:3]) + ")$"
     )
+
+
+# --------------------------------------------------------------------------- derived
+
+
+@dataclass
+class Outcome:
+    """What apply did (or, for a dry run, would do): the facts a report adds to its plan."""
+
+    loaded: list[str] = field(default_factory=list)  # model keys given a value, ties included
+    declined: set[str] = field(default_factory=set)  # adapt entries whose adapter said None
+    notes: list[str] = field(default_factory=list)  # what the adapter said it did
+    initialised: list[str] = field(default_factory=list)
+    # LoadReport's count fields by name: tensors_/params_/buffers_ + loaded/total
+    counts: Counter[str] = field(default_factory=Counter)
+
+
+def outcome_of(
+    state: Mapping[str, Any],
+    written: set[int] | frozenset[int],
+    initialised: list[str],
+    declined: set[str],
+    by_modules: set[str],
+) -> Outcome:
+    """The outcome of writing the tensors ``written`` (ids) into ``state``. ``by_modules``
+    names keys given a value by their module's own loading (an extra state, a quantized
+    module's packed weights): not tensors of the model, or not the same object on every
+    ``state_dict()`` call. Only tensors are counted."""
+    out = Outcome(declined=declined, initialised=initialised)
+    counts = out.counts
+    seen: set[int] = set()
+    for mkey, t in state.items():
+        tid = id(t)
+        hit = tid in written or mkey in by_modules
+        if hit:
+            out.loaded.append(mkey)
+        if tid in seen or not isinstance(t, Tensor):
+            continue
+        seen.add(tid)
+        if isinstance(t, nn.Parameter):
+            n = t.numel()
+            counts["tensors_total"] += 1
+            counts["params_total"] += n
+            if hit:
+                counts["tensors_loaded"] += 1
+                counts["params_loaded"] += n
+        else:
+            counts["buffers_total"] += 1
+            counts["buffers_loaded"] += hit
+    return out
+
+
+def report_of(plan: PlanData, outcome: Outcome, *, dry_run: bool) -> LoadReport:
+    """The one place a :class:`LoadReport` is assembled: from a plan and its outcome."""
+    report = LoadReport(
+        source=plan.source,
+        model=plan.model,
+        prefix=plan.prefix,
+        notes=[*plan.notes, *outcome.notes],
+        loaded=outcome.loaded,
+        initialised=outcome.initialised,
+        dry_run=dry_run,
+        **outcome.counts,
+    )
+    for e in plan.entries:
+        if e.tied_to:  # a tied tensor is reported once, by the key that carries it
+            if e.model_key is not None:
+                report.tied[e.model_key] = e.tied_to
+            continue
+        if e.ckpt_key is not None and e.model_key is not None and e.ckpt_key != e.model_key:
+            report.renamed[e.ckpt_key] = e.model_key
+        _file(report, e, outcome.declined)
+    return report
+
+
+def _file(report: LoadReport, e: PlanEntry, declined: set[str]) -> None:
+    """Put one (untied) entry in the report's list for its action."""
+    a = e.action
+    if a == "load":
+        return
+    if a == "cast":
+        report.cast.append((e.model_key, e.ckpt_dtype, e.model_dtype))  # type: ignore[arg-type]
+    elif a in ("adapt", "mismatch"):
+        m = Mismatch.from_entry(e)
+        (
+            report.adapted if a == "adapt" and e.model_key not in declined else report.mismatched
+        ).append(m)
+    elif a == "skip":
+        report.skipped.append(e.key)
+    elif a in ("missing", "initialise"):
+        report.missing.append(e.key)
+    elif a == "unexpected":
+        report.unexpected.append(e.key)
+    elif a == "defaulted":
+        report.defaulted.append(e.key)
+    elif a == "adapter":
+        report.adapter.append(e.key)

@@ -9,7 +9,7 @@ The loader plans on ``specs`` alone, so tensors it skips are never read.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ CheckpointLike = str | os.PathLike | Mapping[str, Any] | nn.Module
 
 
 class CheckpointSource:
-    """Tensor names with shapes/dtypes, readable one at a time.
+    """Tensor names with shapes/dtypes, readable one at a time or many at once.
 
     ``specs`` maps each key to ``(shape, dtype)`` without reading data. ``read(key)`` returns a
     tensor (possibly a lazy memory-mapped view); ``read_into(key, out)`` fills ``out`` (same
@@ -33,9 +33,19 @@ class CheckpointSource:
     entries beside it); ``extras`` and ``metadata`` hold what a state dict keeps beside tensors
     (extra states, packed weights; torch's per-module versions).
 
-    ``read_region_into(key, offset, out)`` fills ``out`` with one block of the tensor (a
-    rank's shard of a sharded model). ``shares(a, b)`` says whether two keys are one tensor
-    of the checkpoint (a tied model saved with ``torch.save``), from how it is stored.
+    Capabilities, so that nothing above the sources asks what class a source is:
+
+    - ``read_many_into(targets)`` fills many destinations at once (a DCP folder reads them in
+      one ``dcp.load``); with ``collective=True`` (where ``collective_reads``) it is one
+      collective call every rank makes, each filling its own shards of DTensor destinations;
+    - ``read_region_into(key, offset, out)`` fills ``out`` with one block of the tensor (a
+      rank's shard of a sharded model);
+    - ``resident(key)``: the device a tensor already lies on in memory (``None``: read from a
+      file), so a writer copies device to device instead of staging through the host;
+    - ``shares(a, b)``: whether two keys are one tensor of the checkpoint (a tied model saved
+      with ``torch.save``), from how it is stored;
+    - ``check_reads(keys)``: everything those reads need is there, checked before a write;
+    - ``unreadable``: keys that cannot be copied into a dense tensor, and why.
 
     A subclass implements ``read``; one that can fill ``out`` without a temporary (bytes at a
     known file offset) overrides the hooks ``_read_into`` and ``_read_run_into``. A source that
@@ -51,6 +61,8 @@ class CheckpointSource:
         >>> src.read_into("w", out); out
         tensor([1., 1.], dtype=torch.float16)
     """
+
+    collective_reads = False  # read_many_into(collective=True) fills DTensors, rank by rank
 
     def __init__(self, description: str) -> None:
         self.description = description
@@ -78,6 +90,29 @@ class CheckpointSource:
 
     def _read_into(self, key: str, out: Tensor) -> None:
         out.copy_(self.read(key))
+
+    def read_many_into(
+        self,
+        targets: Mapping[str, Tensor],
+        *,
+        collective: bool = False,
+        on_read: Callable[[str], None] | None = None,
+    ) -> None:
+        """Fill ``targets[key]`` with tensor ``key`` for every key, in the given order, and
+        call ``on_read(key)`` as each is done (a source reading all in one pass calls it for
+        each at the end). ``collective=True`` only where :attr:`collective_reads`: a call
+        every rank makes with the same keys, each filling its own shards."""
+        if collective and not self.collective_reads:
+            raise NotImplementedError(f"{type(self).__name__} reads no DTensors collectively")
+        for key, out in targets.items():
+            self.read_into(key, out)
+            if on_read is not None:
+                on_read(key)
+
+    def resident(self, key: str) -> torch.device | None:
+        """The device tensor ``key`` already lies on in memory; ``None`` when it is read from
+        a file (a writer then stages it on its way to a GPU)."""
+        return None
 
     def check_reads(self, keys: Iterable[str]) -> None:
         """Raise a ``CheckpointError`` now if any tensor in ``keys`` could not be read in full

@@ -13,7 +13,7 @@ runs those checks for a whole plan before the loader writes anything.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -190,12 +190,25 @@ class DCPSource(CheckpointSource):
         """Load tensor ``key`` into ``out`` in this process only (no collective)."""
         self.load_many({key: out}, no_dist=True)
 
-    def read_many_into(self, targets: dict[str, Tensor]) -> None:
-        """``read_into`` for many keys with one ``dcp.load``, in this process only."""
-        if targets:
-            self.load_many(targets, no_dist=True)
+    collective_reads = True
 
-    def load_many(self, targets: dict[str, Tensor], *, no_dist: bool) -> None:
+    def read_many_into(
+        self,
+        targets: Mapping[str, Tensor],
+        *,
+        collective: bool = False,
+        on_read: Callable[[str], None] | None = None,
+    ) -> None:
+        """Every key in one ``dcp.load`` (per-key loads would each re-plan and re-open the
+        folder); ``collective=True`` is a collective ``dcp.load``: every rank calls it with
+        the same keys, DTensor destinations get only this rank's shards."""
+        if targets:
+            self.load_many(targets, no_dist=not collective)
+        if on_read is not None:
+            for key in targets:
+                on_read(key)
+
+    def load_many(self, targets: Mapping[str, Tensor], *, no_dist: bool) -> None:
         """``dcp.load`` of ``{spec key: destination}`` in one pass; DTensor destinations get
         only this rank's shards. With ``no_dist=False`` it is a collective: call it on every
         rank with the same keys. DCP's ``CheckpointException`` becomes a ``CheckpointError``."""

@@ -58,6 +58,10 @@ class MemorySource(CheckpointSource):
     def read(self, key: str) -> Tensor:
         return self._tensors[key]
 
+    def resident(self, key: str) -> torch.device | None:
+        """The device of the tensor itself: it is in memory already."""
+        return self._tensors[key].device
+
     def shares(self, a: str, b: str) -> bool:
         x, y = self._tensors.get(a), self._tensors.get(b)
         if x is None or y is None:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .. import _json
@@ -90,6 +91,9 @@ class ShardedSource(CheckpointSource):
 
     def read_region_into(self, key: str, offset: tuple[int, ...], out: Tensor) -> None:
         self._owner[key].read_region_into(key, offset, out)
+
+    def resident(self, key: str) -> torch.device | None:
+        return self._owner[key].resident(key)
 
     def shares(self, a: str, b: str) -> bool:
         owner = self._owner.get(a)

@@ -65,6 +65,10 @@ class TorchFileSource(MemorySource):
             if offset is not None:
                 self._offsets[k] = offset
 
+    def resident(self, key: str) -> torch.device | None:
+        """``None`` for a tensor read from the file by offset; else in memory (CPU)."""
+        return None if key in self._offsets else super().resident(key)
+
     def _read_into(self, key: str, out: Tensor) -> None:
         offset = self._offsets.get(key)
         if offset is None:

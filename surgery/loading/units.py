@@ -14,10 +14,11 @@ keys, and what it reports missing, unexpected or wrong; at apply, again, before 
 write. Only when every rehearsal succeeded does the real module load (the same entries, the
 same code), after surgery's own writes. Planning reads the tensors of units (only those).
 
-Plan entries of a unit carry ``via``: the name the entry is handed to the module under
-(before the module's own renaming). Torch's ``_metadata`` (module versions) is passed on when
-the checkpoint has it; without it (safetensors) modules see no version, as they would with
-``model.load_state_dict(safetensors.torch.load_file(...))``.
+The planning and applying steps are :mod:`surgery.loading.handlers.selfloading`; this module
+knows the units and runs their loading. Plan entries of a unit carry ``via``: the name the entry
+is handed to the module under (before the module's own renaming). Torch's ``_metadata`` (module
+versions) is passed on when the checkpoint has it; without it (safetensors) modules see no
+version, as they would with ``model.load_state_dict(safetensors.torch.load_file(...))``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import dataclasses
 import re
 import weakref
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,10 +36,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from .. import meta
-from .._text import escape_control
-from ..errors import Advice, CheckpointError, Fix, LoadError
+from .._tensors import Holders, dtype_name, holders, replace
+from ..errors import Advice, Fix, LoadError
 from ..sources import CheckpointSource
+from .entries import PlanEntry
 
 _LIST = 12
 
@@ -232,12 +233,7 @@ def rehearse(unit: Unit, fed: dict[str, str], source: CheckpointSource) -> Rehea
                 " and load it with its own load_state_dict.",
             )
         ) from ex
-    pending = [t for t in _tensors(private) if t.is_meta]
-    if pending:  # real memory, so that the module's copies (and its reads) do something
-        owners = meta.holders(private)
-        for t in pending:
-            if id(t) in owners:
-                meta.replace(t, torch.empty(t.shape, dtype=t.dtype), owners.pop(id(t)))
+    materialise(private, lambda: holders(private))  # so the module's copies do something
     seen: dict[str, Any] = {}  # model key -> the object it was copied from
     lists: dict[str, list[str]] = {}
 
@@ -336,9 +332,6 @@ def refuse(unit: Unit, errors: list[str], when: str) -> LoadError:
     )
 
 
-# --------------------------------------------------------------------------- writing
-
-
 def _tensors(module: nn.Module) -> list[Tensor]:
     return [
         t
@@ -348,177 +341,35 @@ def _tensors(module: nn.Module) -> list[Tensor]:
     ]
 
 
-@torch.no_grad()
-def commit(model: nn.Module, rehearsals: list[Rehearsal], source: CheckpointSource) -> None:
-    """Load every rehearsed unit for real: the same entries through the same code.
-
-    Meta tensors of a unit are first given real (empty) memory in every module holding
-    them, as surgery's own writes do, so that the module's copies land somewhere.
-    """
-    owners: dict[int, list[tuple[nn.Module, str, bool]]] | None = None
-    for r in rehearsals:
-        mod = r.unit.module
-        pending = [t for t in _tensors(mod) if t.is_meta]
-        if pending:
-            owners = owners if owners is not None else meta.holders(model)
-            for t in pending:
-                if id(t) in owners:
-                    meta.replace(t, torch.empty(t.shape, dtype=t.dtype), owners.pop(id(t)))
-        try:
-            mod.load_state_dict(feed(r.unit, r.fed, source), strict=False)
-        except Exception as ex:  # the rehearsal succeeded: this is the module's own doing
-            raise LoadError(
-                f"{r.unit.describe()} loaded on a private copy but raised {type(ex).__name__} "
-                f"on the model itself: {ex}. The model is partly loaded; rebuild it before "
-                "trying again."
-            ) from ex
+def materialise(module: nn.Module, owners: Callable[[], Holders]) -> None:
+    """Give every ``meta`` tensor of ``module`` real (empty) memory in every module holding
+    it; ``owners`` gives the holders (of the whole model, looked up only when needed)."""
+    pending = [t for t in _tensors(module) if t.is_meta]
+    if not pending:
+        return
+    where = owners()
+    for t in pending:
+        if id(t) in where:
+            replace(t, torch.empty(t.shape, dtype=t.dtype), where.pop(id(t)))
 
 
-# --------------------------------------------------------------------------- planning
+# --------------------------------------------------------------------------- plan entries
 
 
-def plan_units(
-    index: Index,
-    new_to_old: dict[str, str],
-    source: CheckpointSource,
-    state: Mapping[str, Any],
-    skipped: set[str] | None,
-    adapter: bool,
-) -> tuple[dict[str, str], list, list[str]]:
-    """Plan every unit: returns the names left for surgery's own planning, the units'
-    entries, and notes. Checkpoint entries that are not tensors and belong to no unit are
-    planned ``unexpected``."""
-    from .plan import PlanEntry, dtype_name
-
-    rest: dict[str, str] = {}
-    entries: list[PlanEntry] = []
-    notes: list[str] = []
-    fed_by: dict[str, dict[str, str]] = {u.prefix: {} for u in index.units}
-    misplaced: list[str] = []  # non-tensor values under the name of a model tensor
-    for name, ckey in new_to_old.items():
-        u = index.unit_of(name) if index else None
-        if u is not None:
-            fed_by[u.prefix][name[len(u.prefix) :]] = ckey
-        elif ckey in source.extras:
-            what = type(source.extras[ckey]).__name__
-            if isinstance(state.get(name), Tensor) and not (skipped and name in skipped):
-                misplaced.append(f"'{escape_control(ckey)}' ({what})")
-                continue
-            entries.append(
-                PlanEntry(
-                    "unexpected",
-                    name,
-                    ckey,
-                    reason=f"not a tensor ({what}); no module of the model loads it itself",
-                )
-            )
-        else:
-            rest[name] = ckey
-    if misplaced:  # as load_state_dict refuses them: "expected torch.Tensor ... but received"
-        raise CheckpointError(
-            Advice(
-                f"{source.description} holds values that are not tensors where the model has "
-                f"tensors: {', '.join(misplaced[:_LIST])}. The file is not a state dict for "
-                "this model, or it is corrupt; leave them out with ",
-                Fix("skip"),
-                " if that is intended. Nothing was loaded.",
-            )
-        )
-    keys_by: dict[str, list[str]] = {u.prefix: [] for u in index.units}
-    for k in state:
-        u = index.unit_of(k) if index else None
-        if u is not None:
-            keys_by[u.prefix].append(k)
-
-    def spec(ckey: str) -> tuple[tuple[int, ...] | None, str | None]:
-        s = source.specs.get(ckey)
-        return (tuple(s[0]), dtype_name(s[1])) if s is not None else (None, None)
-
-    adapted_away: list[str] = []
-    for u in index.units:
-        p = u.prefix
-        fed = fed_by[p]
-        r = rehearse(u, fed, source) if fed else None
-        mism: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-        if r is not None:
-            mism, other = size_mismatches(r)
-            if other:
-                raise refuse(u, other, "loading it on a private copy")
-        taken: set[str] = set(r.took.values()) if r is not None else set()
-        via = f"via {u.why}"
-        for k in keys_by[p]:
-            rel = k[len(p) :]
-            t = state[k]
-            mshape, mdtype = (
-                (tuple(t.shape), dtype_name(t.dtype)) if isinstance(t, Tensor) else (None, None)
-            )
-            if r is not None and rel in r.took:
-                src = r.took[rel]
-                ckey = fed[src]
-                cshape, cdtype = spec(ckey)
-                if rel in mism:
-                    action, reason = "mismatch", via
-                    cshape, mshape = mism[rel]
-                    if adapter:
-                        adapted_away.append(k)
-                elif skipped and k in skipped:
-                    action, reason = "skip", "skipped as asked"
-                else:
-                    action = "cast" if cdtype is not None and cdtype != mdtype else "load"
-                    reason = via
-                entries.append(
-                    PlanEntry(action, k, ckey, mshape, cshape, mdtype, cdtype, reason, via=p + src)
-                )
-            elif r is not None and rel in r.made:
-                entries.append(
-                    PlanEntry(
-                        "load", k, None, mshape, None, mdtype, reason=f"set by {u.why}", via=k
-                    )
-                )
-            else:
-                if k.endswith("num_batches_tracked"):
-                    action, reason = "defaulted", "counter left at its default"
-                elif isinstance(t, Tensor) and t.is_meta:
-                    action, reason = "initialise", "reset_parameters()"
-                else:
-                    action, reason = "missing", "not in checkpoint"
-                entries.append(PlanEntry(action, k, None, mshape, None, mdtype, reason, via=k))
-        for rel, ckey in fed.items():
-            if rel in taken:
-                continue
-            cshape, cdtype = spec(ckey)
-            if r is not None and rel in r.unexpected:
-                action, key, reason = "unexpected", p + rel, f"not taken by {u.name}"
-            else:  # consumed by the module's own code (renamed away, packed, ...)
-                action, key, reason = "load", None, f"taken by {u.why}"
-            entries.append(
-                PlanEntry(action, key, ckey, None, cshape, None, cdtype, reason, via=p + rel)
-            )
-    if adapted_away:
-        notes.append(
-            f"{len(adapted_away)} mismatched tensor(s) of modules that load themselves were not "
-            "adapted (the adapter runs on surgery's own writes only): "
-            + ", ".join(adapted_away[:_LIST])
-        )
-    return rest, entries, notes
-
-
-def is_unit_entry(e: Any, index: Index) -> bool:
+def is_unit_entry(e: PlanEntry, index: Index) -> bool:
     return e.via is not None or (e.model_key is not None and index.unit_of(e.model_key) is not None)
 
 
 def split_entries(
-    entries: list, index: Index, state: Mapping[str, Any]
-) -> tuple[list, list, list[str]]:
+    entries: list[PlanEntry], index: Index, state: Mapping[str, Any]
+) -> tuple[list[PlanEntry], list[PlanEntry], list[str]]:
     """An edited or read-back plan's entries: (surgery's own, the units', unknown model keys).
 
     Unit entries without ``via`` (from :meth:`LoadPlan.rename`, older plans) are handed over
     under their model key; unit keys with no entry are planned ``missing``.
     """
-    from .plan import PlanEntry, dtype_name
-
-    plain: list = []
-    mine: list = []
+    plain: list[PlanEntry] = []
+    mine: list[PlanEntry] = []
     unknown: list[str] = []
     planned: set[str] = set()
     for e in entries:
@@ -527,7 +378,7 @@ def split_entries(
             continue
         if e.via is None:
             e = dataclasses.replace(e, via=e.model_key)
-        if index.unit_of(e.via) is None or (
+        if index.unit_of(str(e.via)) is None or (
             e.model_key is not None and e.action != "unexpected" and e.model_key not in state
         ):
             unknown.append(e.key)
@@ -543,42 +394,3 @@ def split_entries(
         )
         mine.append(PlanEntry("missing", k, None, shape, None, dtype, "not in checkpoint", via=k))
     return plain, mine, unknown
-
-
-def rehearse_plan(plan: Any, index: Index, source: CheckpointSource) -> list[Rehearsal]:
-    """Rehearse every unit the checked ``plan`` feeds, before the first write; refuse on any
-    error, or when a planned key would get no value."""
-    from .plan import WRITES
-
-    fed_by: dict[str, dict[str, str]] = {}
-    planned: dict[str, list[str]] = {}
-    for e in plan.entries:
-        if e.via is None or e.action not in WRITES:
-            continue
-        u = index.unit_of(e.via)
-        if u is None:
-            continue  # checked by validate
-        if e.ckpt_key is not None:
-            fed_by.setdefault(u.prefix, {})[e.via[len(u.prefix) :]] = e.ckpt_key
-        if e.model_key is not None:
-            planned.setdefault(u.prefix, []).append(e.model_key[len(u.prefix) :])
-    out: list[Rehearsal] = []
-    for u in index.units:
-        fed = fed_by.get(u.prefix)
-        if not fed:
-            continue
-        r = rehearse(u, fed, source)
-        if r.errors:
-            raise refuse(u, r.errors, "loading it on a private copy before writing")
-        lost = [
-            u.prefix + k for k in planned.get(u.prefix, []) if k not in r.took and k not in r.made
-        ]
-        if lost:
-            raise LoadError(
-                f"{u.describe()} loads itself, and its loading no longer gives "
-                f"{', '.join(lost[:_LIST])} a value as the plan says. Nothing was loaded. Plan "
-                "again with surgery.plan_load()."
-            )
-        r.copy = None  # type: ignore[assignment]  # only the verdict is kept
-        out.append(r)
-    return out

@@ -1,0 +1,32 @@
+"""Handlers: each kind of plan entry, with the same small contract (see :mod:`.base`).
+
+:data:`HANDLERS` lists them in the order they claim names while planning: modules that load
+themselves take the names under them first, adapted tensors claim nothing while planning (the
+plain copies plan ``adapt`` for shapes that differ when an adapter is given), plain copies and
+ties take what is left. A converter that reads several checkpoint tensors into one (issue 22)
+is one more handler, placed before the plain copies.
+"""
+
+from __future__ import annotations
+
+from .adapted import Adapted, adapter_notes
+from .base import Claimed, Handler, Job, PlanContext, Prepared, Write, Writer
+from .copies import Copies
+from .selfloading import SelfLoading
+
+__all__ = [
+    "HANDLERS",
+    "Adapted",
+    "Claimed",
+    "Copies",
+    "Handler",
+    "Job",
+    "PlanContext",
+    "Prepared",
+    "SelfLoading",
+    "Write",
+    "Writer",
+    "adapter_notes",
+]
+
+HANDLERS: tuple[Handler, ...] = (SelfLoading(), Adapted(), Copies())

@@ -1,0 +1,293 @@
+"""Tensors in this process's memory: CPU, a GPU, or ``meta`` materialised while loading.
+
+:class:`LocalWriter` is the one writer of a local load. It reads each checkpoint tensor
+straight from the file into the model's memory (peak near one copy; skipped tensors are never
+read), file by file so a sharded checkpoint is read shard by shard: the tensors of a file
+that land in CPU memory through one :meth:`~surgery.sources.CheckpointSource.read_many_into`
+(a DCP folder reads them in one pass), then the rest one at a time (prepared values, GPU
+targets through pinned staging buffers). A meta model is materialised on the way: modules
+with tensors the checkpoint lacks are given memory and reset first, loaded tensors are read
+into fresh memory that replaces the meta tensor in every module holding it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ... import _progress
+from ..._sysmem import available_memory, format_bytes
+from ..._tensors import Holders, holders, replace
+from ...errors import LoadError, UsageError
+from ...sources import CheckpointSource
+from ..check import CheckedPlan, Initialise
+from ..coordinators import LocalCoordinator
+from ..handlers import Write
+from ..plan import Adapter
+from ..units import materialise
+
+__all__ = ["LocalPlacement", "LocalWriter", "Staging", "check_device"]
+
+
+class LocalPlacement:
+    """A model whose tensors are in this process: the coordinator agrees with itself."""
+
+    sharded = False
+
+    def __init__(self, model: nn.Module, state: Mapping[str, Any], device: Any) -> None:
+        self.model = model
+        self.device = check_device(state, device)
+        self.coordinator = LocalCoordinator()
+
+    def adapter(self, adapter: Adapter | None) -> Adapter | None:
+        return adapter
+
+    def check(self, state: Mapping[str, Any]) -> None:
+        """Nothing to check before planning: the device was checked when placed."""
+
+    def prepare(self, checked: CheckedPlan) -> None:
+        """Refuse, before the first write, to materialise meta tensors that do not fit."""
+        if checked.initialise is not None:
+            check_memory(self.model, checked.state)
+
+    def writer(
+        self,
+        state: Mapping[str, Any],
+        source: CheckpointSource,
+        progress: bool | None,
+        initialise: Initialise | None,
+    ) -> LocalWriter:
+        return LocalWriter(self.model, state, source, self.device, progress, initialise)
+
+
+class LocalWriter:
+    """Writes a prepared load into a local model; see the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        state: Mapping[str, Any],
+        source: CheckpointSource,
+        device: torch.device | None,
+        progress: bool | None,
+        initialise: Initialise | None,
+    ) -> None:
+        self.model, self.state, self.source = model, state, source
+        self.device = device
+        self.dev = device or torch.device("cpu")
+        self.progress = progress
+        self.init_modules = initialise[0] if initialise is not None else []
+        self.owners: Holders = holders(model) if initialise is not None else {}
+        self.replaced: dict[int, Tensor] = {}
+        self._unit_owners: Holders | None = None
+
+    def current(self, t: Tensor) -> Tensor:
+        return self.replaced.get(id(t), t)
+
+    @torch.no_grad()
+    def begin(self) -> None:
+        """Materialise before loading: a meta model placed on a device gets its real tensors
+        (buffers computed in ``__init__``) moved there; modules with tensors the checkpoint
+        lacks get memory (zeros) and are reset, so the loads land on real memory after it."""
+        if self.owners and self.device is not None:
+            for where in self.owners.values():
+                mod, name, is_param = where[0]
+                t = (mod._parameters if is_param else mod._buffers)[name]
+                if not t.is_meta and t.device != self.dev:
+                    self.replaced[id(t)] = replace(t, t.to(self.dev), where)
+        for mod in self.init_modules:
+            for t in [*mod._parameters.values(), *mod._buffers.values()]:
+                if t is not None and t.is_meta and id(t) not in self.replaced:
+                    new = torch.zeros(t.shape, dtype=t.dtype, device=self.dev)
+                    self.replaced[id(t)] = replace(t, new, self.owners[id(t)])
+            mod.reset_parameters()
+
+    @torch.no_grad()
+    def write(self, writes: Sequence[Write]) -> None:
+        """Carry out ``writes``, file by file in the order files are first needed."""
+        source = self.source
+        by_file: dict[str, list[Write]] = {}
+        sizes: dict[str, int] = {}  # file -> bytes read from it, in reading order
+        for w in writes:
+            shape, dtype = source.specs[w.ckpt_key]
+            file = source.files.get(w.ckpt_key, source.description)
+            by_file.setdefault(file, []).append(w)
+            sizes[file] = sizes.get(file, 0) + shape.numel() * dtype.itemsize
+        staging = Staging()
+        with _progress.Bars(sizes, self.progress) as bars:
+            try:
+                for file, todo in by_file.items():
+                    self._write_file(file, todo, bars, staging)
+            finally:
+                staging.finish()
+
+    def _write_file(
+        self, file: str, todo: list[Write], bars: _progress.Bars, staging: Staging
+    ) -> None:
+        source = self.source
+        specs = source.specs
+
+        def count(key: str) -> None:
+            shape, dtype = specs[key]
+            bars.update(file, shape.numel() * dtype.itemsize)
+
+        batch: dict[str, Tensor] = {}  # read in one pass: CPU memory, plain reads
+        fresh: list[tuple[Tensor, Tensor]] = []  # (meta tensor, its new memory)
+        rest: list[Write] = []
+        for w in todo:
+            target = self.current(w.target)
+            if w.value is not None or w.ckpt_key in batch:
+                rest.append(w)
+            elif target.is_meta and self.dev.type == "cpu":
+                new = torch.empty(target.shape, dtype=target.dtype, device=self.dev)
+                batch[w.ckpt_key] = new
+                fresh.append((w.target, new))
+            elif not target.is_meta and not target.is_cuda:
+                batch[w.ckpt_key] = target
+            else:
+                rest.append(w)
+        if batch:
+            source.read_many_into(batch, on_read=count)
+        for orig, new in fresh:
+            self.replaced[id(orig)] = replace(self.current(orig), new, self.owners[id(orig)])
+        for w in rest:
+            self._write_one(w, staging)
+            count(w.ckpt_key)
+
+    def _write_one(self, w: Write, staging: Staging) -> None:
+        target = self.current(w.target)
+        is_fresh = target.is_meta
+        if is_fresh:
+            target = torch.empty(target.shape, dtype=target.dtype, device=self.dev)
+        if w.value is not None:
+            target.copy_(w.value)
+        elif target.is_cuda and _on_host(self.source.resident(w.ckpt_key)):
+            staging.read_into(self.source, w.ckpt_key, target)
+        else:
+            self.source.read_into(w.ckpt_key, target)
+        if is_fresh:
+            self.replaced[id(w.target)] = replace(
+                self.current(w.target), target, self.owners[id(w.target)]
+            )
+
+    def materialise(self, module: nn.Module) -> None:
+        """Real (empty) memory for a module's own loading to copy into."""
+
+        def owners() -> Holders:
+            if self._unit_owners is None:
+                self._unit_owners = holders(self.model)
+            return self._unit_owners
+
+        materialise(module, owners)
+
+
+def _on_host(device: torch.device | None) -> bool:
+    """A tensor read from a file, or resident in CPU memory: staged on its way to a GPU (one
+    already in device memory is copied device to device)."""
+    return device is None or device.type == "cpu"
+
+
+def check_device(
+    state: Mapping[str, Any], device: str | torch.device | None
+) -> torch.device | None:
+    """The device a meta model is materialised on, checked before anything is written.
+
+    ``None`` keeps today's rule: tensors load onto the device the model's tensors are on
+    (a meta model's on CPU). A device places a meta model's tensors there; a model that is not
+    on ``meta`` and has tensors on another device is refused rather than moved.
+    """
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as ex:
+        raise UsageError(
+            f"device={device!r} is not a torch device; pass 'cpu', 'cuda', 'cuda:1', ..."
+        ) from ex
+    if dev.type == "meta":
+        raise UsageError(
+            "device='meta' would load nothing; build the model under surgery.empty_init() and "
+            "pass the device to put it on (device='cpu' or 'cuda')"
+        )
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"device={device!r}, but torch.cuda.is_available() is False here; pass "
+                "device='cpu' or leave it out"
+            )
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    tensors = [t for t in state.values() if isinstance(t, Tensor)]
+    if not any(t.is_meta for t in tensors):
+        elsewhere = sorted({str(t.device) for t in tensors if t.device != dev})
+        if elsewhere:
+            raise UsageError(
+                f"the model already lives on {', '.join(elsewhere)}; device= only places a meta "
+                f"model's tensors (built under surgery.empty_init()). Leave device= out to "
+                f"load onto the model's device, or move it first with model.to('{dev}')."
+            )
+    return dev
+
+
+def check_memory(model: nn.Module, state: Mapping[str, Any]) -> None:
+    """Refuse, before the first write, to materialise meta tensors that do not fit in memory."""
+    sizes: dict[int, int] = {}
+    for t in state.values():
+        if t.is_meta:
+            sizes[id(t)] = t.numel() * t.element_size()
+    need = sum(sizes.values())
+    free = available_memory()
+    if free is not None and need > free:
+        raise LoadError(
+            f"materialising {type(model).__name__} from the meta device needs "
+            f"{format_bytes(need)} of memory, only {format_bytes(free)} is available. Nothing "
+            "was loaded. Load a part of it (skip=...), a smaller dtype (model.to(torch.float16) "
+            "before loading), or on a machine with more memory."
+        )
+
+
+class Staging:
+    """Reads into CUDA memory through page-locked (pinned) CPU buffers.
+
+    The file is read into a pinned buffer, then copied with ``non_blocking=True``, so reading
+    the next tensor overlaps copying this one. Two buffers alternate; each is reused only
+    after the copy out of it has finished (a CUDA event). ``pin=False`` (tests without a GPU)
+    uses ordinary memory and the same bookkeeping.
+    """
+
+    def __init__(self, pin: bool = True) -> None:
+        self._pin = pin
+        self._buffers: list[Tensor | None] = [None, None]
+        self._events: list[object | None] = [None, None]
+        self._turn = 0
+
+    def read_into(self, source: CheckpointSource, key: str, out: Tensor) -> None:
+        i, self._turn = self._turn, self._turn ^ 1
+        self._wait(i)
+        nbytes = out.numel() * out.element_size()
+        buf = self._buffers[i]
+        if buf is None or buf.numel() < nbytes:
+            self._buffers[i] = None  # free the smaller buffer before taking a larger one
+            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self._pin)
+            self._buffers[i] = buf
+        staged = buf[:nbytes].view(out.dtype).view(out.shape)
+        source.read_into(key, staged)
+        out.copy_(staged, non_blocking=self._pin)
+        if out.is_cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(out.device))
+            self._events[i] = event
+
+    def _wait(self, i: int) -> None:
+        event = self._events[i]
+        if event is not None:
+            event.synchronize()  # type: ignore[attr-defined]
+            self._events[i] = None
+
+    def finish(self) -> None:
+        """Wait for every copy still in flight, so the model's tensors are ready."""
+        for i in range(len(self._events)):
+            self._wait(i)
