@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ._names import closest
 from .errors import UsageError
 
 __all__ = ["adapt_shapes", "concat_fused", "split_fused", "transpose_linear", "transposed"]
@@ -163,8 +164,6 @@ def concat_fused(
 
 def _get(state: Mapping[str, Tensor], key: str, who: str) -> Tensor:
     if key not in state:
-        from ._names import closest
-
         near = closest(key, state)
         raise UsageError(
             f"{who}: no key '{key}' in the state dict"

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import meta
+from . import __version__, meta
 from ._table import format_count, format_shape
 from ._text import escape_control
 from .errors import (
@@ -47,6 +47,7 @@ from .errors import (
     render,
 )
 from .load import load_partial
+from .matching import match
 from .meta import empty_init
 from .sources import CheckpointSource, open_source
 
@@ -339,8 +340,6 @@ def _parse_input_shape(text: str) -> tuple[int, ...]:
 
 
 def _cmd_match(args: argparse.Namespace) -> int:
-    from .matching import match
-
     shape = _parse_input_shape(args.input)
     models = []
     for spec, n in ((args.source, args.source_num_classes), (args.model, args.num_classes)):
@@ -495,8 +494,6 @@ def _positive_int(text: str) -> int:
 
 
 def _version() -> str:
-    from . import __version__
-
     return f"surgery {__version__} (torch {torch.__version__}, {Path(__file__).parent})"
 
 

@@ -23,9 +23,10 @@ from ._args import require_module, require_optimizer
 from ._optim_read import FORMAT, Names, Old, read_old
 from ._table import _StatusTable, first_n_lines, format_shape, status_rows
 from ._text import escape_control
-from .errors import OptimizerStateError, UsageError
-from .keys.prefix import apply_prefix, describe_prefix, detect_prefix
-from .keys.remap import Remap, apply_remap
+from .errors import Advice, Fix, OptimizerStateError, UsageError
+from .keys.mapping import KeyMap, map_names
+from .keys.prefix import describe_prefix
+from .keys.remap import Remap
 from .keys.select import match_keys
 from .loading.report import Mismatch
 from .scheduler_state import restore_scheduler
@@ -256,131 +257,190 @@ def restore_optimizer(
     old = read_old(
         old_state, names=names, entry=entry, trust_pickle=trust_pickle, allow_globals=allow_globals
     )
-    report = OptimizerReport(
-        source=old.description,
-        optimizer=type(optimizer).__name__,
-        model=type(model).__name__,
-        form=old.form,
-    )
-    report.notes.extend(old.notes)
-    new_state = _plan(optimizer, model, old, report, remap, prefix, skip, on_mismatch)
+    plan = _plan(optimizer, model, old, remap, prefix, skip, on_mismatch)
+    report = _report(plan, optimizer, model, old)
+    _refuse(plan, report, old)
     # The one write: what optimizer.load_state_dict ends with (torch's own defaults, such as
     # Adam turning a float `step` into a tensor, run here too).
-    optimizer.__setstate__({"state": new_state})
+    optimizer.__setstate__({"state": plan.new_state})
     return report
+
+
+@dataclass
+class _StatePlan:
+    """What restoring will do, decided before anything is reported or written: the names
+    mapped (:func:`surgery.keys.mapping.map_names`, as loading maps keys), each held
+    parameter's fate (``kinds``: name -> restored / adapted / reset / fresh / skipped /
+    refused), the new state, and what the old state holds that the optimizer does not."""
+
+    mapped: KeyMap
+    new_state: defaultdict[Tensor, dict[str, Any]] = field(
+        default_factory=lambda: defaultdict(dict)
+    )
+    kinds: dict[str, str] = field(default_factory=dict)
+    groups: dict[str, str] = field(default_factory=dict)
+    mismatches: dict[str, Mismatch] = field(default_factory=dict)
+    unnamed: list[str] = field(default_factory=list)  # notes: held, not in the model
+    frozen: dict[str, str] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+    steps: list[float] = field(default_factory=list)
+    held: int = 0
+    matched: bool = False
+    params: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _plan(
     optimizer: torch.optim.Optimizer,
     model: nn.Module,
     old: Old,
-    report: OptimizerReport,
     remap: Remap | None,
     prefix: str | None,
     skip: str | Iterable[str] | None,
     on_mismatch: Literal["reset", "error"] | StateAdapter,
-) -> defaultdict[Tensor, dict[str, Any]]:
+) -> _StatePlan:
     params = dict(model.named_parameters(remove_duplicate=False))
     aliases: dict[int, list[str]] = {}
     for n, p in params.items():
         aliases.setdefault(id(p), []).append(n)
     model_keys = set(params) | {n for n, _ in model.named_buffers(remove_duplicate=False)}
-
-    new_to_old, removed, notes = apply_remap(old.names, remap)
-    report.notes.extend(notes)
-    if prefix == "auto":
-        rewrite = detect_prefix(new_to_old, model_keys)
-        if rewrite is not None:
-            new_to_old = apply_prefix(new_to_old, rewrite)
-            report.prefix = rewrite
-    report.renamed = {o: n for n, o in new_to_old.items() if n != o}
+    plan = _StatePlan(map_names(old.names, model_keys, remap=remap, auto_prefix=prefix == "auto"))
+    plan.params = params
     skipped = match_keys(skip, params, action="restore_optimizer skip", model=model)
-
     held: set[int] = set()
-    new_state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
-    refused: list[Mismatch] = []
-    steps: list[float] = []
     for gi, group in enumerate(optimizer.param_groups):
         gname = str(group.get("name", gi))
         for p in group["params"]:
             held.add(id(p))
-            report.tensors_total += 1
+            plan.held += 1
             names = aliases.get(id(p))
             if names is None:
-                report.notes.append(
+                plan.unnamed.append(
                     f"a parameter of shape {format_shape(p.shape)} in group '{gname}' is not in "
-                    f"{report.model}; it starts fresh"
+                    f"{type(model).__name__}; it starts fresh"
                 )
                 continue
-            name = names[0]
-            report.groups[name] = gname
-            if name in skipped:
-                report.skipped.append(name)
-                continue
-            oname = next((new_to_old[a] for a in names if a in new_to_old), None)
-            st = old.state.get(oname) if oname is not None else None
-            if not st:
-                report.fresh.append(name)
-                continue
-            old_shape = old.shapes.get(oname)
-            if old_shape is None:
-                old_shape = _state_shape(st, p)
-            if old_shape == tuple(p.shape):
-                new_state[p] = {k: _place(k, v, p, group) for k, v in st.items()}
-                report.restored.append(name)
-                steps += [float(v) for k, v in st.items() if k == "step" and _is_scalar(v)]
-                continue
-            mm = Mismatch(name, old_shape, tuple(p.shape))
-            if on_mismatch == "reset":
-                report.reset.append(mm)
-            elif on_mismatch == "error":
-                refused.append(mm)
-            else:
-                adapted = _adapt(name, st, p, group, old_shape, on_mismatch)
-                if adapted is None:
-                    report.reset.append(mm)
-                else:
-                    new_state[p] = adapted
-                    report.adapted.append(mm)
-    if refused:
-        raise OptimizerStateError(
-            f"optimizer state of another shape restoring {old.description} into "
-            f"{report.optimizer} of {report.model} ({len(refused)} parameters):\n"
-            + "\n".join(
-                first_n_lines(
-                    [f"{m.key}: {m.shapes('vs', 'old', 'new')}" for m in refused],
-                    _LIST,
-                )
-            )
-            + "\nThe optimizer is unchanged. Pass on_mismatch='reset' to start these fresh, "
-            "skip=[...] for a replaced head, or an adapter callable."
-        )
-    for new, oname in new_to_old.items():
+            plan.groups[names[0]] = gname
+            _decide(plan, names, p, group, old, skipped, on_mismatch)
+    _leftovers(plan, old, aliases, held)
+    return plan
+
+
+def _decide(
+    plan: _StatePlan,
+    names: list[str],
+    p: Tensor,
+    group: Mapping[str, Any],
+    old: Old,
+    skipped: set[str],
+    on_mismatch: Literal["reset", "error"] | StateAdapter,
+) -> None:
+    """The fate of one held parameter (first of its ``names``) and its new state."""
+    name, new_to_old = names[0], plan.mapped.new_to_old
+    if name in skipped:
+        plan.kinds[name] = "skipped"
+        return
+    oname = next((new_to_old[a] for a in names if a in new_to_old), None)
+    st = old.state.get(oname) if oname is not None else None
+    if not st:
+        plan.kinds[name] = "fresh"
+        return
+    old_shape = old.shapes.get(oname)  # type: ignore[arg-type]
+    if old_shape is None:
+        old_shape = _state_shape(st, p)
+    if old_shape == tuple(p.shape):
+        plan.new_state[p] = {k: _place(k, v, p, group) for k, v in st.items()}
+        plan.kinds[name] = "restored"
+        plan.steps += [float(v) for k, v in st.items() if k == "step" and _is_scalar(v)]
+        return
+    plan.mismatches[name] = Mismatch(name, old_shape, tuple(p.shape))
+    if on_mismatch in ("reset", "error"):
+        plan.kinds[name] = "reset" if on_mismatch == "reset" else "refused"
+        return
+    adapted = _adapt(name, st, p, group, old_shape, on_mismatch)  # type: ignore[arg-type]
+    if adapted is None:
+        plan.kinds[name] = "reset"
+    else:
+        plan.new_state[p] = adapted
+        plan.kinds[name] = "adapted"
+
+
+def _leftovers(plan: _StatePlan, old: Old, aliases: dict[int, list[str]], held: set[int]) -> None:
+    """Old state the optimizer does not take: for a parameter it does not hold (frozen), or
+    for no parameter of the model (dropped)."""
+    for new, oname in plan.mapped.new_to_old.items():
         if not old.state.get(oname):
             continue
-        p = params.get(new)
+        p = plan.params.get(new)
         if p is None:
-            report.dropped.append(oname)
+            plan.dropped.append(oname)
         elif id(p) not in held and new == aliases[id(p)][0]:
-            why = "not in the optimizer" if p.requires_grad else "requires_grad=False"
-            report.frozen[new] = why
-    report.dropped += [o for o in removed if old.state.get(o)]
-    if steps:
-        report.step = max(steps)
-    matched = [o for n, o in new_to_old.items() if n in params and old.state.get(o)]
-    if old.state and not matched:
+            plan.frozen[new] = "not in the optimizer" if p.requires_grad else "requires_grad=False"
+    plan.dropped += [o for o in plan.mapped.dropped if old.state.get(o)]
+    plan.matched = any(
+        n in plan.params and old.state.get(o) for n, o in plan.mapped.new_to_old.items()
+    )
+
+
+def _report(
+    plan: _StatePlan, optimizer: torch.optim.Optimizer, model: nn.Module, old: Old
+) -> OptimizerReport:
+    """The report of a plan, derived from it (the one place it is filled)."""
+    mapped = plan.mapped
+    report = OptimizerReport(
+        source=old.description,
+        optimizer=type(optimizer).__name__,
+        model=type(model).__name__,
+        form=old.form,
+        prefix=mapped.rewrite,
+        renamed={o: n for n, o in mapped.new_to_old.items() if n != o},
+        groups=dict(plan.groups),
+        frozen=dict(plan.frozen),
+        dropped=list(plan.dropped),
+        notes=[*old.notes, *mapped.notes, *plan.unnamed],
+        tensors_total=plan.held,
+        step=max(plan.steps) if plan.steps else None,
+    )
+    lists = {"restored": report.restored, "fresh": report.fresh, "skipped": report.skipped}
+    for name, kind in plan.kinds.items():
+        if kind in lists:
+            lists[kind].append(name)
+        elif kind == "adapted":
+            report.adapted.append(plan.mismatches[name])
+        elif kind == "reset":
+            report.reset.append(plan.mismatches[name])
+    return report
+
+
+def _refuse(plan: _StatePlan, report: OptimizerReport, old: Old) -> None:
+    """Refuse, before the optimizer is touched: shapes that changed with
+    ``on_mismatch="error"``, and old state that matches no parameter at all."""
+    refused = [plan.mismatches[n] for n, kind in plan.kinds.items() if kind == "refused"]
+    if refused:
+        lines = [f"{m.key}: {m.shapes('vs', 'old', 'new')}" for m in refused]
+        raise OptimizerStateError(
+            Advice(
+                f"optimizer state of another shape restoring {old.description} into "
+                f"{report.optimizer} of {report.model} ({len(refused)} parameters):\n"
+                + "\n".join(first_n_lines(lines, _LIST))
+                + "\nThe optimizer is unchanged. Pass ",
+                Fix("on_mismatch", "reset"),
+                " to start these fresh, ",
+                Fix("skip"),
+                " for a replaced head, or an adapter callable.",
+            )
+        )
+    if old.state and not plan.matched:
         hint = ""
         if report.dropped:
             hint = (
                 f" Old names look like '{escape_control(report.dropped[0])}', model names like "
-                f"'{next(iter(params), '')}'; pass remap=."
+                f"'{next(iter(plan.params), '')}'; pass remap=."
             )
         raise OptimizerStateError(
             f"none of the {len(old.state)} old parameter states of {old.description} matches a "
             f"parameter of {report.optimizer} ({report.summary()}).{hint} The optimizer is "
             "unchanged."
         )
-    return new_state
 
 
 def _is_scalar(v: Any) -> bool:

@@ -43,6 +43,7 @@ class Draft:
     at: dict[str, int]
     writer: dict[int, PlanEntry]
     adapters: set[str] = field(default_factory=set)  # the model's PEFT adapter keys
+    tied: bool = True  # some model tensor sits under several keys
 
 
 @dataclass(frozen=True)
@@ -95,9 +96,10 @@ def check_plan(
         mine: list[PlanEntry] = []
         prior: dict[str, str] = {}
         adapters: set[str] | None = draft.adapters
+        tied = draft.tied
     else:
         entries, at, writer, mine, prior = _index_edited(plan, model, state, plain, units)
-        adapters = None
+        adapters, tied = None, ties.has_ties(plain)
     _complete(
         entries,
         at,
@@ -105,6 +107,7 @@ def check_plan(
         plain,
         prior,
         lambda: adapters if adapters is not None else adapter_keys(model, plain),
+        tied,
     )
     checked = dataclasses.replace(plan, entries=[e for e in entries if e is not None] + mine)
     written = written_ids(checked.entries, state)
@@ -133,12 +136,13 @@ def _complete(
     state: Mapping[str, Tensor],
     prior: Mapping[str, str],
     adapters: Any,
+    tied: bool,
 ) -> None:
     """Give every model key exactly one entry (in ``entries``, a copy the check owns); keys
     without a value are refined by the model. A tied tensor is planned once: its other keys
     are aliases (tied_to) of the entry that writes it, else of the first entry that plans it
     (a mismatch, a skip, a missing key)."""
-    owners = _owners(entries, state) if ties.has_ties(state) else None
+    owners = _owners(entries, state) if tied else None
     known: set[str] | None = None
     for mkey, t in state.items():
         i = at.get(mkey)

@@ -20,6 +20,7 @@ from torch import nn
 
 from .._args import model_class_name
 from ..errors import LoadError
+from ..keys import ties
 from ..keys.mapping import map_names
 from ..keys.peft import peft_view
 from ..keys.select import match_keys
@@ -64,17 +65,19 @@ def make_plan(
         view=view,
     )
     units = Index(find_units(model))
+    plain = plain_state(state, units)
     ctx = PlanContext(
         model=model,
         model_name=model_name,
         state=state,
-        plain=plain_state(state, units),
+        plain=plain,
         source=source,
         skipped=match_keys(opts.skip, state, action="skip", model=model, owner=model_name),
         dropped=mapped.dropped,
         adapter=opts.adapter,
         units=units,
         sharded=sharded,
+        tied=ties.has_ties(plain),
     )
     claims = _claims(ctx, mapped.new_to_old, handlers)
     entries = [e for c in claims for e in c.entries]
@@ -96,9 +99,8 @@ def make_plan(
         checkpoint=ckpt,
         adapter=opts.adapter,
     )
-    draft = Draft(
-        entries, index.at or {}, index.writer or {}, set() if view is None else view.adapter
-    )
+    adapters = set() if view is None else view.adapter
+    draft = Draft(entries, index.at or {}, index.writer or {}, adapters, ctx.tied)
     checked = check_plan(
         plan, model, state, refuse_empty=not opts.dry_run, draft=draft, units=units
     )

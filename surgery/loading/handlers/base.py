@@ -53,6 +53,7 @@ class PlanContext:
     adapter: Adapter | None
     units: Index
     sharded: bool
+    tied: bool  # some tensor of ``plain`` sits under several keys
 
 
 @dataclass

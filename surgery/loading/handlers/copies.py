@@ -60,7 +60,7 @@ class Copies(Handler):
                 if mkey in skipped and mkey not in names and id(t) not in writer:
                     at[mkey] = len(entries)
                     entries.append(_skipped(mkey, t))
-        if ties.has_ties(plain):  # several checkpoint keys for one tied tensor: one carries it
+        if ctx.tied:  # several checkpoint keys for one tied tensor: one carries it
             where = (ctx.source.description, ctx.model_name)
             ties.resolve(entries, plain, WRITES, ctx.source.shares, where)
             writer = {
