@@ -9,10 +9,10 @@ import pickle
 import pytest
 
 from surgery.errors import CheckpointError, UnsafeCheckpointError, UsageError
+from surgery.sources.allowlist import allowed_from
 from surgery.sources.unpickler import (
     PLAIN_GLOBALS,
     Refused,
-    allowed_from,
     global_names,
     refused_in,
     restricted_loads,

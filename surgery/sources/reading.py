@@ -11,6 +11,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..errors import Advice, CheckpointError, Fix, UsageError
+from .allowlist import allowed_from
 from .base import CheckpointLike, CheckpointSource
 from .dcp import DCPSource, is_dcp_dir
 from .filebytes import file_kind
@@ -19,7 +20,6 @@ from .memory import from_mapping, from_module
 from .safetensors import SafetensorsSource, looks_like_safetensors
 from .sharded import ShardedSource, pick_in_folder, pick_training_file
 from .torchfile import SUFFIXES, TorchFileSource, load_object
-from .unpickler import allowed_from
 
 __all__ = ["load_training_state", "open_file", "open_source", "read_checkpoint", "resolve_entry"]
 

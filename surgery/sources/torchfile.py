@@ -21,12 +21,13 @@ import torch
 from torch import Tensor
 
 from ..errors import Advice, CheckpointError, Fix, UsageError
+from .allowlist import allowed_from
 from .filebytes import OffsetReader
 from .memory import MemorySource
 from .pickle_safety import trusted_load
 from .torchformat import TorchObject, read_torch, sniff
 from .torchglobals import ndarrays_to_tensors
-from .unpickler import ALLOW_GLOBALS, allowed_from, refused_in, unsafe_error
+from .unpickler import ALLOW_GLOBALS, refused_in, unsafe_error
 from .unwrap import Unwrapped, unwrap
 
 __all__ = ["SUFFIXES", "TorchFileSource", "load_object"]
