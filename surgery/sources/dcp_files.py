@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import stat
-import struct
 import sys
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -36,6 +35,7 @@ from ..errors import CheckpointError, UnsafeCheckpointError
 from .base import contiguous_start
 from .filebytes import OffsetReader
 from .sharded import shard_path
+from .torchzip import LOCAL_HEADER, TorchZip, ZipStructureError
 from .unpickler import global_names, restricted_loads
 
 __all__ = [
@@ -48,11 +48,6 @@ __all__ = [
     "unsafe_dcp",
 ]
 
-_EOCD = struct.Struct("<4s4H2LH")  # end of central directory, 22 bytes
-_LOCATOR = struct.Struct("<4sLQL")  # zip64 end-of-directory locator, 20 bytes
-_EOCD64 = struct.Struct("<4sQ2H2L4Q")  # zip64 end of central directory, 56 bytes
-_CENTRAL = struct.Struct("<4s6H3L5H2L")  # central directory entry, 46 bytes + name/extra
-_LOCAL = struct.Struct("<4s5H3L2H")  # local file header, 30 bytes + name/extra
 # A one-tensor torch.save zip has 5-8 records and a pickle of about 200 bytes.
 _MAX_RECORDS = 64
 _MAX_DIRECTORY = 64 * 1024
@@ -263,55 +258,64 @@ def _blob_layout(f: BinaryIO, path: Path, c: Chunk) -> Blob:
 
 
 class _ChunkZip:
-    """One chunk's torch zip inside its data file, read by small reads bounded by the chunk;
-    its directory checked on opening (every record stored, inside the chunk)."""
+    """One chunk's torch zip inside its data file, read by the one torch-zip reader
+    (:class:`~.torchzip.TorchZip`) with small reads bounded by the chunk; its directory
+    checked on opening (every record stored, inside the chunk)."""
 
     def __init__(self, f: BinaryIO, c: Chunk) -> None:
         self.f, self.c = f, c
         self.span = f"bytes {c.start}-{c.start + c.length} ('{c.name}')"
         try:
-            self.records, self.directory = _directory(self.read, c.length)
-        except (struct.error, UnicodeDecodeError, ValueError) as e:
+            self.zip = TorchZip(
+                self._raw, c.length, max_records=_MAX_RECORDS, max_directory=_MAX_DIRECTORY
+            )
+        except ZipStructureError as e:
             raise self.bad(f"its zip directory is broken ({e})") from None
+        self.records, self.directory = self.zip.records, self.zip.directory
         pickles = [n for n in self.records if n == "data.pkl" or n.endswith("/data.pkl")]
         if len(pickles) != 1:
             raise self.bad(f"it holds {len(pickles)} pickle records, not one torch.save record")
         self.prefix = pickles[0][: -len("data.pkl")]
-        for name, (method, flags, csize, usize, header) in self.records.items():
-            if method != 0 or flags & 1 or csize != usize:
+        for name, rec in self.records.items():
+            if not rec.stored or rec.csize != rec.size:
                 raise self.bad(
                     f"record '{name}' is compressed or encrypted; dcp.save stores records as "
                     "they are"
                 )
-            if header + _LOCAL.size + len(name.encode()) + usize > self.directory:
-                raise self.bad(f"record '{name}' claims {usize} bytes, more than the chunk holds")
+            if rec.header + LOCAL_HEADER + len(name.encode()) + rec.size > self.directory:
+                raise self.bad(
+                    f"record '{name}' claims {rec.size} bytes, more than the chunk holds"
+                )
 
     def bad(self, what: str) -> CheckpointError:
         return CheckpointError(
             f"'{self.c.file}' {self.span}: {what}; the chunk is corrupt or not DCP data"
         )
 
-    def read(self, at: int, n: int) -> bytes:
-        if at < 0 or at + n > self.c.length:
-            raise self.bad(f"a zip structure points past the chunk (byte {at})")
+    def _raw(self, at: int, n: int) -> bytes:
         self.f.seek(self.c.start + at)
-        data = self.f.read(n)
-        if len(data) != n:
-            raise self.bad("the file ended early")
-        return data
+        return self.f.read(n)
+
+    def read(self, at: int, n: int) -> bytes:
+        try:
+            return self.zip.read(at, n)
+        except ZipStructureError as e:
+            raise self.bad(str(e)) from None
 
     def record(self, name: str, limit: int) -> tuple[int, int]:
         """(offset in the chunk, size) of record ``name``'s data, checked against its header."""
-        _, _, _, size, header = self.records[name]
-        if size > limit:
-            raise self.bad(f"record '{name}' holds {size} bytes, more than {limit}")
-        sig, *_, name_len, extra_len = _LOCAL.unpack(self.read(header, _LOCAL.size))
-        if sig != b"PK\x03\x04" or self.read(header + _LOCAL.size, name_len) != name.encode():
-            raise self.bad(f"record '{name}' has no local header where the directory says")
-        start = header + _LOCAL.size + name_len + extra_len
-        if start + size > self.directory:
+        rec = self.records[name]
+        if rec.size > limit:
+            raise self.bad(f"record '{name}' holds {rec.size} bytes, more than {limit}")
+        try:
+            start = self.zip.data_start(rec)
+        except ZipStructureError:
+            raise self.bad(
+                f"record '{name}' has no local header where the directory says"
+            ) from None
+        if start + rec.size > self.directory:
             raise self.bad(f"record '{name}' runs past the chunk's zip directory")
-        return start, size
+        return start, rec.size
 
     def tensor(self, path: Path) -> _Rebuilt:
         """What the chunk's pickle says: one tensor over one storage (nothing is built)."""
@@ -337,62 +341,6 @@ class _ChunkZip:
         if not isinstance(rebuilt, _Rebuilt):
             raise self.bad(f"its pickle holds a {type(rebuilt).__name__}, not one tensor")
         return rebuilt
-
-
-def _directory(read: Any, length: int) -> tuple[dict[str, tuple[int, int, int, int, int]], int]:
-    """The zip's records as name -> (method, flags, compressed size, size, header offset), and
-    where its central directory starts; bounded before anything is parsed."""
-    if length < _EOCD.size:
-        raise ValueError("too short for a zip")
-    sig, _, _, _, count, cd_size, cd_start, comment = _EOCD.unpack(
-        read(length - _EOCD.size, _EOCD.size)
-    )
-    if sig != b"PK\x05\x06" or comment:
-        raise ValueError("no end-of-directory record at its end")
-    if count == 0xFFFF or 0xFFFFFFFF in (cd_size, cd_start):
-        at = length - _EOCD.size - _LOCATOR.size
-        lsig, _, eocd64, disks = _LOCATOR.unpack(read(at, _LOCATOR.size))
-        if lsig != b"PK\x06\x07" or disks > 1:
-            raise ValueError("a broken zip64 locator")
-        fields = _EOCD64.unpack(read(eocd64, _EOCD64.size))
-        if fields[0] != b"PK\x06\x06":
-            raise ValueError("a broken zip64 directory record")
-        count, cd_size, cd_start = fields[7], fields[8], fields[9]
-    if count > _MAX_RECORDS or cd_size > _MAX_DIRECTORY:
-        raise ValueError(f"{count} records in {cd_size} bytes, not a one-tensor torch.save zip")
-    cd = read(cd_start, cd_size)
-    out: dict[str, tuple[int, int, int, int, int]] = {}
-    pos = 0
-    for _ in range(count):
-        e = _CENTRAL.unpack_from(cd, pos)
-        if e[0] != b"PK\x01\x02":
-            raise ValueError("a broken directory entry")
-        flags, method, csize, usize = e[3], e[4], e[8], e[9]
-        name_len, extra_len, comment_len, header = e[10], e[11], e[12], e[16]
-        name = cd[pos + _CENTRAL.size : pos + _CENTRAL.size + name_len].decode("utf-8")
-        extra = cd[pos + _CENTRAL.size + name_len : pos + _CENTRAL.size + name_len + extra_len]
-        usize, csize, header = _zip64(extra, usize, csize, header)
-        if name in out:
-            raise ValueError(f"record '{name}' twice")
-        out[name] = (method, flags, csize, usize, header)
-        pos += _CENTRAL.size + name_len + extra_len + comment_len
-    return out, cd_start
-
-
-def _zip64(extra: bytes, *values: int) -> tuple[int, ...]:
-    """Sizes and offset from a zip64 extra field, where the 32-bit ones are 0xFFFFFFFF."""
-    out = list(values)
-    pos = 0
-    while pos + 4 <= len(extra):
-        tag, size = struct.unpack_from("<HH", extra, pos)
-        if tag == 1:
-            field = pos + 4
-            for i, v in enumerate(out):
-                if v == 0xFFFFFFFF:
-                    (out[i],) = struct.unpack_from("<Q", extra, field)
-                    field += 8
-        pos += 4 + size
-    return tuple(out)
 
 
 # --------------------------------------------------------------------------- one chunk's pickle

@@ -28,7 +28,6 @@ import io
 import os
 import pickle
 import struct
-import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from torch import Tensor
 
 from ..errors import Advice, CheckpointError, Fix, UnsafeCheckpointError
 from .torchglobals import Storage, StorageType, allowed_globals, builders, ndarrays_to_tensors
+from .torchzip import Record, TorchZip, ZipStructureError
 from .unpickler import Refused, restricted_loads
 
 __all__ = ["TorchObject", "is_torchscript", "read_torch", "sniff", "torchscript_error", "zip_names"]
@@ -51,6 +51,7 @@ _LEGACY_TEXT = b"L119547037146038801333356"
 # A pickle record (the structure: names, shapes, offsets) is about 100 bytes a tensor; a
 # million tensors fit in 256 MB. A larger one is a zip bomb, not a checkpoint.
 MAX_PICKLE = 256 * 1024 * 1024
+_MAX_DIRECTORY = 256 * 1024 * 1024  # a zip directory: about 100 bytes a record
 # Raw pickles (detectron2 model-zoo files, a few hundred MB) are read whole into memory.
 MAX_RAW_PICKLE = 2 * 1024**3
 _FIRST_PREFIX = 4 * 1024 * 1024  # legacy pickles are read from a prefix that doubles
@@ -75,7 +76,8 @@ class _Record:
     offset: int  # of the data, in the file
     size: int
     stored: bool
-    info: zipfile.ZipInfo
+    info: Record
+    zip: TorchZip
 
 
 @dataclass
@@ -206,63 +208,24 @@ def read_torch(
 # --------------------------------------------------------------------------- zip
 
 
-class _Window(io.RawIOBase):
-    """Bytes ``[start, start + length)`` of a file, as a file of their own (for zipfile)."""
-
-    def __init__(self, f: Any, start: int, length: int) -> None:
-        self.f, self.start, self.length, self.pos = f, start, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self.pos, 2: self.length}[whence]
-        self.pos = max(0, base + pos)
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def readinto(self, b: Any) -> int:
-        n = max(0, min(len(b), self.length - self.pos))
-        self.f.seek(self.start + self.pos)
-        got = self.f.readinto(memoryview(b)[:n]) if n else 0
-        self.pos += got
-        return got
-
-
 def _zip_records(file: _File, start: int, length: int) -> dict[str, _Record]:
-    """Every record of the zip at ``start``: name -> data offset in the file, size, stored."""
+    """Every record of the zip at ``start`` (the one torch-zip reader, :mod:`.torchzip`):
+    name -> data offset in the file, size, stored."""
     try:
-        with zipfile.ZipFile(io.BufferedReader(_Window(file.f, start, length))) as zf:
-            infos = zf.infolist()
-    except Exception as e:  # zipfile raises many kinds on junk (BadZipFile, OSError, ...)
+        z = TorchZip(lambda at, n: file.read(start + at, n), length, max_directory=_MAX_DIRECTORY)
+        out: dict[str, _Record] = {}
+        for name, rec in z.records.items():
+            offset = start + z.data_start(rec)
+            size = rec.size if rec.stored else rec.csize
+            if offset + size > start + length:
+                raise CheckpointError(
+                    f"cannot read torch checkpoint '{file.where}': record '{name}' claims "
+                    f"{size} bytes at byte {offset}, past the end of the file; it is truncated "
+                    "or corrupt"
+                )
+            out[name] = _Record(offset, rec.size, rec.stored, rec, z)
+    except ZipStructureError as e:
         raise _bad_zip(file.where, e) from None
-    out: dict[str, _Record] = {}
-    for info in infos:
-        if info.filename in out:
-            raise CheckpointError(
-                f"cannot read torch checkpoint '{file.where}': its zip holds the record "
-                f"'{info.filename}' twice; torch.save never does, the file is corrupt or hostile"
-            )
-        inside = info.header_offset + 30 <= length
-        local = file.read(start + info.header_offset, 30) if inside else b""
-        if local[:4] != _ZIP_MAGIC:
-            raise _bad_zip(file.where, ValueError(f"no local header for '{info.filename}'"))
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        offset = start + info.header_offset + 30 + name_len + extra_len
-        stored = info.compress_type == zipfile.ZIP_STORED
-        size = info.file_size if stored else info.compress_size
-        if offset + size > start + length:
-            raise CheckpointError(
-                f"cannot read torch checkpoint '{file.where}': record '{info.filename}' claims "
-                f"{size} bytes at byte {offset}, past the end of the file; it is truncated or "
-                "corrupt"
-            )
-        out[info.filename] = _Record(offset, info.file_size, stored, info)
     return out
 
 
@@ -301,24 +264,22 @@ def _bad_zip(where: str, e: BaseException) -> CheckpointError:
     )
 
 
-def _record_bytes(file: _File, rec: _Record, start: int, length: int, limit: int) -> bytes:
+def _record_bytes(file: _File, rec: _Record, limit: int) -> bytes:
     """A record's bytes, at most ``limit`` (a compressed one inflated, never beyond it)."""
     if rec.size > limit:
         raise CheckpointError(
-            f"cannot read torch checkpoint '{file.where}': its record '{rec.info.filename}' "
+            f"cannot read torch checkpoint '{file.where}': its record '{rec.info.name}' "
             f"inflates to {rec.size} bytes, more than any checkpoint's ({limit}); the file "
             "is corrupt or hostile"
         )
     if rec.stored:
         return file.read(rec.offset, rec.size)
     try:
-        with zipfile.ZipFile(io.BufferedReader(_Window(file.f, start, length))) as zf:
-            with zf.open(rec.info) as r:
-                data = r.read(limit + 1)
-    except Exception as e:
+        data = rec.zip.inflate(rec.info, limit)
+    except ZipStructureError as e:
         raise _bad_zip(file.where, e) from None
     if len(data) != rec.size:
-        raise _bad_zip(file.where, ValueError(f"record '{rec.info.filename}' inflates wrong"))
+        raise _bad_zip(file.where, ValueError(f"record '{rec.info.name}' inflates wrong"))
     return data
 
 
@@ -338,13 +299,13 @@ def _read_zip(file: _File, start: int, length: int, names: Mapping[str, Any]) ->
     order = records.get(prefix + "byteorder")
     byteorder = "little"
     if order is not None:
-        byteorder = _record_bytes(file, order, start, length, 16).decode("ascii", "replace")
+        byteorder = _record_bytes(file, order, 16).decode("ascii", "replace")
         if byteorder not in ("little", "big"):
             raise CheckpointError(
                 f"cannot read torch checkpoint '{file.where}': its byteorder record says "
                 f"{byteorder!r}, not 'little' or 'big'; the file is corrupt"
             )
-    data = _record_bytes(file, pkl, start, length, MAX_PICKLE)
+    data = _record_bytes(file, pkl, MAX_PICKLE)
     swap = byteorder != "little"
     storages: dict[str, Storage] = {}
 
@@ -368,13 +329,13 @@ def _read_zip(file: _File, start: int, length: int, names: Mapping[str, Any]) ->
             if nbytes > rec.size:
                 raise CheckpointError(
                     f"cannot read torch checkpoint '{file.where}': the record "
-                    f"'{rec.info.filename}' holds {rec.size} bytes but its storage needs "
+                    f"'{rec.info.name}' holds {rec.size} bytes but its storage needs "
                     f"{nbytes}; the file is corrupt, download or save it again."
                 )
             if rec.stored:
                 untyped = file.storage(rec.offset, nbytes, stype.dtype if swap else None)
             else:  # torch.save never compresses; someone re-zipped it: inflate in memory
-                raw = bytearray(_record_bytes(file, rec, start, length, MAX_PICKLE)[:nbytes])
+                raw = bytearray(_record_bytes(file, rec, MAX_PICKLE)[:nbytes])
                 untyped = torch.frombuffer(raw, dtype=torch.uint8).untyped_storage()
                 if swap and stype.dtype.itemsize > 1:
                     untyped.byteswap(stype.dtype)
