@@ -62,19 +62,19 @@ class OptimizerReport(_StatusTable):
     optimizer: str = ""
     model: str = ""
     form: str = ""
+    tensors_total: int = 0
     restored: list[str] = field(default_factory=list)
     adapted: list[Mismatch] = field(default_factory=list)
     reset: list[Mismatch] = field(default_factory=list)
+    step: float | None = None
     fresh: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     frozen: dict[str, str] = field(default_factory=dict)
+    prefix: tuple[str, str] | None = None
     dropped: list[str] = field(default_factory=list)
     renamed: dict[str, str] = field(default_factory=dict)
     groups: dict[str, str] = field(default_factory=dict)
-    prefix: tuple[str, str] | None = None
     notes: list[str] = field(default_factory=list)
-    tensors_total: int = 0
-    step: float | None = None
 
     @property
     def ok(self) -> bool:

@@ -13,42 +13,40 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from torch import Tensor
 
 from ..errors import DistributedError
 
-__all__ = ["CollectiveCoordinator", "LocalCoordinator", "plan_fingerprint"]
+__all__ = ["CollectiveCoordinator", "LocalCoordinator", "Terms", "plan_fingerprint"]
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Terms(Generic[T]):
+    """How ranks compare a step's result: its ``fingerprint`` (equal on every rank that plans
+    the same load), a ``summary`` for the message when they differ, and ``abort`` to release
+    a result that will not be used."""
+
+    fingerprint: Callable[[T], str]
+    summary: Callable[[T], str]
+    abort: Callable[[T], None] = lambda _: None
 
 
 class LocalCoordinator:
     """One participant: its step's result is the agreement."""
 
-    def agree(
-        self,
-        step: Callable[[], T],
-        *,
-        fingerprint: Callable[[T], str],
-        summary: Callable[[T], str],
-        abort: Callable[[T], None] = lambda _: None,
-    ) -> T:
+    def agree(self, step: Callable[[], T], terms: Terms[T]) -> T:
         return step()
 
 
 class CollectiveCoordinator:
     """Every rank of the default process group, agreeing with one ``all_gather_object``."""
 
-    def agree(
-        self,
-        step: Callable[[], T],
-        *,
-        fingerprint: Callable[[T], str],
-        summary: Callable[[T], str],
-        abort: Callable[[T], None] = lambda _: None,
-    ) -> T:
+    def agree(self, step: Callable[[], T], terms: Terms[T]) -> T:
         """Run ``step()`` on this rank, then check with every rank.
 
         Returns this rank's result when every rank succeeded with the same ``fingerprint``.
@@ -64,7 +62,7 @@ class CollectiveCoordinator:
         error: BaseException | None = None
         try:
             result = step()
-            mine: tuple = ("ok", fingerprint(result), summary(result))
+            mine: tuple = ("ok", terms.fingerprint(result), terms.summary(result))
         except Exception as e:
             error = e
             mine = ("error", type(e).__name__, str(e))
@@ -76,11 +74,11 @@ class CollectiveCoordinator:
             if error is not None and len(failed) == world and len(set(outcomes)) == 1:
                 raise error  # the same error on every rank: raise it as it is
             if result is not None:
-                abort(result)
+                terms.abort(result)
             raise _failed(failed, world, error)
         prints = [o[1] for o in outcomes]
         if len(set(prints)) > 1:
-            abort(result)
+            terms.abort(result)
             raise _differ(prints, outcomes)
         return result
 

@@ -36,8 +36,8 @@ from ..keys.remap import Remap
 from ..keys.select import Selector
 from ..sources import CheckpointLike, CheckpointSource
 from .check import CheckedPlan, Initialise, check_plan, meta_to_initialise, strict_failure
-from .coordinators import LocalCoordinator, plan_fingerprint
-from .handlers import HANDLERS, Handler, Job, Prepared, adapter_notes
+from .coordinators import LocalCoordinator, Terms, plan_fingerprint
+from .handlers import HANDLERS, Commit, Handler, Job, Prepared, adapter_notes
 from .options import LoadOptions, OnMismatch, load_options
 from .placements import placement_for
 from .plan import Adapter, PlanData
@@ -72,31 +72,16 @@ class LoadPlan(PlanData):
             return check_plan(self, model, state, refuse_empty=True).plan  # type: ignore[return-value]
 
     def apply(
-        self,
-        model: nn.Module,
-        ckpt: CheckpointLike | None = None,
-        *,
-        on_mismatch: Adapter | None = None,
-        dry_run: bool = False,
-        progress: bool | None = None,
-        device: str | torch.device | None = None,
-        allow_globals: Iterable[Any] | None = None,
+        self, model: nn.Module, ckpt: CheckpointLike | None = None, **options: Any
     ) -> LoadReport:
-        """Check the plan against ``model`` and carry it out; see :func:`surgery.apply_plan`.
+        """Check the plan against ``model`` and carry it out: ``apply_plan(model, plan, ckpt,
+        **options)``, with its options (``on_mismatch``, ``dry_run``, ``progress``, ``device``,
+        ``allow_globals``); see :func:`surgery.apply_plan`.
 
         Example:
             >>> report = plan.apply(model)  # doctest: +SKIP
         """
-        return apply_plan(
-            model,
-            self,
-            ckpt,
-            on_mismatch=on_mismatch,
-            dry_run=dry_run,
-            progress=progress,
-            device=device,
-            allow_globals=allow_globals,
-        )
+        return apply_plan(model, self, ckpt, **options)
 
 
 # --------------------------------------------------------------------------- public entry points
@@ -314,13 +299,12 @@ def run(model: nn.Module, request: _Request, handlers: Sequence[Handler] = HANDL
         coordinator = placement.coordinator if agreeing else LocalCoordinator()
         ready = coordinator.agree(
             lambda: _prepare(model, state, placement, request, handlers),
-            fingerprint=_fingerprint,
-            summary=lambda r: str(r.checked.plan.counts()),
-            abort=_Ready.close,
+            Terms(_fingerprint, lambda r: str(r.checked.plan.counts()), _Ready.close),
         )
         try:
             if not opts.dry_run:
-                writer = placement.writer(state, ready.source, opts.progress, ready.initialise)
+                commit = Commit(state, ready.source, opts.progress, ready.initialise)
+                writer = placement.writer(commit)
                 writer.begin()
                 writer.write([w for p in ready.parts for w in p.writes])
                 for h, part in zip(handlers, ready.parts, strict=True):

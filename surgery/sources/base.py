@@ -10,14 +10,27 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CheckpointLike", "CheckpointSource"]
+__all__ = ["CheckpointLike", "CheckpointSource", "ReadOptions"]
 
 CheckpointLike = str | os.PathLike | Mapping[str, Any] | nn.Module
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a file is read: the container ``entry`` holding the state dict, ``trust_pickle``
+    (``torch.load`` runs the file's code), ``mmap`` (tensors as lazy views of the file) and
+    the user's ``allow_globals``; checked once, handed to each reader."""
+
+    entry: str | None = None
+    trust_pickle: bool = False
+    mmap: bool = True
+    allow_globals: Iterable[Any] | None = None
 
 
 class CheckpointSource:
@@ -104,10 +117,15 @@ class CheckpointSource:
         every rank makes with the same keys, each filling its own shards."""
         if collective and not self.collective_reads:
             raise NotImplementedError(f"{type(self).__name__} reads no DTensors collectively")
+        self._read_many_into(targets, collective, on_read or (lambda key: None))
+
+    def _read_many_into(
+        self, targets: Mapping[str, Tensor], collective: bool, on_read: Callable[[str], None]
+    ) -> None:
+        """The hook a source that reads many keys in one pass overrides."""
         for key, out in targets.items():
             self.read_into(key, out)
-            if on_read is not None:
-                on_read(key)
+            on_read(key)
 
     def resident(self, key: str) -> torch.device | None:
         """The device tensor ``key`` already lies on in memory; ``None`` when it is read from

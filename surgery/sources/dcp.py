@@ -192,21 +192,16 @@ class DCPSource(CheckpointSource):
 
     collective_reads = True
 
-    def read_many_into(
-        self,
-        targets: Mapping[str, Tensor],
-        *,
-        collective: bool = False,
-        on_read: Callable[[str], None] | None = None,
+    def _read_many_into(
+        self, targets: Mapping[str, Tensor], collective: bool, on_read: Callable[[str], None]
     ) -> None:
         """Every key in one ``dcp.load`` (per-key loads would each re-plan and re-open the
         folder); ``collective=True`` is a collective ``dcp.load``: every rank calls it with
         the same keys, DTensor destinations get only this rank's shards."""
         if targets:
             self.load_many(targets, no_dist=not collective)
-        if on_read is not None:
-            for key in targets:
-                on_read(key)
+        for key in targets:
+            on_read(key)
 
     def load_many(self, targets: Mapping[str, Tensor], *, no_dist: bool) -> None:
         """``dcp.load`` of ``{spec key: destination}`` in one pass; DTensor destinations get

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Iterable, Mapping
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 
 from ..errors import Advice, CheckpointError, Fix, UsageError
 from .allowlist import allowed_from
-from .base import CheckpointLike, CheckpointSource
+from .base import CheckpointLike, CheckpointSource, ReadOptions
 from .dcp import DCPSource, is_dcp_dir
 from .filebytes import file_kind
 from .hub import hub_file, is_hub_name
@@ -66,9 +67,7 @@ def open_source(
             path = pick_in_folder(path)
         elif kind == "missing":
             raise CheckpointError(f"checkpoint '{path}' does not exist")
-        return open_file(
-            path, entry=entry, trust_pickle=trust_pickle, mmap=mmap, allow_globals=allow_globals
-        )
+        return open_file(path, ReadOptions(entry, trust_pickle, mmap, allow_globals))
     raise CheckpointError(
         f"cannot read a checkpoint from a {type(src).__name__}; pass a file path, a folder, "
         "a dict of tensors or an nn.Module"
@@ -116,31 +115,21 @@ def read_checkpoint(
             source.close()
 
 
-def open_file(
-    path: Path,
-    *,
-    entry: str | None = None,
-    trust_pickle: bool = False,
-    mmap: bool = True,
-    allow_globals: Iterable[Any] | None = None,
-) -> CheckpointSource:
+def open_file(path: Path, options: ReadOptions) -> CheckpointSource:
     """Open one checkpoint file by its kind: index, safetensors (by name or content), torch.
 
     Only regular files are read (a symlink to one counts).
     """
     _require_file(path)
+    entry = options.entry
     name = path.name.lower()
     if name.endswith(".index.json"):
         if entry is not None:
             raise CheckpointError(
                 Advice(Fix("entry", entry), f" does not apply to the sharded checkpoint '{path}'")
             )
-        return ShardedSource(
-            path,
-            lambda shard: open_file(
-                shard, trust_pickle=trust_pickle, mmap=mmap, allow_globals=allow_globals
-            ),
-        )
+        shards = dataclasses.replace(options, entry=None)
+        return ShardedSource(path, lambda shard: open_file(shard, shards))
     if name.endswith(".safetensors") or (not name.endswith(SUFFIXES) and _sniff_safetensors(path)):
         if entry is not None:
             raise CheckpointError(
@@ -150,9 +139,7 @@ def open_file(
                 )
             )
         return SafetensorsSource(path)
-    return TorchFileSource(
-        path, entry=entry, trust_pickle=trust_pickle, mmap=mmap, allow_globals=allow_globals
-    )
+    return TorchFileSource(path, options)
 
 
 def load_training_state(

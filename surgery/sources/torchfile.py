@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..errors import Advice, CheckpointError, Fix, UsageError
 from .allowlist import allowed_from
+from .base import ReadOptions
 from .filebytes import OffsetReader
 from .memory import MemorySource
 from .pickle_safety import trusted_load
@@ -39,17 +40,9 @@ class TorchFileSource(MemorySource):
     """A ``torch.save`` file (zip or legacy) or a raw pickle of arrays, unwrapped to its state
     dict; tensors located in the file are read from it by offset."""
 
-    def __init__(
-        self,
-        path: Path,
-        *,
-        entry: str | None = None,
-        trust_pickle: bool = False,
-        mmap: bool = True,
-        allow_globals: Iterable[Any] | None = None,
-    ) -> None:
-        loaded = _read(path, trust_pickle, mmap, allow_globals)
-        found = _unwrap(loaded, entry, path)
+    def __init__(self, path: Path, options: ReadOptions) -> None:
+        loaded = _read(path, options.trust_pickle, options.mmap, options.allow_globals)
+        found = _unwrap(loaded, options.entry, path)
         super().__init__(
             found.tensors,
             str(path) + found.suffix,

@@ -10,7 +10,7 @@ is one more handler, placed before the plain copies.
 from __future__ import annotations
 
 from .adapted import Adapted, adapter_notes
-from .base import Claimed, Handler, Job, PlanContext, Prepared, Write, Writer
+from .base import Claimed, Commit, Handler, Job, PlanContext, Prepared, Write, Writer
 from .copies import Copies
 from .selfloading import SelfLoading
 
@@ -18,6 +18,7 @@ __all__ = [
     "HANDLERS",
     "Adapted",
     "Claimed",
+    "Commit",
     "Copies",
     "Handler",
     "Job",

@@ -30,7 +30,7 @@ from ..entries import PlanEntry
 from ..plan import Adapter
 from ..units import Index, Rehearsal
 
-__all__ = ["Claimed", "Handler", "Job", "PlanContext", "Prepared", "Write", "Writer"]
+__all__ = ["Claimed", "Commit", "Handler", "Job", "PlanContext", "Prepared", "Write", "Writer"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,17 @@ class Write:
     target: Tensor
     ckpt_key: str
     value: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Commit:
+    """What a placement's writer is made for: the model's state, the open source, whether to
+    show progress, and the meta modules to initialise (``None``: nothing is on ``meta``)."""
+
+    state: Mapping[str, Any]
+    source: CheckpointSource
+    progress: bool | None
+    initialise: tuple[list[nn.Module], list[str]] | None
 
 
 class Writer(Protocol):

@@ -23,9 +23,9 @@ from ..._sysmem import available_memory, format_bytes
 from ..._tensors import Holders, holders, replace
 from ...errors import LoadError, UsageError
 from ...sources import CheckpointSource
-from ..check import CheckedPlan, Initialise
+from ..check import CheckedPlan
 from ..coordinators import LocalCoordinator
-from ..handlers import Write
+from ..handlers import Commit, Write
 from ..plan import Adapter
 from ..units import materialise
 
@@ -53,32 +53,19 @@ class LocalPlacement:
         if checked.initialise is not None:
             check_memory(self.model, checked.state)
 
-    def writer(
-        self,
-        state: Mapping[str, Any],
-        source: CheckpointSource,
-        progress: bool | None,
-        initialise: Initialise | None,
-    ) -> LocalWriter:
-        return LocalWriter(self.model, state, source, self.device, progress, initialise)
+    def writer(self, commit: Commit) -> LocalWriter:
+        return LocalWriter(self.model, commit, self.device)
 
 
 class LocalWriter:
     """Writes a prepared load into a local model; see the module docstring."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        state: Mapping[str, Any],
-        source: CheckpointSource,
-        device: torch.device | None,
-        progress: bool | None,
-        initialise: Initialise | None,
-    ) -> None:
-        self.model, self.state, self.source = model, state, source
+    def __init__(self, model: nn.Module, commit: Commit, device: torch.device | None) -> None:
+        self.model, self.state, self.source = model, commit.state, commit.source
         self.device = device
         self.dev = device or torch.device("cpu")
-        self.progress = progress
+        self.progress = commit.progress
+        initialise = commit.initialise
         self.init_modules = initialise[0] if initialise is not None else []
         self.owners: Holders = holders(model) if initialise is not None else {}
         self.replaced: dict[int, Tensor] = {}

@@ -24,9 +24,9 @@ from torch import Tensor, nn
 from ..._args import model_class_name
 from ...errors import UsageError
 from ...sources import CheckpointSource
-from ..check import CheckedPlan, Initialise
+from ..check import CheckedPlan
 from ..coordinators import CollectiveCoordinator
-from ..handlers import Write
+from ..handlers import Commit, Write
 from ..plan import Adapter
 
 __all__ = ["ShardedPlacement", "ShardedWriter", "global_view", "is_sharded"]
@@ -91,14 +91,8 @@ class ShardedPlacement:
     def prepare(self, checked: CheckedPlan) -> None:
         """Nothing more: the shards were checked before planning."""
 
-    def writer(
-        self,
-        state: Mapping[str, Any],
-        source: CheckpointSource,
-        progress: bool | None,
-        initialise: Initialise | None,
-    ) -> ShardedWriter:
-        return ShardedWriter(source)
+    def writer(self, commit: Commit) -> ShardedWriter:
+        return ShardedWriter(commit.source)
 
 
 def global_view(adapter: Adapter) -> Adapter:
