@@ -385,7 +385,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     load leaves gaps that --allow-missing, --skip or --drop do not name."""
     if args.input and not (args.match or args.source):
         raise UsageError("--input is the example input for --match; add --match (or --source)")
-    with empty_init():  # load_partial materialises it; tensors it does not load get their init
+    with empty_init():  # planned on meta; loaded on meta too when the checkpoint fills it all
         model = _build(args)
     remap: list[tuple[str, str | None]] = [(rx, None) for rx in _regexes(args.drop, "--drop")]
     remap += _parse_remap(args.remap) or []
@@ -404,6 +404,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     why = _convert_gaps(report, args.allow_missing)
     saved = None
     if not why:
+        if report.not_loaded() or report.skipped:  # intended gaps keep the factory's init
+            model = _build(args)
         report = load_partial(model, args.checkpoint, **options)
         saved = save(model, args.output, layout=args.layout, max_shard_size=args.max_shard_size)
     if args.json:

@@ -270,6 +270,7 @@ def test_model_layout_of_mixtral_reads_back_by_load_partial_and_from_pretrained(
 def test_views_are_written_as_the_values_they_show(tmp_path):
     base = torch.arange(24.0).reshape(4, 6)
     weight = torch.randn(5, 3)
+    rows = torch.randn(3, 4)
     state = {
         "t": base.t(),  # non-contiguous view
         "row0": base[0],  # a slice of the same storage
@@ -278,6 +279,9 @@ def test_views_are_written_as_the_values_they_show(tmp_path):
         "w_t": weight.t(),  # the same bytes seen transposed: not a tie
         "w_alias": weight,  # a tie
         "half": base[:, :3],  # strided slice
+        "top": rows[0:2],  # contiguous slices that overlap each other
+        "bottom": rows[1:3],
+        "w_bits": weight.view(torch.int32),  # the same bytes as another dtype: not a tie
     }
     saved = surgery.save(state, tmp_path)
     assert saved.tied == {"w_alias": "w"}
