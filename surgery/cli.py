@@ -219,13 +219,18 @@ def _inspect(source: CheckpointSource, depth: int) -> dict:
     }
 
 
-def _cmd_inspect(args: argparse.Namespace) -> int:
-    source = open_source(
+def _open(args: argparse.Namespace) -> CheckpointSource:
+    """The checkpoint the command names, read as its options say."""
+    return open_source(
         args.checkpoint,
         entry=args.key,
         trust_pickle=args.trust_pickle,
         allow_globals=args.allow_globals,
     )
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    source = _open(args)
     try:
         info = _inspect(source, args.depth)
     finally:
@@ -445,12 +450,7 @@ def _structure_rules(
         with empty_init():
             source = _build_spec(args.source, args.source_num_classes)
     else:
-        ckpt = open_source(
-            args.checkpoint,
-            entry=args.key,
-            trust_pickle=args.trust_pickle,
-            allow_globals=args.allow_globals,
-        )
+        ckpt = _open(args)
         try:
             renamed, _, _ = apply_remap(ckpt.specs, remap or None)
             specs = {new: ckpt.specs[old] for new, old in renamed.items()}
@@ -663,24 +663,25 @@ def _parser() -> argparse.ArgumentParser:
     pi.add_argument(
         "--depth", type=_positive_int, default=3, help="levels of the key tree to show (1 or more)"
     )
-    pd = sub.add_parser("diff", parents=[common], help="dry-run load into a model")
-    pd.add_argument(
+    loading = argparse.ArgumentParser(add_help=False)  # diff and convert load into a model
+    loading.add_argument(
         "--model", required=True, help="torchvision:NAME, timm:NAME or module.path:factory"
     )
-    pd.add_argument("--num-classes", type=_positive_int, help="passed to the model factory")
-    pd.add_argument(
+    loading.add_argument("--num-classes", type=_positive_int, help="passed to the model factory")
+    loading.add_argument(
         "--remap",
         action="append",
         metavar="REGEX=REPL",
         help="rename checkpoint keys (repeatable), e.g. '^backbone\\.='",
     )
-    pd.add_argument(
+    loading.add_argument(
         "--skip",
         action="append",
         metavar="GLOB",
         help="model keys not to load (repeatable), e.g. 'fc.*'",
     )
-    pd.add_argument("--no-prefix", action="store_true", help="turn off prefix detection")
+    loading.add_argument("--no-prefix", action="store_true", help="turn off prefix detection")
+    sub.add_parser("diff", parents=[common, loading], help="dry-run load into a model")
     pm = sub.add_parser(
         "match", help="pair the tensors of two models by structure (names may all differ)"
     )
@@ -692,31 +693,18 @@ def _parser() -> argparse.ArgumentParser:
     pm.add_argument("--source-num-classes", type=int, help="passed to the source's factory")
     pm.add_argument("--rules", action="store_true", help="also print the regex rules")
     pm.add_argument("--json", action="store_true", help="machine-readable output")
-    _convert_parser(sub, common)
+    _convert_parser(sub, [common, loading])
     return p
 
 
-def _convert_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+def _convert_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     pc = sub.add_parser(
         "convert",
-        parents=[common],
+        parents=parents,
         help="load a checkpoint into a model (by names or by structure) and write its weights",
     )
     pc.add_argument(
         "-o", "--output", required=True, help="folder to write (or a file ending in .safetensors)"
-    )
-    pc.add_argument(
-        "--model", required=True, help="torchvision:NAME, timm:NAME or module.path:factory"
-    )
-    pc.add_argument("--num-classes", type=_positive_int, help="passed to the model factory")
-    pc.add_argument(
-        "--remap",
-        action="append",
-        metavar="REGEX=REPL",
-        help="rename checkpoint keys (repeatable); with --match, into the source model's names",
-    )
-    pc.add_argument(
-        "--skip", action="append", metavar="GLOB", help="model keys not to load (keep their init)"
     )
     pc.add_argument(
         "--allow-missing",
@@ -730,11 +718,11 @@ def _convert_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="REGEX",
         help="checkpoint keys not to convert (repeatable), e.g. '^fc\\.'",
     )
-    pc.add_argument("--no-prefix", action="store_true", help="turn off prefix detection")
     pc.add_argument(
         "--match",
         action="store_true",
-        help="pair tensors by structure (as `surgery match`) instead of by name",
+        help="pair tensors by structure (as `surgery match`) instead of by name; --remap "
+        "rules run first, into the source model's names",
     )
     pc.add_argument(
         "--source",
