@@ -508,3 +508,10 @@ def test_unwritable_folder_is_a_save_error(tmp_path):
     finally:
         locked.chmod(0o700)
     assert list(locked.iterdir()) == []
+
+
+def test_a_file_in_the_way_of_the_folder_is_a_save_error(tmp_path):
+    (tmp_path / "runs").write_text("not a folder")
+    with pytest.raises(SaveError, match="cannot write.*Nothing was written"):
+        surgery.save(_cnn(), tmp_path / "runs" / "out")
+    assert sorted(os.listdir(tmp_path)) == ["runs"]
