@@ -100,9 +100,10 @@ def save(
     ``model.safetensors``, or shards and ``model.safetensors.index.json`` when the tensors
     exceed ``max_shard_size`` (bytes, or ``"500MB"``, ``"5GB"``, ``"2GiB"``); a tensor larger
     than that gets a shard of its own. Tied tensors are stored once (a transformers model keeps
-    the name its class does not tie, e.g. ``embed_tokens`` over ``lm_head``); views are written
-    as the values they show. ``metadata`` (strings only) goes into every file's
-    ``__metadata__`` and the index, beside ``"format": "pt"``.
+    the name its class does not tie, e.g. ``embed_tokens`` over ``lm_head``), the dropped names
+    recorded in the metadata for ``layout="model"``; views are written as the values they
+    show. ``metadata`` (strings only) goes into every file's ``__metadata__`` and the index,
+    beside ``"format": "pt"``.
 
     ``layout="model"`` writes the model's own ``state_dict()`` names. ``layout="checkpoint"``
     writes a transformers model as its ``save_pretrained`` does: tied weights dropped, then
