@@ -21,6 +21,7 @@ from .errors import (
     LoadError,
     OptimizerStateError,
     PrefixTieError,
+    SaveError,
     SelectorError,
     SurgeryError,
     UnsafeCheckpointError,
@@ -48,6 +49,7 @@ from .optimizer_state import (
 )
 from .plan import LoadPlan, PlanEntry, plan_load
 from .report import LoadReport, Mismatch
+from .saving import SaveReport, save
 from .sources import read_checkpoint
 
 __version__ = "0.1.0"
@@ -71,6 +73,8 @@ __all__ = [
     "OptimizerStateError",
     "PlanEntry",
     "PrefixTieError",
+    "SaveError",
+    "SaveReport",
     "SelectorError",
     "SurgeryError",
     "TrainableSummary",
@@ -95,6 +99,7 @@ __all__ = [
     "read_checkpoint",
     "restore_optimizer",
     "restore_scheduler",
+    "save",
     "trainable_summary",
     "unfreeze",
     "verify",

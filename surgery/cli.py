@@ -3,6 +3,9 @@
     surgery inspect CKPT [--key K] [--depth D] [--json] [--allow-global MODULE.NAME]
     surgery diff CKPT --model SPEC [--num-classes N] [--remap REGEX=REPL] [--skip GLOB] [--json]
     surgery match SRC_SPEC DST_SPEC --input 1,3,224,224 [--rules] [--json]
+    surgery convert CKPT -o OUT --model SPEC [--source SPEC --input 1,3,224,224 | --match]
+                    [--remap REGEX=REPL] [--skip GLOB] [--allow-missing GLOB] [--drop REGEX]
+                    [--layout model|checkpoint] [--max-shard-size 5GB] [--json]
     python -m surgery ...          (the same command)
 
 ``diff`` exits 0 when the load would pass ``strict=True`` (nothing missing, unexpected or
@@ -35,11 +38,13 @@ import torch
 from torch import nn
 
 from . import meta
-from ._table import format_count, format_shape
+from ._table import first_n, format_count, format_shape
 from ._text import escape_control
 from .errors import CheckpointError, SurgeryError, UnsafeCheckpointError, UsageError
 from .load import load_partial
 from .meta import empty_init
+from .report import LoadReport
+from .saving import save
 from .sources import CheckpointSource, open_source
 
 __all__ = ["build_model", "main"]
@@ -214,13 +219,18 @@ def _inspect(source: CheckpointSource, depth: int) -> dict:
     }
 
 
-def _cmd_inspect(args: argparse.Namespace) -> int:
-    source = open_source(
+def _open(args: argparse.Namespace) -> CheckpointSource:
+    """The checkpoint the command names, read as its options say."""
+    return open_source(
         args.checkpoint,
         entry=args.key,
         trust_pickle=args.trust_pickle,
         allow_globals=args.allow_globals,
     )
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    source = _open(args)
     try:
         info = _inspect(source, args.depth)
     finally:
@@ -276,12 +286,16 @@ def _parse_remap(rules: list[str] | None) -> list[tuple[str, str | None]] | None
 
 
 def _build(args: argparse.Namespace) -> nn.Module:
+    return _build_spec(args.model, args.num_classes)
+
+
+def _build_spec(spec: str, num_classes: int | None) -> nn.Module:
     try:
-        return build_model(args.model, args.num_classes)
+        return build_model(spec, num_classes)
     except SurgeryError:
         raise
     except Exception as e:  # a factory of the user's failing: no traceback, say what failed
-        raise UsageError(f"building {args.model} failed: {type(e).__name__}: {e}") from None
+        raise UsageError(f"building {spec} failed: {type(e).__name__}: {e}") from None
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
@@ -336,13 +350,8 @@ def _cmd_match(args: argparse.Namespace) -> int:
     shape = _parse_input_shape(args.input)
     models = []
     for spec, n in ((args.source, args.source_num_classes), (args.model, args.num_classes)):
-        try:
-            with empty_init():
-                models.append(build_model(spec, n))
-        except SurgeryError:
-            raise
-        except Exception as e:
-            raise UsageError(f"building {spec} failed: {type(e).__name__}: {e}") from None
+        with empty_init():
+            models.append(_build_spec(spec, n))
     dtype = torch.long if args.input_dtype == "int64" else torch.float32
     example = torch.zeros(shape, dtype=dtype)
     result = match(models[0], models[1], example)
@@ -370,6 +379,124 @@ def _raw(text: str | None) -> str:
     if "\\" in text and "'" not in text and not text.endswith("\\"):
         return f"r'{text}'"
     return repr(text)
+
+
+# --------------------------------------------------------------------------- convert
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    """Load CKPT into the model SPEC names (by names, or by structure with --match), print the
+    report, and write the model's weights with ``surgery.save``; nothing is written when the
+    load leaves gaps that --allow-missing, --skip or --drop do not name."""
+    if args.input and not (args.match or args.source):
+        raise UsageError("--input is the example input for --match; add --match (or --source)")
+    with empty_init():  # planned on meta; loaded on meta too when the checkpoint fills it all
+        model = _build(args)
+    remap: list[tuple[str, str | None]] = [(rx, None) for rx in _regexes(args.drop, "--drop")]
+    remap += _parse_remap(args.remap) or []
+    matching = bool(args.match or args.source)
+    if matching:
+        remap += _structure_rules(args, model, remap)
+    options: dict[str, Any] = dict(
+        entry=args.key,
+        remap=remap or None,
+        prefix=None if args.no_prefix or matching else "auto",
+        skip=args.skip,
+        trust_pickle=args.trust_pickle,
+        allow_globals=args.allow_globals,
+    )
+    report = load_partial(model, args.checkpoint, dry_run=True, **options)
+    why = _convert_gaps(report, args.allow_missing)
+    saved = None
+    if not why:
+        if report.not_loaded() or report.skipped:  # intended gaps keep the factory's init
+            model = _build(args)
+        report = load_partial(model, args.checkpoint, **options)
+        saved = save(model, args.output, layout=args.layout, max_shard_size=args.max_shard_size)
+    if args.json:
+        info = {"report": report.to_dict(), "ok": saved is not None, "why_not_ok": why}
+        print(json.dumps({**info, "saved": saved.to_dict() if saved else None}, indent=2))
+    elif saved is None:
+        _emit(f"{report}\nnot ok: {why}\nnothing written to '{args.output}'")
+    else:
+        _emit(f"{report}\n{saved}")
+    return 0 if saved is not None else 1
+
+
+def _regexes(patterns: list[str] | None, flag: str) -> list[str]:
+    for pattern in patterns or ():
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise UsageError(f"{flag} {pattern!r} is not a valid regex ({e})") from None
+    return list(patterns or ())
+
+
+def _structure_rules(
+    args: argparse.Namespace, model: nn.Module, remap: list[tuple[str, str | None]]
+) -> list[tuple[str, str | None]]:
+    """The ``(regex, replacement)`` rules ``surgery.match`` finds from the checkpoint's names
+    (after --drop/--remap) to the model's: from the source model run on the example input
+    (--source), or from the checkpoint's names and shapes alone (read from its header)."""
+    from ._keymap import apply_remap
+    from .matching import match
+
+    example = None
+    if args.input:
+        dtype = torch.long if args.input_dtype == "int64" else torch.float32
+        example = torch.zeros(_parse_input_shape(args.input), dtype=dtype)
+    source: nn.Module | dict[str, torch.Tensor]
+    if args.source:
+        with empty_init():
+            source = _build_spec(args.source, args.source_num_classes)
+    else:
+        ckpt = _open(args)
+        try:
+            renamed, _, _ = apply_remap(ckpt.specs, remap or None)
+            specs = {new: ckpt.specs[old] for new, old in renamed.items()}
+        finally:
+            ckpt.close()
+        source = {k: torch.empty(s, dtype=d, device="meta") for k, (s, d) in specs.items()}
+    return match(source, model, example).rules()
+
+
+def _convert_gaps(report: LoadReport, allow_missing: list[str] | None) -> str:
+    """Why the written weights would not be the checkpoint's (``""`` when they are): model
+    tensors without a value that --allow-missing does not name, checkpoint tensors that land
+    nowhere (--drop names those that should not)."""
+    from ._select import match_keys
+
+    parts = []
+    unloaded = report.not_loaded()
+    if unloaded and allow_missing:
+        known = [*report.loaded, *unloaded, *report.skipped, *report.defaulted, *report.tied]
+        allowed = match_keys(allow_missing, known, action="--allow-missing", owner=report.model)
+        unloaded = [k for k in unloaded if k not in allowed]
+    if unloaded:
+        parts.append(
+            f"{_count(len(unloaded), 'model tensor')} would get no value from the checkpoint "
+            f"({first_n(unloaded, 3)}); pass --allow-missing GLOB (written with the model's "
+            "init) or --skip GLOB if intended"
+        )
+    if report.unexpected:
+        parts.append(
+            f"{_count(len(report.unexpected), 'checkpoint tensor')} would not be written "
+            f"({first_n(report.unexpected, 3)}); pass --drop '{_drop_regex(report.unexpected)}' "
+            "if intended"
+        )
+    return escape_control("; ".join(parts))
+
+
+def _drop_regex(keys: list[str]) -> str:
+    """A --drop regex for ``keys``: their common parent module, else the keys themselves."""
+    if len(keys) == 1:
+        return f"^{re.escape(keys[0])}$"
+    parents = [k.split(".")[:-1] for k in keys]
+    common = next((i for i, ps in enumerate(zip(*parents, strict=False)) if len(set(ps)) > 1), None)
+    parts = parents[0][: min(map(len, parents)) if common is None else common]
+    if parts:
+        return f"^{re.escape('.'.join(parts))}\\."
+    return "^(" + "|".join(re.escape(k) for k in keys) + ")$"
 
 
 # --------------------------------------------------------------------------- advice
@@ -536,24 +663,25 @@ def _parser() -> argparse.ArgumentParser:
     pi.add_argument(
         "--depth", type=_positive_int, default=3, help="levels of the key tree to show (1 or more)"
     )
-    pd = sub.add_parser("diff", parents=[common], help="dry-run load into a model")
-    pd.add_argument(
+    loading = argparse.ArgumentParser(add_help=False)  # diff and convert load into a model
+    loading.add_argument(
         "--model", required=True, help="torchvision:NAME, timm:NAME or module.path:factory"
     )
-    pd.add_argument("--num-classes", type=_positive_int, help="passed to the model factory")
-    pd.add_argument(
+    loading.add_argument("--num-classes", type=_positive_int, help="passed to the model factory")
+    loading.add_argument(
         "--remap",
         action="append",
         metavar="REGEX=REPL",
         help="rename checkpoint keys (repeatable), e.g. '^backbone\\.='",
     )
-    pd.add_argument(
+    loading.add_argument(
         "--skip",
         action="append",
         metavar="GLOB",
         help="model keys not to load (repeatable), e.g. 'fc.*'",
     )
-    pd.add_argument("--no-prefix", action="store_true", help="turn off prefix detection")
+    loading.add_argument("--no-prefix", action="store_true", help="turn off prefix detection")
+    sub.add_parser("diff", parents=[common, loading], help="dry-run load into a model")
     pm = sub.add_parser(
         "match", help="pair the tensors of two models by structure (names may all differ)"
     )
@@ -565,7 +693,55 @@ def _parser() -> argparse.ArgumentParser:
     pm.add_argument("--source-num-classes", type=int, help="passed to the source's factory")
     pm.add_argument("--rules", action="store_true", help="also print the regex rules")
     pm.add_argument("--json", action="store_true", help="machine-readable output")
+    _convert_parser(sub, [common, loading])
     return p
+
+
+def _convert_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    pc = sub.add_parser(
+        "convert",
+        parents=parents,
+        help="load a checkpoint into a model (by names or by structure) and write its weights",
+    )
+    pc.add_argument(
+        "-o", "--output", required=True, help="folder to write (or a file ending in .safetensors)"
+    )
+    pc.add_argument(
+        "--allow-missing",
+        action="append",
+        metavar="GLOB",
+        help="model keys that may get no value (written with the model's init), e.g. 'head.*'",
+    )
+    pc.add_argument(
+        "--drop",
+        action="append",
+        metavar="REGEX",
+        help="checkpoint keys not to convert (repeatable), e.g. '^fc\\.'",
+    )
+    pc.add_argument(
+        "--match",
+        action="store_true",
+        help="pair tensors by structure (as `surgery match`) instead of by name; --remap "
+        "rules run first, into the source model's names",
+    )
+    pc.add_argument(
+        "--source",
+        metavar="SPEC",
+        help="the model CKPT was saved from, for --match (implies it); without it the "
+        "checkpoint's names and shapes alone are matched (low confidence)",
+    )
+    pc.add_argument("--source-num-classes", type=_positive_int, help="passed to its factory")
+    pc.add_argument("--input", help="example input shape for --match, e.g. 1,3,224,224")
+    pc.add_argument("--input-dtype", choices=["float32", "int64"], default="float32")
+    pc.add_argument(
+        "--layout",
+        choices=["model", "checkpoint"],
+        default="model",
+        help="'checkpoint' writes a transformers model as save_pretrained does",
+    )
+    pc.add_argument(
+        "--max-shard-size", default="5GB", help="shard above this size (e.g. 500MB, 5GB)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -575,6 +751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "inspect": _cmd_inspect,
         "diff": _cmd_diff,
         "match": _cmd_match,
+        "convert": _cmd_convert,
     }
     try:
         with _user_modules(getattr(args, "imports", [])):
