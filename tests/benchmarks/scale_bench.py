@@ -367,8 +367,9 @@ def _table(results: dict[str, list[dict]], folder: Path, work: Path) -> list[str
     plain = [n for n in med if WAYS[n].plain]
     best = min(plain, key=lambda n: med[n]["total_s"]) if plain else next(iter(med))
     ref = torch.load(work / f"{best.replace(':', '_')}-0.logits.pt")
+    which = "the fastest plain way in this run" if plain else "no plain way was run"
     lines = [
-        f"ratios to {best} ({WAYS[best].text}), the fastest plain way in this run",
+        f"ratios to {best} ({WAYS[best].text}), {which}",
         "",
         "| way | what | construct+load+first forward | construct | load phase | load GB/s | "
         "of which adapter / resize | first forward | peak RSS net of imports | time / plain | "
@@ -412,12 +413,16 @@ def main(argv: list[str] | None = None) -> None:
     extra = json.loads(args.surgery_kwargs)
     if args.repeats is None:
         args.repeats = 1 if args.params < 1e8 else 3
+    if args.child == "make":
+        return _make(args.dir, args.params)
     if args.child:
         return _child(args.child, args.dir, args.params, extra, args.out)
     unknown = [w for w in args.ways.split(",") if w not in WAYS]
     if unknown:
         ap.error(f"unknown ways {unknown}; choose from {list(WAYS)}")
     ways, notes = _accepted(args.ways.split(","), extra)
+    if not ways:
+        ap.error("; ".join(notes))
     print(*_machine(), sep="\n")
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory(prefix="scale_bench_") as tmp:
@@ -432,6 +437,8 @@ def _prepare(folder: Path, params: float) -> None:
     if done.exists() and json.loads(done.read_text()).get("params") == params:
         print(f"checkpoint: reusing {folder}")
         return
+    if folder.exists() and any(folder.iterdir()) and not done.exists():
+        raise SystemExit(f"--dir {folder} holds other files; name an empty or new folder")
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     t0 = time.perf_counter()
@@ -483,11 +490,4 @@ def _report_run(folder: Path, work: Path, ways: list[str], notes: list[str], arg
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1:3] == ["--child", "make"]:
-        a = argparse.ArgumentParser()
-        a.add_argument("--child"), a.add_argument("--dir", type=Path)
-        a.add_argument("--params", type=float)
-        ns = a.parse_args()
-        _make(ns.dir, ns.params)
-    else:
-        main()
+    main()
