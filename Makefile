@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench
+.PHONY: demo test test-fast lint bench bench-scale
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -25,3 +25,6 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python tests/benchmarks/load_bench.py
+
+bench-scale: $(STAMP)
+	$(VENV)/bin/python tests/benchmarks/scale_bench.py --params 1.1e9 --read-speed

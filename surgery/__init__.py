@@ -20,6 +20,7 @@ from .errors import (
     LoadError,
     OptimizerStateError,
     PrefixTieError,
+    SaveError,
     SelectorError,
     SurgeryError,
     UnsafeCheckpointError,
@@ -46,6 +47,7 @@ from .optimizer_state import (
     restore_optimizer,
     restore_scheduler,
 )
+from .saving import SaveReport, save
 from .sources import read_checkpoint
 from .sources.hub import hub_file
 
@@ -70,6 +72,8 @@ __all__ = [
     "OptimizerStateError",
     "PlanEntry",
     "PrefixTieError",
+    "SaveError",
+    "SaveReport",
     "SelectorError",
     "SurgeryError",
     "TrainableSummary",
@@ -94,6 +98,7 @@ __all__ = [
     "read_checkpoint",
     "restore_optimizer",
     "restore_scheduler",
+    "save",
     "trainable_summary",
     "unfreeze",
     "verify",

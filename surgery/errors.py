@@ -22,6 +22,7 @@ __all__ = [
     "LoadError",
     "OptimizerStateError",
     "PrefixTieError",
+    "SaveError",
     "SelectorError",
     "SurgeryError",
     "UnsafeCheckpointError",
@@ -171,3 +172,8 @@ class UsageError(SurgeryError, ValueError):
 
 class SelectorError(UsageError):
     """A selector (module or key name pattern, type, callable) matched nothing or was malformed."""
+
+
+class SaveError(SurgeryError, OSError):
+    """Writing a checkpoint failed (disk full, no permission, a path that is a file). Nothing was
+    written: temporary files are removed and an existing checkpoint at the path is unchanged."""

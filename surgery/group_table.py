@@ -89,6 +89,7 @@ def describe_groups(groups: Sequence[Mapping[str, Any]] | torch.optim.Optimizer)
 
     Example:
         >>> import torchvision
+        >>> from surgery import param_groups
         >>> groups = param_groups(torchvision.models.resnet18(), lr=0.1, weight_decay=1e-4)
         >>> print(describe_groups(groups))  # doctest: +NORMALIZE_WHITESPACE
         2 parameter groups, 62 tensors, 11.7M params

@@ -3,12 +3,19 @@
 ``head_rows(old_labels, new_labels)`` is an ``on_mismatch`` adapter for ``load_partial``. For a
 classifier weight or bias whose first dimension is the number of classes, it copies the row of
 every label present in both lists to the label's new position and initialises the rows of new
-labels like a freshly built layer would. It records what it did (``summary``, ``notes()``) so
-a caller can print it. ``chain`` combines it with other adapters (e.g. ``adapt_shapes``).
+labels with the distribution a freshly built layer gives them. It records what it did
+(``summary``, ``notes()``) so a caller can print it. ``chain`` combines it with other adapters
+(e.g. ``adapt_shapes``).
+
+Memory: the output tensor is the only allocation of the head's size. Kept rows are copied from
+the checkpoint tensor into it run by run (a bounded buffer for scattered rows); new rows are
+drawn on a tensor of just those rows. The adapter keeps no tensor from a load, only the counts
+and labels its notes say.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
@@ -27,9 +34,11 @@ Labels = Iterable[Hashable] | str | os.PathLike
 
 _SHOW = 10  # labels listed per note
 
-# A fresh layer of the head's kind, by weight dimensions: its reset_parameters() is the
-# default init of the new rows (kaiming_uniform(a=sqrt(5)) weight, uniform(+-1/sqrt(fan_in)) bias).
-_LAYERS: dict[int, type[nn.Module]] = {2: nn.Linear, 3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}
+# Head weights with a default init: nn.Linear (2-d) and nn.Conv1d/2d/3d (3- to 5-d), whose
+# reset_parameters() draw kaiming_uniform(a=sqrt(5)) weights and uniform(+-1/sqrt(fan_in)) biases.
+_WEIGHT_DIMS = range(2, 6)
+_MAX_RUNS = 256  # kept rows in at most this many runs of consecutive rows: one copy per run
+_CHUNK_BYTES = 16 << 20  # else gathered through a buffer of this size
 
 
 def head_rows(
@@ -44,11 +53,20 @@ def head_rows(
     A mismatched tensor whose first dimension is ``len(old_labels)`` in the checkpoint and
     ``len(new_labels)`` in the model (other dimensions equal) is taken as a head weight or
     bias: the row of each label in both lists is copied to its new position; the rows of new
-    labels are initialised as the layer's ``reset_parameters`` would (``init="default"``: the
-    rows of a fresh ``nn.Linear``/``nn.ConvNd`` of the new size, drawn from torch's global RNG),
-    or to the mean of the old rows (``init="mean"``). Anything else returns ``None`` (skipped,
-    or handled by the next adapter of a :func:`chain`). The model tensor's values are never
-    read, so meta-device models (:func:`empty_init`) work.
+    labels are initialised with the distribution the layer's ``reset_parameters`` gives them
+    (``init="default"``), or to the mean of the old rows (``init="mean"``). Anything else
+    returns ``None`` (skipped, or handled by the next adapter of a :func:`chain`). The model
+    tensor's values are never read, so meta-device models (:func:`empty_init`) work.
+
+    ``init="default"`` treats a 2-d weight as an ``nn.Linear``'s and a 3- to 5-d one as an
+    ``nn.ConvNd``'s, whatever the layer (an ``nn.Embedding`` too). Only the ``k`` new rows are
+    drawn, from torch's global RNG: a weight's with ``nn.init.kaiming_uniform_(a=math.sqrt(5))``
+    on a float32 tensor of those rows, a bias's ``uniform_(-1/sqrt(fan_in), 1/sqrt(fan_in))``
+    with its weight's fan-in, then cast to the model's dtype. The bounds depend only on the
+    dimensions after the first, so the rows have the full layer's distribution; as numbers they
+    are the rows of a fresh layer with ``k`` outputs (``nn.Linear(in_features, k)``) built at
+    that point, not those of a fresh full-size layer (drawing that would cost a whole layer).
+    The checkpoint's rows are copied exactly.
 
     Labels are any hashables; ``old_labels``/``new_labels`` may also be the path of a text file
     with one label a line (blank lines ignored). Lists of equal length give equal shapes, which
@@ -108,8 +126,7 @@ class HeadRows:
             [i for i, lb in enumerate(self.new_labels) if lb not in old_pos], dtype=torch.long
         )
         self.summary: dict[str, dict[str, Any]] = {}
-        # layer prefix -> (fresh layer, names already served from it)
-        self._fresh: dict[str, tuple[nn.Module, set[str]]] = {}
+        self._fan_in: dict[str, int] = {}  # layer prefix -> fan-in of the weight adapted there
 
     @property
     def added(self) -> list[Hashable]:
@@ -126,15 +143,15 @@ class HeadRows:
             or ckpt.shape[1:] != model.shape[1:]
         ):
             return None
-        out = torch.empty(model.shape, dtype=model.dtype)  # model values are never read
+        fill = None
+        if len(self._init_idx):  # first, so a failure allocates nothing of the head's size
+            fill = _mean_row(ckpt) if self.init == "mean" else self._new_rows(name, model.shape)
+        # model values are never read: only its shape and dtype (a meta tensor is fine)
+        out = torch.empty(model.shape, dtype=model.dtype, device=ckpt.device)
         if len(self._new_idx):
-            out[self._new_idx] = ckpt[self._old_idx].to(out.dtype)
-        if len(self._init_idx):
-            if self.init == "mean":
-                fill = ckpt.float().mean(0, keepdim=True)
-            else:
-                fill = self._fresh_rows(name, model.shape)[self._init_idx]
-            out[self._init_idx] = fill.to(out.dtype)
+            _copy_rows(out, self._new_idx, ckpt, self._old_idx)
+        if fill is not None:
+            out[self._init_idx.to(out.device)] = fill.to(out.device, out.dtype)
         self.summary[name] = {
             "kept": len(self._new_idx),
             "rows": (n_old, n_new),
@@ -144,16 +161,25 @@ class HeadRows:
         }
         return out
 
-    def _fresh_rows(self, name: str, shape: torch.Size) -> Tensor:
-        """This tensor as a fresh layer of the new size holds it after ``reset_parameters``."""
+    def _new_rows(self, name: str, shape: torch.Size) -> Tensor:
+        """The new rows alone, drawn with the bounds ``reset_parameters`` gives the full layer."""
+        rows = (len(self._init_idx), *shape[1:])
         prefix = name.rpartition(".")[0]
-        entry = self._fresh.get(prefix)
-        if entry is None or name in entry[1]:  # a new layer, or a second load: draw again
-            weight_shape = shape if len(shape) >= 2 else self._weight_shape(name, prefix)
-            entry = self._fresh[prefix] = (_fresh_layer(weight_shape), set())
-        layer, served = entry
-        served.add(name)
-        return (layer.weight if len(shape) >= 2 else layer.bias).detach()
+        if len(shape) >= 2:
+            if len(shape) not in _WEIGHT_DIMS:
+                raise LoadError(
+                    f"head_rows has no default init for a {len(shape)}-d head weight "
+                    f"{tuple(shape)} ('{name}'); pass init='mean'. Nothing was loaded."
+                )
+            self._fan_in[prefix] = math.prod(shape[1:])
+            out = torch.empty(rows, dtype=torch.float32)
+            with torch.no_grad():  # fan_in (dims after the first) is the full layer's
+                return nn.init.kaiming_uniform_(out, a=math.sqrt(5))
+        fan_in = self._fan_in.get(prefix)
+        if fan_in is None:
+            fan_in = math.prod(self._weight_shape(name, prefix)[1:])
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        return torch.empty(rows, dtype=torch.float32).uniform_(-bound, bound)
 
     def _weight_shape(self, name: str, prefix: str) -> torch.Size:
         """The weight shape of a bias's layer: from ``model=``, else an error saying so."""
@@ -163,7 +189,7 @@ class HeadRows:
                 weight = self._model.get_submodule(prefix).get_parameter("weight")
             except AttributeError:
                 weight = None
-        if weight is None or weight.ndim not in _LAYERS:
+        if weight is None or weight.ndim not in _WEIGHT_DIMS:
             where = "" if self._model is None else f" (model= has no weight at '{prefix}')"
             raise LoadError(
                 f"head_rows cannot initialise the new rows of '{name}' like reset_parameters: "
@@ -297,20 +323,33 @@ def _labels(labels: Labels, what: str) -> list[Hashable]:
     return out
 
 
-def _fresh_layer(weight_shape: torch.Size) -> nn.Module:
-    """A CPU layer with this weight shape, initialised by its own ``reset_parameters``."""
-    kind = _LAYERS.get(len(weight_shape))
-    if kind is None:
-        raise LoadError(
-            f"head_rows has no default init for a {len(weight_shape)}-d head weight "
-            f"{tuple(weight_shape)}; pass init='mean'. Nothing was loaded."
-        )
-    out_features, in_features = weight_shape[0], weight_shape[1]
-    kernel = tuple(weight_shape[2:])
-    args = (in_features, out_features, kernel) if kernel else (in_features, out_features)
-    # skip_init builds on meta then allocates on CPU: no RNG draw until reset_parameters, and
-    # correct inside empty_init() or a torch.device("meta") block too.
-    layer = torch.nn.utils.skip_init(kind, *args, device="cpu")
-    with torch.no_grad():
-        layer.reset_parameters()
-    return layer
+def _copy_rows(out: Tensor, dst: Tensor, src: Tensor, src_idx: Tensor) -> None:
+    """``out[dst] = src[src_idx]`` without a temporary of the head's size: one ``copy_`` per run
+    of consecutive rows (a vocabulary kept in place is one run), else a gather through a buffer
+    of at most ``_CHUNK_BYTES``."""
+    step = (dst.diff() != 1) | (src_idx.diff() != 1)
+    if int(step.sum()) < _MAX_RUNS:
+        starts = [0, *(step.nonzero().flatten() + 1).tolist()]
+        for a, b in zip(starts, [*starts[1:], len(dst)], strict=True):
+            d, s = int(dst[a]), int(src_idx[a])
+            out[d : d + b - a].copy_(src[s : s + b - a])
+        return
+    row_bytes = max(1, src[0].numel() * max(src.element_size(), out.element_size()))
+    chunk = max(1, _CHUNK_BYTES // row_bytes)
+    dst, src_idx = dst.to(out.device), src_idx.to(src.device)
+    for a in range(0, len(dst), chunk):
+        rows = src.index_select(0, src_idx[a : a + chunk]).to(out.device, out.dtype)
+        out.index_copy_(0, dst[a : a + chunk], rows)
+
+
+def _mean_row(t: Tensor) -> Tensor:
+    """The mean of ``t``'s rows as a float32 ``(1, ...)`` tensor, summed in chunks so that a
+    bf16 or float16 checkpoint tensor is not first copied whole into float32."""
+    if t.dtype == torch.float32:
+        return t.mean(0, keepdim=True)
+    total = torch.zeros((1, *t.shape[1:]), dtype=torch.float32, device=t.device)
+    row_bytes = max(1, t[0].numel() * 4) if len(t) else 1
+    chunk = max(1, _CHUNK_BYTES // row_bytes)
+    for a in range(0, len(t), chunk):
+        total += t[a : a + chunk].sum(0, keepdim=True, dtype=torch.float32)
+    return total / len(t)

@@ -304,3 +304,161 @@ def test_escape_control():
     assert escape_control("a\x1b[31mb\x9b\x7f\r") == "a\\x1b[31mb\\x9b\\x7f\\x0d"
     assert escape_control("x\u202ey\u200bz\U000e0001") == "x\\u202ey\\u200bz\\U000e0001"
     assert escape_control("one\ntwo\tthree", keep="\n") == "one\ntwo\\x09three"
+
+
+# --------------------------------------------------------------------------- convert (issue 22)
+
+TINY_VITS = """
+from torchvision.models.vision_transformer import VisionTransformer as TV
+from timm.models.vision_transformer import VisionTransformer as TM
+
+
+def tv_vit(num_classes=10):
+    return TV(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
+              mlp_dim=64, num_classes=num_classes)
+
+
+def timm_vit(num_classes=10):
+    return TM(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+              num_classes=num_classes)
+"""
+
+
+@pytest.fixture()
+def tiny_vits(tmp_path, monkeypatch):
+    """A module of tiny torchvision and timm ViT factories, importable from the current folder
+    (as ``--model tiny_vits:timm_vit``), and the torchvision one's weights in tv.pth."""
+    (tmp_path / "tiny_vits.py").write_text(TINY_VITS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import tiny_vits
+
+    torch.manual_seed(0)
+    src = tiny_vits.tv_vit().eval()
+    torch.save(src.state_dict(), tmp_path / "tv.pth")
+    yield tiny_vits, src
+    sys.modules.pop("tiny_vits", None)
+
+
+@pytest.mark.parametrize(
+    "how", [["--source", "tiny_vits:tv_vit"], ["--match"]], ids=["source-model", "checkpoint-only"]
+)
+def test_convert_torchvision_vit_to_timm_by_structure(how, tiny_vits, capsys):
+    from safetensors.torch import load_file
+
+    module, src = tiny_vits
+    argv = ["convert", "tv.pth", "-o", "out", "--model", "tiny_vits:timm_vit", *how]
+    assert main([*argv, "--input", "1,3,32,32"]) == 0
+    out = capsys.readouterr().out
+    assert "loaded 32/32 parameter tensors" in out and "saved 32 tensors" in out
+    assert "from 'encoder.layers.encoder_layer_0.self_attention.in_proj_weight'" in out
+    model = module.timm_vit().eval()
+    model.load_state_dict(load_file("out/model.safetensors"))  # plain torch reads the output
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # oracle: the source model's forward pass on the same input
+        torch.testing.assert_close(model(x), src(x), rtol=0, atol=1e-6)
+
+
+def test_convert_writes_nothing_unless_the_gaps_are_named(tiny_vits, capsys):
+    from safetensors.torch import load_file
+
+    argv = ["convert", "tv.pth", "-o", "out", "--model", "tiny_vits:timm_vit", "--num-classes"]
+    argv += ["5", "--source", "tiny_vits:tv_vit", "--input", "1,3,32,32"]
+    assert main(argv) == 1  # a 5-class head: nothing pairs with the source's 10-class one
+    out = capsys.readouterr().out
+    assert "not ok: 2 model tensors would get no value from the checkpoint" in out
+    assert "--drop '^heads\\.head\\.'" in out and "nothing written to 'out'" in out
+    assert sorted(set(os.listdir()) - {"__pycache__"}) == ["tiny_vits.py", "tv.pth"]
+    assert main([*argv, "--allow-missing", "head.*"]) == 1  # the source head still lands nowhere
+    assert not Path("out").exists()
+    assert main([*argv, "--allow-missing", "head.*", "--drop", r"^heads\."]) == 0
+    full_argv = ["convert", "tv.pth", "-o", "full", "--model", "tiny_vits:timm_vit", *argv[8:]]
+    assert main(full_argv) == 0  # 10 classes: everything pairs
+    new, full = load_file("out/model.safetensors"), load_file("full/model.safetensors")
+    assert new.keys() == full.keys()
+    for k in new:  # oracle: the complete conversion; the new head keeps timm's init
+        assert torch.equal(new[k], full[k]) != k.startswith("head."), k
+    assert new["head.weight"].shape == (5, 32)
+
+
+def test_convert_by_names_with_remap_skip_and_shards(tmp_path, r18_imagenet, capsys):
+    path = tmp_path / "bb.pth"
+    torch.save({"backbone." + k: v for k, v in r18_imagenet.items()}, path)
+    out = tmp_path / "out"
+    argv = ["convert", str(path), "-o", str(out), "--model", "torchvision:resnet18"]
+    argv += ["--num-classes", "10", "--no-prefix", "--remap", r"^backbone\.="]
+    assert main(argv) == 1 and not out.exists()  # fc mismatched
+    assert "fc.weight" in capsys.readouterr().out
+    assert main([*argv, "--skip", "fc.*", "--max-shard-size", "20MB", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["ok"] and info["report"]["skipped"] == ["fc.weight", "fc.bias"]
+    files = info["saved"]["files"]
+    assert len(files) == 4 and files[-1] == "model.safetensors.index.json"
+    loaded = surgery_read(out)
+    for k, v in r18_imagenet.items():  # oracle: the checkpoint's own tensors
+        if not k.startswith("fc."):
+            assert torch.equal(loaded[k], v), k
+    assert loaded["fc.weight"].shape == (10, 512)
+
+
+def surgery_read(folder: Path) -> dict[str, torch.Tensor]:
+    from surgery import read_checkpoint
+
+    return read_checkpoint(folder)
+
+
+MIXTRAL = """
+import transformers
+
+def mixtral():
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_local_experts=4, num_experts_per_tok=2)
+    return transformers.MixtralForCausalLM(cfg)
+"""
+
+
+def test_convert_layout_checkpoint_writes_what_save_pretrained_writes(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    import surgery
+
+    (tmp_path / "tiny_mixtral.py").write_text(MIXTRAL)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import tiny_mixtral
+
+    try:
+        torch.manual_seed(0)
+        model = tiny_mixtral.mixtral()
+        surgery.save(model, "model_layout")
+        argv = ["convert", "model_layout", "-o", "hub", "--model", "tiny_mixtral:mixtral"]
+        assert main([*argv, "--layout", "checkpoint"]) == 0
+        model.save_pretrained("theirs")  # oracle: transformers' own writer
+        ours, theirs = surgery_read(Path("hub")), surgery_read(Path("theirs"))
+        assert (
+            ours.keys() == theirs.keys()
+            and "model.layers.0.block_sparse_moe.experts.3.w1.weight" in ours
+        )
+        for k in ours:
+            assert torch.equal(ours[k], theirs[k]), k
+    finally:
+        sys.modules.pop("tiny_mixtral", None)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--input", "1,3,32,32"], "--input is the example input for --match"),
+        (["--drop", "("], "--drop '(' is not a valid regex"),
+        (["--allow-missing", "nope.*"], "--allow-missing"),
+        (["--max-shard-size", "lots"], "max_shard_size must be"),
+    ],
+)
+def test_convert_bad_options_exit_2_and_write_nothing(extra, message, tiny_vits, capsys):
+    argv = ["convert", "tv.pth", "-o", "out", "--model", "tiny_vits:tv_vit", "--num-classes", "3"]
+    if "--max-shard-size" in extra:
+        argv = argv[:-2]  # a load that is ok, so the bad size is what stops it
+    assert main([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not Path("out").exists()

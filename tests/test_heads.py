@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import inspect
 import math
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -11,6 +15,8 @@ import torchvision
 from conftest import SmallCNN, assert_same_state, snapshot
 from safetensors.torch import save_file
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import surgery
 from surgery.adapters import adapt_shapes
@@ -19,6 +25,8 @@ SYNSETS = [f"n{i:08d}" for i in range(1000)]  # stand-ins for ImageNet's synset 
 
 
 def fresh_linear(seed: int, in_features: int, out_features: int) -> nn.Linear:
+    """The oracle for new rows: head_rows draws the k new rows as a fresh ``nn.Linear`` with k
+    outputs would (weight, then bias), not a whole fresh layer of the new size."""
     torch.manual_seed(seed)
     return nn.Linear(in_features, out_features)
 
@@ -31,16 +39,16 @@ def test_imagenet_head_to_ten_classes_seven_known(r18_imagenet):
 
     torch.manual_seed(123)
     report = surgery.load_partial(model, r18_imagenet, on_mismatch=rows)
-    expected = fresh_linear(123, 512, 10)  # what reset_parameters draws for a new 10-row head
+    expected = fresh_linear(123, 512, 3)  # the 3 new rows, as reset_parameters draws them
 
     assert sorted(m.key for m in report.adapted) == ["fc.bias", "fc.weight"]
     assert not report.mismatched and not report.missing
     for new, old in kept.items():
         assert torch.equal(model.fc.weight[new], r18_imagenet["fc.weight"][old])
         assert torch.equal(model.fc.bias[new], r18_imagenet["fc.bias"][old])
-    for new in (2, 5, 8):
-        assert torch.equal(model.fc.weight[new], expected.weight[new])
-        assert torch.equal(model.fc.bias[new], expected.bias[new])
+    for i, new in enumerate((2, 5, 8)):
+        assert torch.equal(model.fc.weight[new], expected.weight[i])
+        assert torch.equal(model.fc.bias[new], expected.bias[i])
     assert torch.equal(model.layer1[0].conv1.weight, r18_imagenet["layer1.0.conv1.weight"])
 
     assert rows.summary["fc.weight"] == {
@@ -131,14 +139,14 @@ def test_meta_model_from_empty_init(r18_imagenet):
     rows = surgery.head_rows(SYNSETS, [SYNSETS[10], "new", SYNSETS[0]])
     torch.manual_seed(5)
     report = surgery.load_partial(model, r18_imagenet, on_mismatch=rows)
-    expected = fresh_linear(5, 512, 3)
+    expected = fresh_linear(5, 512, 1)
 
     assert not any(t.is_meta for t in model.state_dict().values())
     assert isinstance(model.fc.weight, nn.Parameter) and model.fc.weight.requires_grad
     assert torch.equal(model.fc.weight[0], r18_imagenet["fc.weight"][10])
     assert torch.equal(model.fc.weight[2], r18_imagenet["fc.weight"][0])
-    assert torch.equal(model.fc.weight[1], expected.weight[1])
-    assert torch.equal(model.fc.bias[1], expected.bias[1])
+    assert torch.equal(model.fc.weight[1], expected.weight[0])
+    assert torch.equal(model.fc.bias[1], expected.bias[0])
     assert "fc.weight" not in report.initialised
 
 
@@ -152,9 +160,9 @@ def test_bias_before_weight_in_the_file(tmp_path):
     model = SmallCNN(num_classes=6)
     torch.manual_seed(9)
     report = surgery.load_partial(model, path, on_mismatch=surgery.head_rows(range(5), range(6)))
-    expected = fresh_linear(9, 16, 6)
-    assert torch.equal(model.fc.bias[5], expected.bias[5])
-    assert torch.equal(model.fc.weight[5], expected.weight[5])
+    expected = fresh_linear(9, 16, 1)
+    assert torch.equal(model.fc.bias[5], expected.bias[0])
+    assert torch.equal(model.fc.weight[5], expected.weight[0])
     assert torch.equal(model.fc.weight[:5], src.fc.weight)
     assert any("fc.weight: kept 5 of 6 rows" in n for n in report.notes), report.notes
 
@@ -214,3 +222,238 @@ def test_bad_options():
         surgery.head_rows(["a"], ["b"], init="zeros")
     with pytest.raises(surgery.UsageError, match="chain takes callables"):
         surgery.chain(surgery.head_rows(["a"], ["b"]), "skip")
+
+
+# --------------------------------------------------------------------------- memory (issue 23)
+
+
+class BigAllocations(TorchDispatchMode):
+    """Records every tensor an aten op allocates of at least ``min_bytes`` (outputs that share no
+    storage with the op's inputs: views and in-place results are not allocations)."""
+
+    def __init__(self, min_bytes: int) -> None:
+        super().__init__()
+        self.min_bytes = min_bytes
+        self.seen: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor) and not t.is_meta
+        }
+        for t in tree_flatten(out)[0]:
+            if (
+                isinstance(t, torch.Tensor)
+                and not t.is_meta
+                and t.untyped_storage().nbytes() >= self.min_bytes
+                and t.untyped_storage().data_ptr() not in inputs
+            ):
+                self.seen.append((str(func), tuple(t.shape), t.dtype))
+        return out
+
+
+def reachable_tensor_bytes(root: object) -> int:
+    """Bytes of every tensor reachable from ``root`` through references (gc's view of it)."""
+    seen, stack, total = {id(root)}, [root], 0
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, torch.Tensor):
+            total += obj.untyped_storage().nbytes()
+            continue
+        if isinstance(obj, type) or inspect.ismodule(obj):
+            continue
+        for ref in gc.get_referents(obj):
+            if id(ref) not in seen:
+                seen.add(id(ref))
+                stack.append(ref)
+    return total
+
+
+def meta_like(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("old", "new", "init"),
+    [
+        (range(3000), range(3008), "default"),  # added tokens: one run of kept rows
+        (range(3000), range(3008), "mean"),
+        (range(3000), [*reversed(range(3000)), "x"], "default"),  # every row moves: gathered
+        (range(3000), [*range(0, 3000, 2), "y"], "default"),  # half the rows, 1500 runs
+    ],
+    ids=["tokens", "mean", "reversed", "every-other"],
+)
+def test_only_the_output_is_allocated_at_the_head_size(old, new, init, dtype, monkeypatch):
+    """Issue 23: no fresh full-size layer, no gathered copy, no float32 copy of a bf16 tensor:
+    the output is the only allocation as large as a quarter of the head (scattered rows and
+    sums go through a buffer of _CHUNK_BYTES, 16 MiB, made small here for a small head)."""
+    monkeypatch.setattr(surgery.heads, "_CHUNK_BYTES", 1 << 16)
+    torch.manual_seed(0)
+    ckpt = torch.randn(3000, 256).to(dtype)
+    rows = surgery.head_rows(old, new, init=init)
+    target = meta_like((len(rows.new_labels), 256), dtype)
+    size = target.numel() * target.element_size()
+    with BigAllocations(size // 4) as allocs:
+        out = rows("lm_head.weight", ckpt, target)
+    assert allocs.seen == [("aten.empty.memory_format", tuple(target.shape), dtype)], allocs.seen
+
+    old_pos = {lb: i for i, lb in enumerate(old)}
+    for i, label in enumerate(new):  # oracle: the checkpoint's own rows, indexed in torch
+        if label in old_pos:
+            assert torch.equal(out[i], ckpt[old_pos[label]]), i
+    added = [i for i, lb in enumerate(new) if lb not in old_pos]
+    if init == "mean":
+        expected = ckpt.float().mean(0).to(dtype)
+        for i in added:
+            torch.testing.assert_close(out[i], expected, rtol=0, atol=1e-6)
+    else:
+        bound = 1 / math.sqrt(256)
+        assert out[added].float().abs().max() <= bound
+        assert out[added].float().std() > bound / 4
+
+
+def test_scattered_rows_through_a_small_buffer(monkeypatch):
+    """The gather path in chunks of a few rows gives what plain indexing gives."""
+    monkeypatch.setattr(surgery.heads, "_CHUNK_BYTES", 3 * 16 * 4)  # 3 rows of 16 float32
+    ckpt = torch.randn(500, 16)
+    new = [*range(500)][::-1]
+    out = surgery.head_rows(range(500), [*new, "z"])("w", ckpt, meta_like((501, 16), ckpt.dtype))
+    assert torch.equal(out[:500], ckpt[torch.tensor(new)])
+    # float32 checkpoint rows into a bf16 model: cast as .to() casts
+    out = surgery.head_rows(range(500), [*new, "z"])(
+        "w", ckpt, meta_like((501, 16), torch.bfloat16)
+    )
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out[:500], ckpt[torch.tensor(new)].to(torch.bfloat16))
+
+
+def test_nothing_held_after_the_load():
+    """Issue 23: the adapter kept a fresh layer per head after the load; now only its label
+    index tensors stay (three vectors of ints), whatever the head's size."""
+    torch.manual_seed(0)
+    src, model = nn.Linear(512, 1000), nn.Linear(512, 1008)
+    rows = surgery.head_rows(range(1000), range(1008))
+    before = reachable_tensor_bytes(rows)
+    assert before <= 3 * 1008 * 8
+    surgery.load_partial(model, src, on_mismatch=rows)
+    assert torch.equal(model.weight[:1000], src.weight) and torch.equal(model.bias[:1000], src.bias)
+    assert reachable_tensor_bytes(rows) == before
+    assert rows.summary["weight"]["kept"] == 1000 and len(rows.notes()) == 2
+
+
+_RSS_SCRIPT = """
+import gc, resource, sys, torch, surgery
+def peak(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def rss(): return int(open("/proc/self/statm").read().split()[1]) * 4096
+ckpt = torch.empty(32000, 2048).normal_()  # float32: 262 MB, a TinyLlama vocabulary
+target = torch.empty(32008, 2048, device="meta")
+rows = surgery.head_rows(range(32000), range(32008))
+gc.collect()
+peak0, rss0 = peak(), rss()
+out = rows("lm_head.weight", ckpt, target)
+grew = peak() - peak0
+ok = torch.equal(out[:32000], ckpt)
+del out
+gc.collect()
+print(grew, rss() - rss0, int(ok))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_resident_memory_of_a_vocabulary_head():
+    """In a fresh process (a 262 MB float32 vocabulary head): the call's peak grows by about
+    the output alone (before: output + a fresh float32 layer + a gathered copy), and nothing
+    stays resident once the output is dropped (before: the fresh layer, 262 MB)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    grew, kept, ok = map(int, done.stdout.split())
+    out_bytes = 32008 * 2048 * 4
+    assert ok == 1
+    assert grew < 1.15 * out_bytes, (grew, out_bytes)
+    assert kept < 32 << 20, kept
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_llama_added_tokens_bf16_meta(tmp_path, tie):
+    """A Llama saved by transformers, loaded into an empty_init bf16 model with 8 more tokens:
+    old rows equal the file's, new rows drawn at the layer's bounds, ties kept."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    cfg = dict(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    src = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).to(torch.bfloat16)
+    src.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    with surgery.empty_init():
+        model = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(**{**cfg, "vocab_size": 108})
+        )
+    model.to(torch.bfloat16)
+    rows = surgery.head_rows(range(100), range(108))
+    report = surgery.load_partial(model, tmp_path, on_mismatch=rows)
+
+    embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+    assert embed.dtype == torch.bfloat16 and not embed.is_meta and not head.is_meta
+    assert (head is embed) == tie
+    assert torch.equal(embed[:100], saved["model.embed_tokens.weight"])
+    if not tie:
+        assert torch.equal(head[:100], saved["lm_head.weight"])
+    for w in (embed, head):
+        new = w[100:].float()
+        assert new.abs().max() <= 1 / math.sqrt(32) and new.std() > 0.02
+    assert {m.key for m in report.adapted} >= {"model.embed_tokens.weight"}
+    assert report.ok and not report.missing
+    assert len(rows.notes()) == (1 if tie else 2)
+
+
+def test_new_rows_have_the_full_layers_distribution():
+    """The bounds and spread of the drawn rows are those of a fresh full-size nn.Linear's."""
+    torch.manual_seed(1)
+    src, model = nn.Linear(64, 10), nn.Linear(64, 2010)
+    surgery.load_partial(model, src, on_mismatch=surgery.head_rows(range(10), range(2010)))
+    fresh = nn.Linear(64, 2010)  # oracle: reset_parameters of the whole new layer
+    new_w, new_b = model.weight[10:].detach(), model.bias[10:].detach()
+    assert new_w.abs().max() <= 1 / 8 and new_b.abs().max() <= 1 / 8
+    torch.testing.assert_close(new_w.std(), fresh.weight.detach().std(), rtol=0.02, atol=0)
+    torch.testing.assert_close(new_b.std(), fresh.bias.detach().std(), rtol=0.1, atol=0)
+    assert abs(float(new_w.mean())) < 0.005
+
+
+def test_conv_head_rows_are_a_fresh_conv_with_k_outputs():
+    torch.manual_seed(0)
+    src, model = nn.Conv2d(8, 4, 3), nn.Conv2d(8, 6, 3)
+    torch.manual_seed(7)
+    surgery.load_partial(model, src, on_mismatch=surgery.head_rows(range(4), range(6)))
+    torch.manual_seed(7)
+    expected = nn.Conv2d(8, 2, 3)  # oracle: the two new rows as reset_parameters draws them
+    assert torch.equal(model.weight[4:], expected.weight) and torch.equal(
+        model.bias[4:], expected.bias
+    )
+    assert torch.equal(model.weight[:4], src.weight)
+
+
+def test_a_six_dimensional_head_has_no_default_init():
+    def holder(n: int) -> nn.Module:
+        m = nn.Module()
+        m.w = nn.Parameter(torch.ones(n, 1, 1, 1, 1, 1) * n)
+        m.other = nn.Parameter(torch.zeros(2))
+        return m
+
+    src, model = holder(2), holder(3)
+    src.other.data.fill_(5)
+    before = snapshot(model)
+    with pytest.raises(surgery.LoadError, match="no default init for a 6-d head weight"):
+        surgery.load_partial(model, src, on_mismatch=surgery.head_rows(range(2), range(3)))
+    assert_same_state(model, before)
+    surgery.load_partial(model, src, on_mismatch=surgery.head_rows(range(2), range(3), init="mean"))
+    assert torch.equal(model.w, torch.full((3, 1, 1, 1, 1, 1), 2.0))
+    assert torch.equal(model.other, src.other)
