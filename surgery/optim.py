@@ -155,17 +155,7 @@ def add_param_groups(
         >>> sched.base_lrs
         [0.1, 0.01]
     """
-    require_optimizer(optimizer, "add_param_groups")
-    require_module(model, "add_param_groups")
-    if lr is None:
-        raise UsageError(
-            "adding parameters to an optimizer needs the new group's lr=, e.g. lr=1e-5; the "
-            "optimizer's default lr is rarely the one you mean."
-        )
-    _check_number("lr", lr, positive=True)
-    if weight_decay is not None:
-        _check_number("weight_decay", weight_decay)
-    _check_scheduler(optimizer, scheduler)
+    lr = _check_added(optimizer, model, lr, weight_decay, scheduler)
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     index = ModelIndex(model)
     if selectors:
@@ -197,6 +187,28 @@ def add_param_groups(
         if scheduler is not None:
             _grow_scheduler(scheduler, g)
     return [g["name"] for g in groups]
+
+
+def _check_added(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    lr: float | None,
+    weight_decay: float | None,
+    scheduler: sched.LRScheduler | None,
+) -> float:
+    """:func:`add_param_groups`'s arguments checked before anything changes; the new lr."""
+    require_optimizer(optimizer, "add_param_groups")
+    require_module(model, "add_param_groups")
+    if lr is None:
+        raise UsageError(
+            "adding parameters to an optimizer needs the new group's lr=, e.g. lr=1e-5; the "
+            "optimizer's default lr is rarely the one you mean."
+        )
+    _check_number("lr", lr, positive=True)
+    if weight_decay is not None:
+        _check_number("weight_decay", weight_decay)
+    _check_scheduler(optimizer, scheduler)
+    return lr
 
 
 # Schedulers whose lr at a step is eta_min + (base_lr - eta_min) * f(step) for every group, so

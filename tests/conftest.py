@@ -1,67 +1,23 @@
-"""Shared fixtures: small real models and checkpoints written to tmp_path (no downloads)."""
+"""Shared fixtures: small real models and checkpoints written to tmp_path (no downloads).
+
+The builders behind them are in the ``support`` package (``tests/support/``), which tests
+import; no test imports this module."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torchvision
-from torch import nn
+
+from support import resnet18_state
 
 # tests/fuzz holds an atheris harness run by hand (see the README), not tests.
 collect_ignore = ["fuzz"]
 
 
-class SmallCNN(nn.Module):
-    """A 2-layer CNN with BatchNorm: the smallest model with every kind of state."""
-
-    def __init__(self, in_ch: int = 3, num_classes: int = 10) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_ch, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(16)
-        self.fc = nn.Linear(16, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean((2, 3)))
-
-
-class Tied(nn.Module):
-    """An embedding whose weight the output layer shares (tied parameters)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(11, 4)
-        self.out = nn.Linear(4, 11, bias=False)
-        self.out.weight = self.embed.weight
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A deep copy of every tensor of the model's state."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_same_state(model: nn.Module, snap: dict[str, torch.Tensor]) -> None:
-    state = model.state_dict()
-    assert state.keys() == snap.keys()
-    for k, v in snap.items():
-        assert torch.equal(state[k], v), f"{k} changed"
-
-
 @pytest.fixture(scope="session")
 def r18_imagenet() -> dict[str, torch.Tensor]:
     """A 1000-class torchvision resnet18 state dict with random (seeded) weights."""
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18()
-    # Give BatchNorm statistics non-default values so copying them is visible.
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.5, 2)
-            m.num_batches_tracked.fill_(7)
-    return {k: v.clone() for k, v in model.state_dict().items()}
+    return resnet18_state(seed=0)
 
 
 @pytest.fixture()
@@ -69,3 +25,13 @@ def r18_path(tmp_path, r18_imagenet) -> str:
     path = tmp_path / "resnet18.pth"
     torch.save(r18_imagenet, path)
     return str(path)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` skip cleanly where no CUDA device is (the suite never needs one)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

@@ -8,11 +8,12 @@ import types
 
 import pytest
 import torch
-from conftest import SmallCNN, assert_same_state, snapshot
 from safetensors.torch import save_file
 
 import surgery
 from surgery import CheckpointError, UnsafeCheckpointError
+
+from support import SmallCNN, assert_same_state, snapshot
 
 
 @pytest.fixture()

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SmallCNN
 
 from surgery.cli import build_model, main
+
+from support import SmallCNN
 
 
 @pytest.fixture()
@@ -87,7 +88,7 @@ def test_bad_input_exits_2_with_a_message(argv, message, ddp_ckpt, tmp_path, cap
 
 def test_factory_spec(tmp_path, monkeypatch):
     (tmp_path / "my_models.py").write_text(
-        "from conftest import SmallCNN\n\ndef small(num_classes=10):\n"
+        "from support import SmallCNN\n\ndef small(num_classes=10):\n"
         "    return SmallCNN(num_classes=num_classes)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -282,7 +283,7 @@ def test_control_characters_in_key_names_are_escaped(tmp_path, capsys):
     state.update({k: torch.zeros(1) for k in EVIL_KEYS})
     state[EVIL_KEYS[0] + "\u202e"] = torch.zeros(1)  # a right-to-left override
     torch.save({"state_dict": state, "\x1b[2Jnote": 1}, tmp_path / "evil.pt")
-    for argv in (["inspect"], ["diff", "--model", "conftest:SmallCNN"]):
+    for argv in (["inspect"], ["diff", "--model", "support:SmallCNN"]):
         # diff: the evil keys are unexpected, so strict=True would fail -> exit 1
         assert main([argv[0], str(tmp_path / "evil.pt"), *argv[1:]]) == (argv[0] == "diff")
         out = capsys.readouterr().out

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SmallCNN, Tied, assert_same_state, snapshot
 from safetensors.torch import save_file
 
 import surgery
 from surgery import UsageError
 from surgery.loading.placements.local import Staging as _Staging
 from surgery.sources import open_source
+
+from support import SmallCNN, Tied, assert_same_state, snapshot
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

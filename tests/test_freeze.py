@@ -8,12 +8,13 @@ import io
 import pytest
 import torch
 import torchvision
-from conftest import SmallCNN, Tied, snapshot
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import surgery
 from surgery import SelectorError, SurgeryError, UsageError
+
+from support import SmallCNN, Tied, snapshot
 
 
 def _batch(n: int = 4, size: int = 16, classes: int = 3, seed: int = 0):

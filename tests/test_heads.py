@@ -12,7 +12,6 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import SmallCNN, assert_same_state, snapshot
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -20,6 +19,8 @@ from torch.utils._pytree import tree_flatten
 
 import surgery
 from surgery.adapters import adapt_shapes
+
+from support import SmallCNN, assert_same_state, snapshot
 
 SYNSETS = [f"n{i:08d}" for i in range(1000)]  # stand-ins for ImageNet's synset ids
 

@@ -554,7 +554,7 @@ def test_key_names_cannot_add_lines_to_reports(tmp_path: Path, capsys) -> None:
     outputs = []
     assert cli.main(["inspect", str(path)]) == 0
     outputs.append(capsys.readouterr().out)
-    cli.main(["diff", str(path), "--model", "conftest:SmallCNN"])
+    cli.main(["diff", str(path), "--model", "support:SmallCNN"])
     outputs.append(capsys.readouterr().out)
     model = Two()
     outputs.append(str(surgery.load_partial(model, path, strict=False)))

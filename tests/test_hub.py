@@ -13,10 +13,11 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
-from conftest import SmallCNN, assert_same_state, snapshot
 from safetensors.torch import save_file
 
 import surgery
+
+from support import SmallCNN, assert_same_state, snapshot
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 

@@ -8,12 +8,13 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import SmallCNN, Tied, assert_same_state, snapshot
 from safetensors.torch import save_file
 from torch import nn
 
 import surgery
 from surgery import KeyCollisionError, LoadError, UsageError
+
+from support import SmallCNN, Tied, assert_same_state, snapshot
 
 HEAD = ("fc.weight", "fc.bias")
 

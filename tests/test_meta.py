@@ -6,13 +6,14 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import SmallCNN, Tied
 from safetensors.torch import save_file
 from torch import nn
 
 import surgery
 from surgery import LoadError
 from surgery.checkpoint import open_source
+
+from support import SmallCNN, Tied
 
 
 def test_empty_init_puts_parameters_on_meta_and_keeps_buffers():

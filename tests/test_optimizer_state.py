@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import SmallCNN, Tied
 from torch import nn
 
 import surgery
+
+from support import SmallCNN, Tied
 
 FORMS = ("checkpoint", "names", "param_names", "dcp", "dcp_flat", "surgery")
 SURVIVING = ("conv2.weight", "conv2.bias", "bn2.weight", "bn2.bias")

@@ -314,7 +314,7 @@ def _step(opt, scheduler, model=None):
 
 @pytest.mark.parametrize("kind", list(SCHEDULES))
 def test_group_added_mid_schedule_follows_it(kind):
-    from conftest import SmallCNN
+    from support import SmallCNN
 
     torch.manual_seed(0)
     # reference: the head group at 0.1 and the fc group at 0.02 from the start

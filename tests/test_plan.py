@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import SmallCNN, Tied, assert_same_state, snapshot
 from safetensors.torch import save_file
 from torch import nn
 
@@ -26,6 +25,8 @@ from surgery import (
     UsageError,
 )
 from surgery.checkpoint import CheckpointSource
+
+from support import SmallCNN, Tied, assert_same_state, snapshot
 
 HEAD = ("fc.weight", "fc.bias")
 

@@ -9,12 +9,13 @@ from typing import ClassVar
 
 import pytest
 import torch
-from conftest import SmallCNN, assert_same_state, snapshot
 from safetensors.torch import save_file
 
 import surgery
 from surgery import _progress
 from surgery.errors import UsageError
+
+from support import SmallCNN, assert_same_state, snapshot
 
 tqdm = pytest.importorskip("tqdm", reason="progress bars need tqdm")
 

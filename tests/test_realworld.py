@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SmallCNN, assert_same_state, snapshot
 from safetensors.torch import save_file
 
 import surgery
 from surgery import PrefixTieError
+
+from support import SmallCNN, assert_same_state, snapshot
 
 
 def _moco(seed: int = 0) -> tuple[dict[str, torch.Tensor], SmallCNN, SmallCNN]:

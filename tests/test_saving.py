@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SmallCNN, Tied, assert_same_state, snapshot
 from safetensors import safe_open
 from safetensors import torch as st
 from torch import nn
 
 import surgery
 from surgery import SaveError, UsageError
+
+from support import SmallCNN, Tied, assert_same_state, snapshot
 
 
 def _files(folder: Path) -> dict[str, bytes]:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SmallCNN
 from torch import nn
 
 import surgery
 from surgery import SelectorError, UsageError
 from surgery._names import compile_pattern
 from surgery.keys.select import match_keys
+
+from support import SmallCNN
 
 
 def _frozen_by(selector) -> set[str]:

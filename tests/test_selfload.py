@@ -10,12 +10,13 @@ import warnings
 
 import pytest
 import torch
-from conftest import Tied
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
 import surgery
 from surgery import LoadError, LoadPlan
+
+from support import Tied
 
 # --------------------------------------------------------------------------- models
 

@@ -8,7 +8,6 @@ import warnings
 
 import pytest
 import torch
-from conftest import SmallCNN, assert_same_state, snapshot
 from safetensors.torch import save_file
 
 import surgery
@@ -17,6 +16,8 @@ from surgery.sources import CheckpointSource, filebytes, open_source
 from surgery.sources.safetensors import SafetensorsSource
 from surgery.sources.torchfile import TorchFileSource
 from surgery.sources.unwrap import find_state_dict, is_optimizer_state, pick_entry, unwrap
+
+from support import SmallCNN, assert_same_state, snapshot
 
 
 @pytest.fixture()

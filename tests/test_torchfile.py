@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SmallCNN, assert_same_state, snapshot
 from torch import nn
 
 import surgery
@@ -30,6 +29,8 @@ from surgery import cli
 from surgery.errors import CheckpointError, SurgeryError, UnsafeCheckpointError, UsageError
 from surgery.sources.torchfile import load_object
 from surgery.sources.torchformat import read_torch
+
+from support import SmallCNN, assert_same_state, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -371,7 +372,7 @@ def test_command_line_explains_a_refusal_without_importing_anything(modeling_fol
 def test_command_line_imports_only_what_the_user_names(modeling_folder, monkeypatch, capsys):
     monkeypatch.chdir(modeling_folder)  # importable from here, as under python -m
     for name in ("inside.pt", "whole.pt"):
-        for argv in (["inspect", name], ["diff", name, "--model", "conftest:SmallCNN"]):
+        for argv in (["inspect", name], ["diff", name, "--model", "support:SmallCNN"]):
             assert cli.main(argv) == 2
             err = capsys.readouterr().err
             assert "modeling_x.Thing" in err and "--allow-global MODULE.NAME for each" in err

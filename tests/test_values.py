@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SmallCNN, assert_same_state, snapshot
 from safetensors.torch import save_file
 from torch import nn
 
 import surgery
 from surgery import LoadError
 from surgery.keys.prefix import detect_prefix
+
+from support import SmallCNN, assert_same_state, snapshot
 
 # --------------------------------------------------------------------------- non-tensor values
 
