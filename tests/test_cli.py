@@ -98,6 +98,7 @@ def test_factory_spec(tmp_path, monkeypatch):
     assert main(["diff", str(tmp_path / "cnn.pt"), "--model", "my_models:small"]) == 0
 
 
+@pytest.mark.distributed  # spawns a process
 def test_console_script_is_installed(ddp_ckpt):
     exe = shutil.which("surgery", path=str(Path(sys.executable).parent))
     assert exe, "the surgery console script is not installed next to this python"
@@ -168,6 +169,7 @@ def test_model_spec_imports_from_the_current_directory(tmp_path, monkeypatch, ca
     sys.modules.pop("cli_pkg_cwd", None)
 
 
+@pytest.mark.distributed  # spawns a process
 def test_python_dash_m_surgery_and_version(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     out = subprocess.run(
@@ -244,6 +246,7 @@ def whole_model(tmp_path, monkeypatch) -> Path:
     sys.modules.pop("train_cli_net", None)
 
 
+@pytest.mark.distributed  # spawns a process
 def test_pickled_model_advice_names_command_line_options(whole_model, capsys):
     assert main(["inspect", "whole.pt"]) == 2
     err = capsys.readouterr().err
@@ -258,6 +261,7 @@ def test_pickled_model_advice_names_command_line_options(whole_model, capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.distributed  # spawns a process
 def test_import_option_resolves_a_scripts_main_classes(whole_model, capsys):
     main_module = sys.modules["__main__"]
     argv = ["inspect", "whole.pt", "--trust-pickle", "--import", "train_cli_net"]

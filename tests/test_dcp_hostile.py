@@ -173,6 +173,7 @@ def test_code_in_metadata_never_runs(tmp_path: Path, where: str) -> None:
     assert "torch.Size" not in str(e.value)  # only what was refused is named
 
 
+@pytest.mark.distributed  # spawns a process
 def test_code_in_metadata_never_runs_through_the_recipe(tmp_path: Path) -> None:
     from PIL import Image
 

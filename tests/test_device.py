@@ -13,7 +13,7 @@ from surgery.sources import open_source
 
 from support import SmallCNN, Tied, assert_same_state, snapshot
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+cuda = pytest.mark.cuda  # skipped without a CUDA device (conftest)
 
 
 @pytest.fixture

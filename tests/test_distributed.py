@@ -10,18 +10,18 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import surgery
 from surgery.cli import main as cli_main
+
+from support import save_dcp, spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
 
@@ -253,7 +253,6 @@ class _Payload:
         self.path = str(path)
 
     def __reduce__(self):
-        import os
 
         return (os.mkdir, (self.path,))
 
@@ -275,43 +274,15 @@ def case_by_hand(rank: int, world: int, tmp: Path) -> None:
 CASES = {"fsdp": case_fsdp, "by_hand": case_by_hand}
 
 
-def _worker(rank: int, world: int, tmp: str, case: str) -> None:
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
-    try:
-        CASES[case](rank, world, Path(tmp))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    (Path(tmp) / f"done-{rank}").write_text("ok")
-    # gloo's worker threads can abort the interpreter's own teardown ("terminate called without
-    # an active exception", SIGABRT; pytorch#179291): the work is checked and recorded, so leave
-    # without running finalisers.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def run(case: str, world: int, tmp: Path, monkeypatch) -> None:
     """Run ``case`` on ``world`` spawned ranks; fail (killing them) if it takes too long."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    ctx = mp.start_processes(
-        _worker, args=(world, str(tmp), case), nprocs=world, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"{case} on {world} ranks did not finish within {TIMEOUT_S} s")
-    assert sorted(p.name for p in tmp.glob("done-*")) == [f"done-{r}" for r in range(world)]
+    spawn(CASES[case], world, tmp, monkeypatch, TIMEOUT_S)
 
 
 # --------------------------------------------------------------------------- tests
 
 
+@pytest.mark.distributed
 def test_fsdp_two_ranks(tmp_path, monkeypatch):
     run("fsdp", 2, tmp_path, monkeypatch)
     for tag in ("dcp", "hf", "pth", "adapted"):
@@ -319,11 +290,13 @@ def test_fsdp_two_ranks(tmp_path, monkeypatch):
         assert reports[0] == reports[1]
 
 
+@pytest.mark.distributed
 def test_distribute_tensor_by_hand_two_ranks(tmp_path, monkeypatch):
     run("by_hand", 2, tmp_path, monkeypatch)
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_fsdp_four_ranks(tmp_path, monkeypatch):
     run("fsdp", 4, tmp_path, monkeypatch)
 
@@ -331,17 +304,9 @@ def test_fsdp_four_ranks(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- one process
 
 
-def _dcp_save(sd: dict, path: Path) -> None:
-    import torch.distributed.checkpoint as dcp
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.save(sd, checkpoint_id=path, no_dist=True)
-
-
 def test_dcp_folder_into_plain_model(tmp_path):
     src = Net(4, "backbone", seed=0)
-    _dcp_save(src.state_dict(), tmp_path / "dcp")
+    save_dcp(src.state_dict(), tmp_path / "dcp")
     model = Net(10, "encoder", seed=1)
     head = model.head.weight.detach().clone()
     report = surgery.load_partial(model, tmp_path / "dcp")
@@ -359,7 +324,7 @@ def test_dcp_training_checkpoint_unwrapped(tmp_path):
     for p in src.parameters():
         p.grad = torch.ones_like(p)
     opt.step()  # optimizer tensors (exp_avg, ...) under 'optim.' in the same folder
-    _dcp_save({"model": src.state_dict(), "optim": opt.state_dict()}, tmp_path / "run")
+    save_dcp({"model": src.state_dict(), "optim": opt.state_dict()}, tmp_path / "run")
     model = Net(4, "encoder", seed=1)
     report = surgery.load_partial(model, tmp_path / "run" / ".metadata", strict=True)
     assert report.tensors_loaded == report.tensors_total == 9
@@ -371,7 +336,7 @@ def test_dcp_training_checkpoint_unwrapped(tmp_path):
 
 
 def test_inspect_dcp_folder(tmp_path, capsys):
-    _dcp_save(Net(4, "backbone", seed=0).state_dict(), tmp_path / "dcp")
+    save_dcp(Net(4, "backbone", seed=0).state_dict(), tmp_path / "dcp")
     assert cli_main(["inspect", str(tmp_path / "dcp"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["tensors"] == 10  # 9 parameters and the scale buffer
@@ -401,11 +366,10 @@ def test_region_read_reads_only_its_rows(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_recipe_under_torchrun():
     """recipes/sharded_load.py as the README runs it: torchrun, 2 CPU ranks."""
-    import os
     import subprocess
-    import sys
 
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))

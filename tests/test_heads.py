@@ -363,6 +363,7 @@ print(grew, rss() - rss0, int(ok))
 """
 
 
+@pytest.mark.distributed  # spawns a process
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
 def test_resident_memory_of_a_vocabulary_head():
     """In a fresh process (a 262 MB float32 vocabulary head): the call's peak grows by about

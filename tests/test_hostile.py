@@ -467,6 +467,7 @@ def test_index_naming_a_shard_the_os_refuses_is_refused(tmp_path: Path) -> None:
         assert "name too long" in str(err).lower() and "a" * 300 in str(err)
 
 
+@pytest.mark.distributed  # spawns a process
 def test_sparse_4tb_safetensors_is_refused_before_allocating(tmp_path: Path) -> None:
     header = json.dumps(
         {"w": {"dtype": "F32", "shape": [1 << 40], "data_offsets": [0, 4 << 40]}}

@@ -14,7 +14,7 @@ from torch import nn
 import surgery
 from surgery import KeyCollisionError, LoadError, UsageError
 
-from support import SmallCNN, Tied, assert_same_state, snapshot
+from support import FORMS, PREFIXES, SmallCNN, Tied, assert_same_state, save_as, snapshot
 
 HEAD = ("fc.weight", "fc.bias")
 
@@ -48,90 +48,13 @@ def test_resnet18_new_head_loads_everything_else(r18_path, r18_imagenet):
     assert "60/62" in text
 
 
-def _save_as(form: str, sd: dict, tmp_path) -> str:
-    if form == "ddp":
-        path = tmp_path / "ddp.pth"
-        torch.save({"module." + k: v for k, v in sd.items()}, path)
-    elif form == "compile":
-        path = tmp_path / "compiled.pt"
-        torch.save({"_orig_mod." + k: v for k, v in sd.items()}, path)
-    elif form == "nested":
-        path = tmp_path / "train.pth.tar"
-        opt = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1, momentum=0.9)
-        torch.save({"epoch": 12, "state_dict": sd, "optimizer": opt.state_dict()}, path)
-    elif form == "lightning":
-        path = tmp_path / "epoch=3.ckpt"
-        torch.save(
-            {
-                "epoch": 3,
-                "global_step": 100,
-                "state_dict": {"model." + k: v for k, v in sd.items()},
-                "optimizer_states": [{"state": {}, "param_groups": []}],
-                "hyper_parameters": {"lr": 0.1},
-            },
-            path,
-        )
-    elif form == "safetensors":
-        path = tmp_path / "model.safetensors"
-        save_file(sd, str(path))
-    elif form == "sharded_safetensors":
-        keys = list(sd)
-        half = len(keys) // 2
-        shards = {
-            "model-00001-of-00002.safetensors": keys[:half],
-            "model-00002-of-00002.safetensors": keys[half:],
-        }
-        weight_map = {}
-        for name, ks in shards.items():
-            save_file({k: sd[k] for k in ks}, str(tmp_path / name))
-            weight_map.update(dict.fromkeys(ks, name))
-        path = tmp_path / "model.safetensors.index.json"
-        path.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    elif form == "sharded_bin":
-        keys = list(sd)
-        weight_map = {}
-        for i, ks in enumerate((keys[:40], keys[40:])):
-            name = f"pytorch_model-0000{i + 1}-of-00002.bin"
-            torch.save({k: sd[k] for k in ks}, tmp_path / name)
-            weight_map.update(dict.fromkeys(ks, name))
-        path = tmp_path / "pytorch_model.bin.index.json"
-        path.write_text(json.dumps({"weight_map": weight_map}))
-    elif form == "folder":
-        save_file(sd, str(tmp_path / "model.safetensors"))
-        path = tmp_path
-    elif form == "legacy":
-        path = tmp_path / "old.pth"
-        torch.save(sd, path, _use_new_zipfile_serialization=False)
-    else:
-        raise AssertionError(form)
-    return str(path)
-
-
-@pytest.mark.parametrize(
-    "form",
-    [
-        "ddp",
-        "compile",
-        "nested",
-        "lightning",
-        "safetensors",
-        "sharded_safetensors",
-        "sharded_bin",
-        "folder",
-        "legacy",
-    ],
-)
+@pytest.mark.parametrize("form", FORMS)
 def test_checkpoint_forms(form, tmp_path, r18_imagenet):
-    path = _save_as(form, r18_imagenet, tmp_path)
+    path = save_as(form, r18_imagenet, tmp_path)
     model = torchvision.models.resnet18(num_classes=10)
     report = surgery.load_partial(model, path)
     check_resnet18_head_swap(model, r18_imagenet, report)
-    expected_prefix = {
-        "ddp": ("module.", ""),
-        "compile": ("_orig_mod.", ""),
-        "lightning": ("model.", ""),
-    }.get(form)
-    assert report.prefix == expected_prefix
+    assert report.prefix == PREFIXES[form]
     if form == "legacy":  # read by offset from its mapping, like a zip file: nothing to say
         assert report.notes == []
 
@@ -150,7 +73,7 @@ def test_wrapped_model_gets_prefix_added(r18_path, r18_imagenet):
 
 
 def test_prefix_none_turns_detection_off(tmp_path, r18_imagenet):
-    path = _save_as("ddp", r18_imagenet, tmp_path)
+    path = save_as("ddp", r18_imagenet, tmp_path)
     model = torchvision.models.resnet18(num_classes=10)
     snap = snapshot(model)
     with pytest.raises(LoadError, match=r"0 of 122 checkpoint tensors match ResNet") as e:
@@ -410,7 +333,7 @@ def test_module_and_dict_sources():
     assert surgery.load_partial(SmallCNN(), {"model": src.state_dict(), "step": 3}).ok
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_loads_onto_the_models_own_cuda_device(r18_path, r18_imagenet):
     model = torchvision.models.resnet18(num_classes=10).cuda().half()
     report = surgery.load_partial(model, r18_path)

@@ -292,9 +292,8 @@ def test_views_are_written_as_the_values_they_show(tmp_path):
     assert meta["w_alias"] == "w"
 
 
+@pytest.mark.cuda
 def test_gpu_tensors_are_saved(tmp_path):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     model = _cnn().cuda()
     surgery.save(model, tmp_path)
     _same(_read(tmp_path)[0], {k: v.cpu() for k, v in model.state_dict().items()})

@@ -361,6 +361,7 @@ def _surgery(folder: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.distributed  # spawns a process
 def test_command_line_explains_a_refusal_without_importing_anything(modeling_folder):
     # As run by a user: python -m surgery puts the current folder first on sys.path.
     out = _surgery(modeling_folder, "inspect", "whole.pt")
@@ -519,6 +520,7 @@ for path in sys.argv[1:]:
 """
 
 
+@pytest.mark.distributed  # spawns a process
 def test_file_truncated_during_the_load_is_refused_not_a_crash(tmp_path):
     # A non-contiguous tensor used to be copied through the mapping: SIGBUS past the end. Run
     # in a child process, so that a crash fails the test instead of the test run.
@@ -545,6 +547,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
 """
 
 
+@pytest.mark.distributed  # spawns a process
 @pytest.mark.slow
 def test_command_line_advice_on_a_zip_bomb_costs_no_memory(tmp_path):
     # A real torch file whose pickle record, recompressed, inflates to 320 MB.

@@ -134,6 +134,7 @@ def test_extension_codes_and_calls_of_unlisted_objects_are_refused():
     _refused(b"\x80\x02c_codecs\nencode\n" + text + b"K\x01K\x02s.", match="adds items")
 
 
+@pytest.mark.distributed  # spawns a process
 def test_keys_nested_too_deeply_to_hash_are_refused_without_a_crash():
     # CPython hashes nested tuples recursively with no depth guard: a key like this used to
     # crash the process. Checked in a child process, so that a crash fails only this test.

@@ -22,7 +22,7 @@ import pytest
 import surgery
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]  # builds and runs a fresh venv
 
 
 def _run(args: list[str], cwd: Path, timeout: int = 300) -> str:

@@ -29,12 +29,14 @@ def lint_imports(package_parent: Path, cwd: Path) -> subprocess.CompletedProcess
     return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
 
 
+@pytest.mark.distributed  # spawns a process
 def test_layer_contracts_are_kept():
     out = lint_imports(ROOT, ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "5 kept, 0 broken" in out.stdout
 
 
+@pytest.mark.distributed  # spawns a process
 @pytest.mark.parametrize(
     ("module", "upward"),
     [
