@@ -205,13 +205,37 @@ def test_demo_is_deterministic_under_seed_and_quick_has_its_own_folder(quick, tm
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-@pytest.mark.slow
-def test_full_demo_transfer_beats_scratch(tmp_path):
-    out = run_ok("--workdir", str(tmp_path), "--out", str(tmp_path / "ft.safetensors"))
+def assert_transfer_beats_scratch(out: str) -> None:
+    """The demo's story: pretraining learned digits 0-4, and both transfer rows beat training
+    from scratch on digits 5-9 by a clear margin."""
     scratch, head, finetune = (table_row(out, m)[0] for m in METHODS)
     assert "held-out accuracy 0.9" in out or "held-out accuracy 1.000" in out
     assert head > scratch + 0.05, out
     assert finetune > scratch + 0.05, out
+
+
+def test_short_demo_transfer_beats_scratch(tmp_path):
+    # The demo's story at about a third of its CPU time: 5 pretraining epochs instead of 20,
+    # 10 transfer epochs instead of 30. Over seeds 0-9 (1 thread) transfer beat training from
+    # scratch by +0.12 to +0.22 (new head only) and +0.10 to +0.23 (full fine-tune), with
+    # 0.94-0.99 held-out accuracy on digits 0-4; the full demo below asserts the same.
+    out = run_ok(
+        "--pretrain-epochs",
+        "5",
+        "--epochs",
+        "10",
+        "--workdir",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "ft.safetensors"),
+    )
+    assert_transfer_beats_scratch(out)
+
+
+@pytest.mark.slow
+def test_full_demo_transfer_beats_scratch(tmp_path):
+    out = run_ok("--workdir", str(tmp_path), "--out", str(tmp_path / "ft.safetensors"))
+    assert_transfer_beats_scratch(out)
 
 
 # --------------------------------------------------------------------------- --data
