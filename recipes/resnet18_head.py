@@ -29,12 +29,16 @@ Commands (from the repository root, with surgery installed, e.g. by ``make demo`
     python recipes/resnet18_head.py --weights timm:resnet18.a1_in1k --data DATA --freeze none
     python recipes/resnet18_head.py --weights runs/last.pth --data DATA \\
         --freeze conv1,bn1,layer1,layer2 --epochs 10 --lr 1e-3 --out runs/resnet18_ft.safetensors
+    python recipes/resnet18_head.py --weights last.pth --data DATA \\
+        --allow-global omegaconf.dictconfig.DictConfig    # a config class saved with the weights
+    python recipes/resnet18_head.py --help                # every option, with its default
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -56,17 +60,31 @@ import surgery
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default after its help, unless the help already says it (defaults
+    that depend on the mode) or there is none to show (None, a flag's False, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is False or default == []:
+            return text
+        return super()._get_help_string(action)
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Fine-tune a pretrained ResNet-18 with a new head (no arguments: the demo).",
         add_help=add_help,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--weights",
         default=None,
         help="a checkpoint path (.pth/.pt/.safetensors/...), 'torchvision' for "
         "ResNet18_Weights.IMAGENET1K_V1, or a hub name: 'timm:NAME', 'hf-hub:ORG/NAME', "
-        "'torchvision:ENUM' (cached; HF_HUB_OFFLINE=1 never downloads)",
+        "'torchvision:ENUM' (cached; HF_HUB_OFFLINE=1 never downloads); default: the demo's "
+        "own checkpoint",
     )
     parser.add_argument(
         "--trust-pickle",
@@ -75,10 +93,20 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "code, so only for files you trust",
     )
     parser.add_argument(
+        "--allow-global",
+        action="append",
+        default=[],
+        metavar="MODULE.NAME",
+        help="let safe loading of --weights read objects of this class (repeatable), e.g. "
+        "omegaconf.dictconfig.DictConfig in saved hyper-parameters; for plain data you trust, "
+        "nothing else in the file runs (surgery.load_partial(allow_globals=[...]))",
+    )
+    parser.add_argument(
         "--data",
         default=None,
         help="an ImageFolder-style folder; its classes set the new head. With DATA/train and "
-        "DATA/val those are used, otherwise a seeded --val-fraction of DATA is held out",
+        "DATA/val those are used, otherwise a seeded --val-fraction of DATA is held out; "
+        "default: the demo's digits",
     )
     parser.add_argument(
         "--freeze",
@@ -86,7 +114,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="'head-only' (train the new fc only), 'none', or module selectors to freeze, "
         "e.g. 'conv1,bn1,layer1,layer2' (--data; the demo runs its own three variants)",
     )
-    parser.add_argument("--epochs", type=int, default=None, help="default: 30 (demo), 10 (data)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="passes over the training images; default: 30 (demo), 2 (--quick), 10 (--data)",
+    )
     parser.add_argument(
         "--lr", type=float, default=1e-2, help="peak learning rate of the new head (fc)"
     )
@@ -97,16 +130,28 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="pretrained blocks train slower the earlier they are: layer4 at lr * 0.3, "
         "layer3 at lr * 0.3**2, ... (surgery.param_groups(layer_decay=...))",
     )
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.05,
+        help="AdamW weight decay of weights; biases and norm layers get none",
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="training images per step")
     parser.add_argument(
         "--out",
         default=None,
         help="where the fine-tuned weights are saved (safetensors); default: "
         "WORKDIR/finetuned.safetensors (demo), runs/finetune/finetuned.safetensors (--data)",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="default: cpu (demo), cuda if available")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the data split, the new head and the batch order (the demo's data too)",
+    )
+    parser.add_argument(
+        "--device", default=None, help="default: cpu (demo), cuda if available (--data)"
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -114,11 +159,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="torch CPU threads; default: 1 for the demo (reproducible: more threads sum in "
         "an order that can vary from run to run), torch's default for --data",
     )
-    # --data only
-    parser.add_argument("--image-size", type=int, default=224, help="--data: train crop size")
-    parser.add_argument("--val-fraction", type=float, default=0.2)
-    parser.add_argument("--workers", type=int, default=2, help="--data: DataLoader workers")
-    # the demo only
     parser.add_argument(
         "--resume",
         action="store_true",
@@ -126,6 +166,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "the pretraining AdamW's): each moment follows its weight by name into the new groups, "
         "the new head and the frozen layers start fresh (surgery.restore_optimizer)",
     )
+    data = parser.add_argument_group("your data (--weights and --data)")
+    data.add_argument("--image-size", type=int, default=224, help="train crop size in pixels")
+    data.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="share of a one-folder DATA held out for validation, seeded, each class keeping "
+        "an image to train on; 0 trains on every image without validation (DATA/train and "
+        "DATA/val ignore it)",
+    )
+    data.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     demo = parser.add_argument_group("demo (no --weights/--data)")
     demo.add_argument(
         "--workdir",
@@ -134,7 +185,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "with --quick (so a smoke run never overwrites the full demo's files)",
     )
     demo.add_argument("--shots", type=int, default=10, help="labelled images per new class")
-    demo.add_argument("--pretrain-epochs", type=int, default=20)
+    demo.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        default=20,
+        help="epochs of pretraining on digits 0-4 (1 with --quick)",
+    )
     demo.add_argument(
         "--scratch-lr", type=float, default=1e-3, help="the from-scratch row: lr of every layer"
     )
@@ -156,8 +212,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(model, loader, optimizer, *, epochs, device, desc, val_loader=None):
-    """Cross-entropy training with a one-cycle schedule (warm-up, then cosine decay).
+def train(model, loader, optimizer, *, epochs, device, desc, val_loader=None) -> float:
+    """Cross-entropy training with a one-cycle schedule (warm-up, then cosine decay); returns
+    the last epoch's mean train loss.
 
     Prints one plain line per epoch (mean train loss, validation accuracy), so a log file or
     a CI job sees the progress too; the tqdm bar shows only on a terminal.
@@ -188,6 +245,7 @@ def train(model, loader, optimizer, *, epochs, device, desc, val_loader=None):
             if val_loader is not None:
                 line += f"  val acc {evaluate(model, val_loader, device=device):.3f}"
             tqdm.write(f"{line}  ({time.perf_counter() - start:.1f}s)")
+    return loss_sum / seen
 
 
 def evaluate(model, loader, *, device) -> float:
@@ -203,7 +261,8 @@ def evaluate(model, loader, *, device) -> float:
 
 
 def fine_tune(model, weights, train_loader, test_loader, args, *, freeze, desc, val_loader=None):
-    """Load what fits, freeze, build parameter groups, train, evaluate; returns the accuracy.
+    """Load what fits, freeze, build parameter groups, train, evaluate; returns the accuracy on
+    ``test_loader`` (None without one) and the last epoch's mean train loss.
 
     ``weights``: what ``surgery.load_partial`` takes (a path, a state dict), or None to train
     from scratch. ``val_loader``: evaluated after every epoch, for the printed progress only.
@@ -211,7 +270,13 @@ def fine_tune(model, weights, train_loader, test_loader, args, *, freeze, desc, 
     if weights is not None:
         # The head is new: skip the old one explicitly, even where its shape happens to fit
         # (here 5 classes -> 5 classes); other shape mismatches would be skipped and reported.
-        report = surgery.load_partial(model, weights, skip="fc.*", trust_pickle=args.trust_pickle)
+        report = surgery.load_partial(
+            model,
+            weights,
+            skip="fc.*",
+            trust_pickle=args.trust_pickle,
+            allow_globals=args.allow_global,
+        )
         print(report)
         report.assert_loaded(allow_missing=["fc.*"])  # anything else missing is an error
     if freeze == "head-only":
@@ -229,8 +294,8 @@ def fine_tune(model, weights, train_loader, test_loader, args, *, freeze, desc, 
     print(surgery.describe_groups(groups))
     optimizer = torch.optim.AdamW(groups)
     if args.resume and weights is not None:
-        resume_optimizer(optimizer, model, weights)
-    train(
+        resume_optimizer(optimizer, model, weights, args)
+    loss = train(
         model,
         train_loader,
         optimizer,
@@ -239,10 +304,10 @@ def fine_tune(model, weights, train_loader, test_loader, args, *, freeze, desc, 
         desc=desc,
         val_loader=val_loader,
     )
-    return evaluate(model, test_loader, device=args.device)
+    return (None if test_loader is None else evaluate(model, test_loader, device=args.device)), loss
 
 
-def resume_optimizer(optimizer, model, checkpoint) -> surgery.OptimizerReport:
+def resume_optimizer(optimizer, model, checkpoint, args) -> surgery.OptimizerReport:
     """--resume: give the new optimizer the saved optimizer's state, by parameter name.
 
     Positional state (``optimizer.state_dict()``) is named from the checkpoint's own weights;
@@ -250,8 +315,15 @@ def resume_optimizer(optimizer, model, checkpoint) -> surgery.OptimizerReport:
     fits, so its old moments are skipped.
     """
     if not isinstance(checkpoint, (str, Path)):
-        raise SystemExit("--resume needs --weights to be a checkpoint file with optimizer state")
-    report = surgery.restore_optimizer(optimizer, model, checkpoint, skip="fc")
+        raise RecipeError("--resume needs --weights to be a checkpoint file with optimizer state")
+    report = surgery.restore_optimizer(
+        optimizer,
+        model,
+        checkpoint,
+        skip="fc",
+        trust_pickle=args.trust_pickle,
+        allow_globals=args.allow_global,
+    )
     print(report)
     return report
 
@@ -268,47 +340,78 @@ def save_weights(model: nn.Module, path: str | Path, classes: list[str]) -> None
 
 
 class RecipeError(Exception):
-    """A problem with the arguments or the environment, said in one line with the fix."""
+    """A problem with the arguments, the data or the environment, said in one line with the fix."""
 
 
-def load_weights(spec: str, *, trust_pickle: bool = False):
+class UnreadableImage(RecipeError):
+    """An image file PIL cannot read, named by its path.
+
+    Raised while loading, also in a DataLoader worker: the main process then re-raises it as
+    ``UnreadableImage(<the worker's traceback text>)``, whose last line is the message.
+    """
+
+    def __init__(self, message: str) -> None:
+        last = message.strip().splitlines()[-1] if message.strip() else message
+        super().__init__(last.split("UnreadableImage: ", 1)[-1])
+
+
+def read_image(path: str):
+    """torchvision's PIL loader, failing with the path of a corrupt or truncated image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # corrupt, truncated, not an image
+        why = "not an image PIL knows" if isinstance(e, UnidentifiedImageError) else str(e)
+        raise UnreadableImage(
+            f"--data: cannot read the image {path} ({why}); delete or replace that file"
+        ) from None
+
+
+HUB_PREFIXES = ("torchvision:", "timm:", "hf-hub:")
+
+
+def load_weights(spec: str, args):
     """--weights -> what load_partial takes. Hub names (torchvision, timm:NAME, hf-hub:ORG/NAME)
     download once into their library's cache; offline, the error names the cached path."""
-    from surgery.hub import is_hub_name
-
-    if spec == "torchvision":
-        spec = "torchvision:ResNet18_Weights.IMAGENET1K_V1"
-    if not is_hub_name(spec) and not Path(spec).exists():
+    name = "torchvision:ResNet18_Weights.IMAGENET1K_V1" if spec == "torchvision" else spec
+    hub = name.startswith(HUB_PREFIXES)
+    if not hub and not Path(spec).exists():
         raise RecipeError(
             f"--weights {spec}: no such file. Pass a checkpoint file (.pth, .pt, .bin, "
             ".safetensors, a sharded *.index.json), 'torchvision', 'timm:NAME' or 'hf-hub:ORG/NAME'"
         )
     # Lazy (memory-mapped), any checkpoint form; hub names resolve to their cached file.
     try:
-        state = surgery.read_checkpoint(spec, trust_pickle=trust_pickle)
+        state = surgery.read_checkpoint(
+            name, trust_pickle=args.trust_pickle, allow_globals=args.allow_global
+        )
     except surgery.CheckpointError as e:
-        if not is_hub_name(spec):
+        if not hub:
             raise
-        # The library's advice is Python's (load_partial(model, path)); here it is an option.
-        said = re.sub(r"\s*,?\s*or pass the path of a local copy.*$", "", str(e), flags=re.S)
-        raise RecipeError(
-            f"--weights {spec}: {said.rstrip()} Offline, put that file there or pass a local "
-            "copy as --weights PATH"
-        ) from None
-    source = spec  # load_partial streams from the file and names it in its report
+        raise RecipeError(f"--weights {spec}: {hub_advice(str(e), name)}") from None
     heads = {k: tuple(v.shape) for k, v in state.items() if re.search(r"(^|\.)fc\.weight$", k)}
     print(f"read {spec}: {len(state)} tensors, old head {heads or 'none'}")
-    return source
+    return name  # load_partial streams from the file and names it in its report
 
 
-def folder_data(args):
-    tf = torchvision.transforms
-    norm = tf.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    train_tf = tf.Compose(
-        [tf.RandomResizedCrop(args.image_size), tf.RandomHorizontalFlip(), tf.ToTensor(), norm]
+def hub_advice(message: str, name: str) -> str:
+    """The library's text for a hub name it could not get, saying each thing once: the name is
+    already in front (``--weights NAME:``), and the local copy is an option here."""
+    fix = "pass a local copy as --weights PATH"
+    message, found = re.subn(
+        r"or pass the path of a local copy instead of .*$", "or " + fix, message
     )
-    resize = round(args.image_size * 256 / 224)
-    eval_tf = tf.Compose([tf.Resize(resize), tf.CenterCrop(args.image_size), tf.ToTensor(), norm])
+    if not found:
+        message = f"{message.rstrip('. ')}; or {fix}"
+    message = message.replace(". or " + fix, ". Or " + fix)
+    message = re.sub(rf"^{re.escape(repr(name))} (is )?", "", message)
+    return message.replace(f" {name!r}", " it")
+
+
+def image_folders(args, train_tf, eval_tf):
+    """(train set, validation set or None, classes) from ``--data``; one line per problem."""
     root = Path(args.data)
     if not root.is_dir():
         raise RecipeError(
@@ -318,7 +421,7 @@ def folder_data(args):
 
     def ImageFolder(folder, transform):
         try:
-            return torchvision.datasets.ImageFolder(folder, transform)
+            return torchvision.datasets.ImageFolder(folder, transform, loader=read_image)
         except (FileNotFoundError, OSError) as e:  # no class folders, or no images in them
             raise RecipeError(
                 f"--data {folder}: {str(e).rstrip('.')}. An ImageFolder holds one folder of "
@@ -329,36 +432,116 @@ def folder_data(args):
         train_set = ImageFolder(root / "train", train_tf)
         val_set = ImageFolder(root / "val", eval_tf)
         if val_set.classes != train_set.classes:
-            raise RecipeError(f"{root}/train and {root}/val hold different class folders")
-        classes = train_set.classes
-    else:  # one folder: hold out a seeded fraction, seen without augmentation
-        full_train, full_eval = ImageFolder(root, train_tf), ImageFolder(root, eval_tf)
-        order = torch.randperm(len(full_train), generator=torch.Generator().manual_seed(args.seed))
-        n_val = max(1, round(args.val_fraction * len(order)))
-        train_set = Subset(full_train, order[n_val:].tolist())
-        val_set = Subset(full_eval, order[:n_val].tolist())
-        classes = full_train.classes
-    print(f"data: {len(train_set)} train / {len(val_set)} val images, {len(classes)} classes")
-    loader_args = {"num_workers": args.workers, "pin_memory": args.device.startswith("cuda")}
-    train_loader = DataLoader(
-        train_set,
+            raise RecipeError(f"--data {root}: {class_difference(train_set, val_set)}")
+        check_classes(root, train_set.classes)
+        return train_set, val_set, train_set.classes
+    # one folder: hold out a seeded fraction, seen without augmentation
+    full_train, full_eval = ImageFolder(root, train_tf), ImageFolder(root, eval_tf)
+    check_classes(root, full_train.classes)
+    train_idx, val_idx = split(full_train.targets, full_train.classes, args.val_fraction, args.seed)
+    val_set = Subset(full_eval, val_idx) if val_idx else None
+    return Subset(full_train, train_idx), val_set, full_train.classes
+
+
+def check_classes(root: Path, classes: list[str]) -> None:
+    if len(classes) < 2:
+        raise RecipeError(
+            f"--data {root}: one class folder ({classes[0]!r}); a classifier needs at least 2"
+        )
+
+
+def class_difference(train_set, val_set) -> str:
+    def listed(names):
+        shown = ", ".join(repr(c) for c in names[:5])
+        return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+    only_train = [c for c in train_set.classes if c not in val_set.classes]
+    only_val = [c for c in val_set.classes if c not in train_set.classes]
+    said = [
+        f"{listed(only_train)} only in train/" if only_train else "",
+        f"{listed(only_val)} only in val/" if only_val else "",
+    ]
+    return (
+        f"train/ and val/ hold different class folders: {'; '.join(s for s in said if s)}. "
+        "Give both the same class folders (the head's outputs follow their sorted names)"
+    )
+
+
+def split(targets: list[int], classes: list[str], fraction: float, seed: int):
+    """A seeded random split of indices into (train, held out), ``fraction`` held out (at least
+    one image when above 0); a class the draw left with no training image keeps one."""
+    if fraction == 0:
+        return list(range(len(targets))), []
+    order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, round(fraction * len(order)))
+    val, train = order[:n_val], order[n_val:]
+    trained = {targets[i] for i in train}
+    for c, name in enumerate(classes):
+        if c in trained:
+            continue
+        held = [i for i in val if targets[i] == c]
+        val.remove(held[0])
+        train.append(held[0])
+        print(
+            f"note: class {name!r} has 1 image; it trains, none is held out"
+            if len(held) == 1
+            else f"note: --val-fraction {fraction} held out all {len(held)} images of class "
+            f"{name!r}; one of them trains instead"
+        )
+    return train, val
+
+
+def training_batches(dataset, args, generator: torch.Generator, **loader_args) -> DataLoader:
+    """Shuffled training batches. A last batch of one image is dropped (a different one each
+    epoch): BatchNorm layers in training cannot normalise a batch of one 1x1 feature map."""
+    drop_last = len(dataset) % args.batch_size == 1 and len(dataset) > 1
+    if drop_last:
+        print(
+            f"note: {len(dataset)} training images in batches of {args.batch_size} leave a last "
+            "batch of 1, which BatchNorm cannot train on; it is dropped each epoch"
+        )
+    return DataLoader(
+        dataset,
         args.batch_size,
         shuffle=True,
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=generator,
+        drop_last=drop_last,
         **loader_args,
     )
-    val_loader = DataLoader(val_set, max(64, args.batch_size), **loader_args)
-    return train_loader, val_loader, classes
+
+
+def folder_data(args):
+    tf = torchvision.transforms
+    norm = tf.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = tf.Compose(
+        [tf.RandomResizedCrop(args.image_size), tf.RandomHorizontalFlip(), tf.ToTensor(), norm]
+    )
+    resize = round(args.image_size * 256 / 224)
+    eval_tf = tf.Compose([tf.Resize(resize), tf.CenterCrop(args.image_size), tf.ToTensor(), norm])
+    train_set, val_set, classes = image_folders(args, train_tf, eval_tf)
+    if val_set is not None:
+        print(f"data: {len(train_set)} train / {len(val_set)} val images, {len(classes)} classes")
+    else:
+        why = "--val-fraction 0" if args.val_fraction == 0 else "every image is needed to train"
+        print(f"data: {len(train_set)} train images, no validation ({why}), {len(classes)} classes")
+    loader_args = {"num_workers": args.workers, "pin_memory": args.device.startswith("cuda")}
+    loader = training_batches(
+        train_set, args, torch.Generator().manual_seed(args.seed), **loader_args
+    )
+    val_loader = None
+    if val_set is not None:
+        val_loader = DataLoader(val_set, max(64, args.batch_size), **loader_args)
+    return loader, val_loader, classes
 
 
 def run_folder(args) -> dict:
     train_loader, val_loader, classes = folder_data(args)
-    weights = load_weights(args.weights, trust_pickle=args.trust_pickle)
+    weights = load_weights(args.weights, args)
     seed_everything(args.seed)
     model = torchvision.models.resnet18(num_classes=len(classes))  # the new head
     model.to(args.device)
     start = time.perf_counter()
-    acc = fine_tune(
+    acc, loss = fine_tune(
         model,
         weights,
         train_loader,
@@ -370,8 +553,10 @@ def run_folder(args) -> dict:
     )
     seconds = time.perf_counter() - start
     save_weights(model, args.out, classes)
-    print(f"RESULT val_acc={acc:.3f} time={seconds:.0f}s")
-    return {"val_acc": acc, "time": seconds, "out": args.out, "classes": classes}
+    metrics = {"val_acc": acc, "train_loss": loss}
+    shown = " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if v is not None)
+    print(f"RESULT {shown} time={seconds:.0f}s")
+    return {**metrics, "time": seconds, "out": args.out, "classes": classes}
 
 
 # --------------------------------------------------------------------------- the demo
@@ -427,6 +612,12 @@ def digits_demo_data(seed: int, shots: int, limit: int | None = None):
     order = torch.randperm(len(labels), generator=gen)
     old = order[labels[order] < 5]
     new = order[labels[order] >= 5]
+    most = min(labels[new].bincount()[5:].min().item(), (len(new) - DEMO_VAL - 1) // 5)
+    if shots > most:  # the rest of digits 5-9 show progress and test
+        raise RecipeError(
+            f"--shots {shots}: must be at most {most} (digits 5-9 need the rest to show "
+            "progress and to test on), e.g. --shots 10"
+        )
     n_val = len(old) // 5
     few = torch.cat([new[labels[new] == c][:shots] for c in range(5, 10)])
     rest = new[~torch.isin(new, few)]
@@ -497,12 +688,10 @@ def run_demo(args) -> dict:
         f"pretrained on digits 0-4: held-out accuracy {pretrain_acc:.3f} "
         f"({pretrain_time:.0f}s), saved {ckpt_path}"
     )
-    weights = load_weights(str(ckpt_path), trust_pickle=args.trust_pickle)
+    weights = load_weights(str(ckpt_path), args)
 
     train_loader_gen = torch.Generator()
-    train_loader = DataLoader(
-        data["train"], args.batch_size, shuffle=True, generator=train_loader_gen
-    )
+    train_loader = training_batches(data["train"], args, train_loader_gen)
     val_loader = DataLoader(data["val"], batch_size=256)
     test_loader = DataLoader(data["test"], batch_size=256)
     rows = {}
@@ -517,7 +706,7 @@ def run_demo(args) -> dict:
         train_loader_gen.manual_seed(args.seed)
         model = torchvision.models.resnet18(num_classes=5).to(args.device)  # the new head
         start = time.perf_counter()
-        acc = fine_tune(
+        acc, _ = fine_tune(
             model,
             row_weights,
             train_loader,
@@ -578,12 +767,93 @@ def run_demo(args) -> dict:
 # --------------------------------------------------------------------------- main
 
 
+# What each numeric option accepts: (test, what it must be, an example).
+LIMITS = {
+    "epochs": (lambda v: v >= 1, "at least 1", "10"),
+    "pretrain_epochs": (lambda v: v >= 1, "at least 1", "20"),
+    "batch_size": (lambda v: v >= 1, "at least 1", "16"),
+    "shots": (lambda v: v >= 1, "at least 1", "10"),
+    "image_size": (lambda v: v >= 1, "at least 1 (pixels)", "224"),
+    "workers": (lambda v: v >= 0, "0 (load in the main process) or more", "2"),
+    "threads": (lambda v: v >= 1, "at least 1", "1"),
+    "val_fraction": (
+        lambda v: 0 <= v < 1,
+        "in [0, 1): the share of DATA held out for validation (0: train on every image, "
+        "without validation)",
+        "0.2",
+    ),
+    "lr": (lambda v: math.isfinite(v) and v > 0, "a positive number", "1e-2"),
+    "scratch_lr": (lambda v: math.isfinite(v) and v > 0, "a positive number", "1e-3"),
+    "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "0 or more", "0.05"),
+    "layer_decay": (lambda v: 0 < v <= 1, "above 0 and at most 1 (1: no decay)", "0.3"),
+}
+
+
+def check_args(args) -> None:
+    """Refuse out-of-range numbers and an unusable device before any work, one line each."""
+    for name, (ok, what, example) in LIMITS.items():
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            flag = "--" + name.replace("_", "-")
+            raise RecipeError(f"{flag} {value}: must be {what}, e.g. {flag} {example}")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise RecipeError(f"--device {args.device}: not a device; give cpu or cuda") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RecipeError(f"--device {args.device}: no CUDA device here; give --device cpu")
+
+
+def as_flags(error: Exception) -> str:
+    """The library's advice names Python arguments; here they are this script's options."""
+    message = str(error)
+    names = getattr(error, "globals", None) or []
+    allow = " ".join(f"--allow-global {n}" for n in names) or "--allow-global MODULE.NAME for each"
+    message = re.sub(r"allow_globals=\[\.\.\.\] naming (them|it)", allow, message)
+    message = re.sub(
+        r"allow_globals names '([^']*)', which cannot be found; give 'package\.module\.Name' "
+        r"of an installed class \(or pass the class itself\)",
+        r"--allow-global \1: no such class; give MODULE.NAME of a class Python can import "
+        r"(its module installed or on PYTHONPATH)",
+        message,
+    )
+    return message.replace("trust_pickle=True", "--trust-pickle")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     demo = args.weights is None and args.data is None
     if (args.weights is None) != (args.data is None):
         parser.error("--weights and --data go together (neither: the demo)")
+    try:
+        check_args(args)
+        configure(args, demo)
+        print(
+            "resnet18_head:",
+            " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()),
+        )
+        threads = torch.get_num_threads()
+        print(
+            f"mode: {'demo' if demo else 'your data'}, torch {torch.__version__}, "
+            f"{threads} CPU thread{'s' * (threads != 1)}"
+        )
+        if isinstance(args.freeze, list):  # a typo fails now, not after a download
+            with surgery.empty_init():
+                probe = torchvision.models.resnet18()
+            try:
+                surgery.freeze(probe, *args.freeze)
+            except surgery.SelectorError as e:
+                raise RecipeError(f"--freeze {','.join(args.freeze)}: {e}") from None
+        return run_demo(args) if demo else run_folder(args)
+    except (RecipeError, surgery.SurgeryError) as e:
+        print(f"resnet18_head: error: {as_flags(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def configure(args, demo: bool) -> None:
+    """Fill in the defaults that depend on the mode; set threads and determinism."""
     if args.epochs is None:
         args.epochs = (2 if args.quick else 30) if demo else 10
     if demo and args.quick:
@@ -604,27 +874,6 @@ def main(argv: list[str] | None = None) -> dict:
     # Deterministic under --seed: seeded generators everywhere, deterministic kernels.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
-
-    print("resnet18_head:", " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()))
-    threads = torch.get_num_threads()
-    print(
-        f"mode: {'demo' if demo else 'your data'}, torch {torch.__version__}, "
-        f"{threads} CPU thread{'s' * (threads != 1)}"
-    )
-    try:
-        if isinstance(args.freeze, list):  # a typo fails now, not after a download
-            with surgery.empty_init():
-                probe = torchvision.models.resnet18()
-            try:
-                surgery.freeze(probe, *args.freeze)
-            except surgery.SelectorError as e:
-                raise RecipeError(f"--freeze {','.join(args.freeze)}: {e}") from None
-        return run_demo(args) if demo else run_folder(args)
-    except (RecipeError, surgery.SurgeryError) as e:
-        # The library's advice names Python arguments; here they are options.
-        message = str(e).replace("trust_pickle=True", "--trust-pickle")
-        print(f"resnet18_head: error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -35,17 +35,38 @@ from torch.distributed.fsdp import fully_shard
 import surgery
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default after its help, unless the help already says it or there is
+    none to show (None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None:
+            return text
+        return super()._get_help_string(action)
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=add_help)
-    parser.add_argument(
-        "--ckpt", help="checkpoint: DCP folder, safetensors, .pth (default: make one)"
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], add_help=add_help, formatter_class=HelpFormatter
     )
-    parser.add_argument("--entry", help="entry holding the model in the checkpoint, e.g. 'model'")
+    parser.add_argument(
+        "--ckpt",
+        help="checkpoint: DCP folder, safetensors, .pth; default: make one (a 4-class model "
+        "saved with torch.distributed.checkpoint in a temporary folder)",
+    )
+    parser.add_argument(
+        "--entry",
+        help="entry holding the model in the checkpoint, e.g. 'model'; default: found by "
+        "surgery.load_partial",
+    )
     parser.add_argument("--classes", type=int, default=10, help="classes of the new head")
-    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--width", type=int, default=256, help="hidden width of the model")
     parser.add_argument("--steps", type=int, default=5, help="training steps after the load")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seeds the new model and the random training data"
+    )
     return parser
 
 
