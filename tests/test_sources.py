@@ -77,10 +77,11 @@ def test_source_protocol_public_members():
     """read, read_into, close, read_region_into (a rank's shard of a sharded model), and
     shares (two keys that are one tensor of the checkpoint), check_reads (every file a load
     will read is there in full, before the first write), read_many_into (many keys at once,
-    collectively where a source can), resident (the device a tensor already lies on)."""
+    collectively where a source can), resident (the device a tensor already lies on), mapped
+    (the tensor as it lies in the file's mapping, for assign=True)."""
     methods = {n for n, v in vars(CheckpointSource).items() if callable(v) and n[0] != "_"}
     expected = {"read", "read_into", "read_region_into", "close", "shares", "check_reads"}
-    expected |= {"read_many_into", "resident"}
+    expected |= {"read_many_into", "resident", "mapped"}
     assert methods == expected
     assert CheckpointSource("x").specs == {}
 

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .parallel import read_all
+
 __all__ = ["CheckpointLike", "CheckpointSource", "ReadOptions"]
 
 CheckpointLike = str | os.PathLike | Mapping[str, Any] | nn.Module
@@ -48,9 +50,12 @@ class CheckpointSource:
 
     Capabilities, so that nothing above the sources asks what class a source is:
 
-    - ``read_many_into(targets)`` fills many destinations at once (a DCP folder reads them in
-      one ``dcp.load``); with ``collective=True`` (where ``collective_reads``) it is one
-      collective call every rank makes, each filling its own shards of DTensor destinations;
+    - ``read_many_into(targets)`` fills many destinations at once: a few threads reading
+      several at a time (:mod:`.parallel`), or a DCP folder's one ``dcp.load``; with
+      ``collective=True`` (where ``collective_reads``) it is one collective call every rank
+      makes, each filling its own shards of DTensor destinations;
+    - ``mapped(key)``: the tensor as it already lies in memory or in the file's mapping,
+      sharing its bytes (what ``load_partial(..., assign=True)`` puts into the model);
     - ``read_region_into(key, offset, out)`` fills ``out`` with one block of the tensor (a
       rank's shard of a sharded model);
     - ``resident(key)``: the device a tensor already lies on in memory (``None``: read from a
@@ -61,8 +66,9 @@ class CheckpointSource:
     - ``unreadable``: keys that cannot be copied into a dense tensor, and why.
 
     A subclass implements ``read``; one that can fill ``out`` without a temporary (bytes at a
-    known file offset) overrides the hooks ``_read_into`` and ``_read_run_into``. A source that
-    wraps others delegates to their public ``read``/``read_into``/``read_region_into``.
+    known file offset) overrides the hooks ``_read_into`` and ``_read_run_into``, which must be
+    safe to call from several threads at once. A source that wraps others delegates to their
+    public ``read``/``read_into``/``read_region_into``/``mapped``.
 
     Example:
         >>> import torch
@@ -111,10 +117,13 @@ class CheckpointSource:
         collective: bool = False,
         on_read: Callable[[str], None] | None = None,
     ) -> None:
-        """Fill ``targets[key]`` with tensor ``key`` for every key, in the given order, and
-        call ``on_read(key)`` as each is done (a source reading all in one pass calls it for
-        each at the end). ``collective=True`` only where :attr:`collective_reads`: a call
-        every rank makes with the same keys, each filling its own shards."""
+        """Fill ``targets[key]`` with tensor ``key`` for every key, several at once (the
+        largest first, on the threads of :func:`~.parallel.read_threads`), and call
+        ``on_read(key)`` in the calling thread as each is done (a source reading all in one
+        pass calls it for each at the end). The first failing read is raised after the reads
+        running beside it finished; no new one starts. ``collective=True`` only where
+        :attr:`collective_reads`: a call every rank makes with the same keys, each filling
+        its own shards."""
         if collective and not self.collective_reads:
             raise NotImplementedError(f"{type(self).__name__} reads no DTensors collectively")
         self._read_many_into(targets, collective, on_read or (lambda key: None))
@@ -123,9 +132,14 @@ class CheckpointSource:
         self, targets: Mapping[str, Tensor], collective: bool, on_read: Callable[[str], None]
     ) -> None:
         """The hook a source that reads many keys in one pass overrides."""
-        for key, out in targets.items():
-            self.read_into(key, out)
-            on_read(key)
+        read_all(list(targets.items()), self.read_into, on_read)
+
+    def mapped(self, key: str) -> Tensor | None:
+        """Tensor ``key`` as it lies in memory or in the file's (private, copy-on-write)
+        mapping, sharing those bytes instead of copying them, in its stored shape and dtype;
+        ``None`` when this source can only copy it (then read it into new memory). Nothing is
+        read: the pages are touched when the tensor is first used."""
+        return None
 
     def resident(self, key: str) -> torch.device | None:
         """The device tensor ``key`` already lies on in memory; ``None`` when it is read from

@@ -62,6 +62,11 @@ class MemorySource(CheckpointSource):
         """The device of the tensor itself: it is in memory already."""
         return self._tensors[key].device
 
+    def mapped(self, key: str) -> Tensor | None:
+        """The tensor itself (for a torch file read with its mapping, a slice of it), as
+        ``load_state_dict(assign=True)`` takes it; ``None`` for one that is not dense."""
+        return None if key in self.unreadable else self._tensors[key].detach()
+
     def shares(self, a: str, b: str) -> bool:
         x, y = self._tensors.get(a), self._tensors.get(b)
         if x is None or y is None:

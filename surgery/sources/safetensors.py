@@ -3,11 +3,14 @@
 The format is an 8-byte little-endian header length, a JSON header (name -> dtype, shape,
 ``data_offsets``) and the tensor bytes back to back. The header gives every offset, so no
 tensor is read until asked for, and ``read_into`` reads straight into the destination.
+``mapped`` gives a tensor as a slice of one private mapping of the file (what
+``torch.load(mmap=True)`` and ``safetensors.safe_open`` give): no byte is read or copied.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -58,6 +61,8 @@ class SafetensorsSource(CheckpointSource):
         self.specs = specs
         self._offsets = offsets
         self._file = OffsetReader(str(path), self.description)
+        self._path = path
+        self._map: torch.UntypedStorage | None = None
 
     def read(self, key: str) -> Tensor:
         shape, dtype = self.specs[key]
@@ -72,8 +77,36 @@ class SafetensorsSource(CheckpointSource):
         self._file.read_into(self._offsets[key] + start * dtype.itemsize, out, out.shape, dtype)
         return True
 
+    def mapped(self, key: str) -> Tensor:
+        """Tensor ``key`` on a slice of the file's private mapping (copy-on-write: writing to
+        it never changes the file), mapped once for every tensor."""
+        shape, dtype = self.specs[key]
+        nbytes = math.prod(shape) * dtype.itemsize
+        if not nbytes:
+            return torch.empty(shape, dtype=dtype)
+        if self._map is None:
+            self._map = self._mapping()
+        begin = self._offsets[key]
+        return torch.empty(0, dtype=dtype).set_(self._map[begin : begin + nbytes], 0, shape)
+
+    def _mapping(self) -> torch.UntypedStorage:
+        """The whole file mapped privately, once its size is what the header said: pages of a
+        mapping past the end of a file that shrank would crash the process when touched."""
+        need = max(self._offsets[k] + math.prod(s) * d.itemsize for k, (s, d) in self.specs.items())
+        try:
+            size = os.stat(self._path).st_size
+            if size != need:
+                raise CheckpointError(
+                    f"'{self._path}' changed since it was opened ({size} bytes, its header says "
+                    f"{need}); load again once it is written in full"
+                )
+            return torch.UntypedStorage.from_file(str(self._path), False, size)
+        except (OSError, RuntimeError) as e:
+            raise CheckpointError(f"cannot map '{self._path}': {e}") from None
+
     def close(self) -> None:
         self._file.close()
+        self._map = None  # tensors already mapped keep their slices alive
 
 
 def looks_like_safetensors(head: bytes) -> bool:

@@ -95,6 +95,9 @@ class ShardedSource(CheckpointSource):
     def resident(self, key: str) -> torch.device | None:
         return self._owner[key].resident(key)
 
+    def mapped(self, key: str) -> Tensor | None:
+        return self._owner[key].mapped(key)
+
     def shares(self, a: str, b: str) -> bool:
         owner = self._owner.get(a)
         return owner is not None and owner is self._owner.get(b) and owner.shares(a, b)
