@@ -41,6 +41,7 @@ class LoadOptions:
     dry_run: bool = False
     progress: bool | None = None
     device: str | torch.device | None = None
+    assign: bool = False
 
     @property
     def adapter(self) -> Adapter | None:
@@ -65,8 +66,9 @@ def load_options(model: Any, fn: str, **options: Any) -> LoadOptions:
         options.get("trust_pickle", False),
         fn,
     )
-    if not isinstance(options.get("dry_run", False), bool):
-        raise UsageError(f"dry_run must be True or False, not {options['dry_run']!r}")
+    for flag in ("dry_run", "assign"):
+        if not isinstance(options.get(flag, False), bool):
+            raise UsageError(f"{flag} must be True or False, not {options[flag]!r}")
     _progress.check(options.get("progress"))
     return LoadOptions(**options)
 

@@ -37,7 +37,7 @@ from ..keys.select import Selector
 from ..sources import CheckpointLike, CheckpointSource
 from .check import CheckedPlan, Initialise, check_plan, meta_to_initialise, strict_failure
 from .coordinators import LocalCoordinator, Terms, plan_fingerprint
-from .handlers import HANDLERS, Commit, Handler, Job, Prepared, adapter_notes
+from .handlers import HANDLERS, Commit, Handler, Job, Prepared, Write, adapter_notes
 from .options import LoadOptions, OnMismatch, load_options
 from .placements import placement_for
 from .plan import Adapter, PlanData
@@ -76,7 +76,7 @@ class LoadPlan(PlanData):
     ) -> LoadReport:
         """Check the plan against ``model`` and carry it out: ``apply_plan(model, plan, ckpt,
         **options)``, with its options (``on_mismatch``, ``dry_run``, ``progress``, ``device``,
-        ``allow_globals``); see :func:`surgery.apply_plan`.
+        ``allow_globals``, ``assign``); see :func:`surgery.apply_plan`.
 
         Example:
             >>> report = plan.apply(model)  # doctest: +SKIP
@@ -103,6 +103,7 @@ def load_partial(
     key: str | None = None,
     progress: bool | None = None,
     device: str | torch.device | None = None,
+    assign: bool = False,
 ) -> LoadReport:
     """Load every checkpoint tensor that fits ``model`` and report what happened.
 
@@ -133,6 +134,15 @@ def load_partial(
     is loaded shard by shard: call it on every rank with the same arguments; the ranks agree on
     the plan before any writes (see README "Sharded models" and surgery/loading/placements).
 
+    ``assign=True`` puts the checkpoint's tensors in place of the model's, as
+    ``load_state_dict(assign=True)`` does: one that needs no cast is taken as it lies in the
+    file's private mapping or in memory, not copied, so parameters share pages with the file
+    (never overwrite the file in place while the model lives); casts and adapters' values are
+    new tensors. Parameters keep their class and ``requires_grad``, ties stay tied; they are
+    new objects, so build optimizers after the load. It is still atomic. Made for
+    :func:`empty_init` models; refused with ``device=``, for models on a GPU or sharded
+    (docs/assign.md).
+
     Example:
         >>> import torchvision, surgery
         >>> model = torchvision.models.resnet18(num_classes=10)
@@ -153,7 +163,7 @@ def load_partial(
         "load_partial",
         **dict(entry=entry, remap=remap, prefix=prefix, skip=skip, on_mismatch=on_mismatch),
         **dict(strict=strict, trust_pickle=trust_pickle, allow_globals=allow_globals),
-        **dict(dry_run=dry_run, progress=progress, device=device),
+        **dict(dry_run=dry_run, progress=progress, device=device, assign=assign),
     )
     return run(model, _Request(ckpt, opts, None, opts.adapter))
 
@@ -214,6 +224,7 @@ def apply_plan(
     progress: bool | None = None,
     device: str | torch.device | None = None,
     allow_globals: Iterable[Any] | None = None,
+    assign: bool = False,
 ) -> LoadReport:
     """Check ``plan`` against ``model``, load what it says, and report what happened.
 
@@ -228,7 +239,9 @@ def apply_plan(
     model's device whatever device the checkpoint was saved from; ``device`` places a meta
     model (see :func:`empty_init`) on that device (default CPU).
     ``allow_globals`` admits pickled classes when the checkpoint is read (default: those the
-    plan was made with; a plan read back from JSON has none).
+    plan was made with; a plan read back from JSON has none). ``assign=True`` puts the
+    checkpoint's tensors in place of the model's, sharing the file's pages where no cast is
+    needed (see :func:`surgery.load_partial`).
 
     Example:
         >>> plan = surgery.plan_load(model, "resnet18.pth")  # doctest: +SKIP
@@ -251,7 +264,7 @@ def apply_plan(
         entry=plan.entry,
         trust_pickle=plan.trust_pickle,
         allow_globals=plan.allow_globals if allow_globals is None else allow_globals,
-        **dict(dry_run=dry_run, progress=progress, device=device),
+        **dict(dry_run=dry_run, progress=progress, device=device, assign=assign),
     )
     ckpt = (
         ckpt if ckpt is not None else plan.checkpoint if plan.checkpoint is not None else plan.path
@@ -276,13 +289,15 @@ class _Request:
 @dataclass
 class _Ready:
     """A load prepared on this rank: its source (``None`` for a dry run of a given plan),
-    checked plan, each handler's prepared part, what to initialise, adapters' declines."""
+    checked plan, each handler's prepared part, the tensor writes as the placement will carry
+    them out, what to initialise, adapters' declines."""
 
     source: CheckpointSource | None
     checked: CheckedPlan
     parts: list[Prepared] = field(default_factory=list)
     initialise: Initialise | None = None
     declined: set[str] = field(default_factory=set)
+    writes: list[Write] = field(default_factory=list)
 
     def close(self) -> None:
         if self.source is not None:
@@ -294,7 +309,7 @@ def run(model: nn.Module, request: _Request, handlers: Sequence[Handler] = HANDL
     opts = request.opts
     with gc_paused():
         state = model.state_dict(keep_vars=True)
-        placement = placement_for(model, state, opts.device)
+        placement = placement_for(model, state, opts.device, opts.assign)
         agreeing = not (opts.dry_run and request.plan is not None)  # a pure check: no source
         coordinator = placement.coordinator if agreeing else LocalCoordinator()
         ready = coordinator.agree(
@@ -303,10 +318,10 @@ def run(model: nn.Module, request: _Request, handlers: Sequence[Handler] = HANDL
         )
         try:
             if not opts.dry_run:
-                commit = Commit(state, ready.source, opts.progress, ready.initialise)
+                commit = Commit(state, ready.source, opts.progress, ready.initialise, opts.assign)
                 writer = placement.writer(commit)
                 writer.begin()
-                writer.write([w for p in ready.parts for w in p.writes])
+                writer.write(ready.writes)
                 for h, part in zip(handlers, ready.parts, strict=True):
                     h.commit(part, writer)
         finally:
@@ -361,9 +376,8 @@ def _prepared(
     handlers: Sequence[Handler],
 ) -> _Ready:
     """Each handler's prepared part, then what declines change: strict, meta to initialise."""
-    job = Job(
-        checked, source, checked.model, placement.adapter(request.adapter), request.plan is None
-    )
+    adapter = placement.adapter(request.adapter)
+    job = Job(checked, source, checked.model, adapter, request.plan is None, request.opts.assign)
     ready = _Ready(source, checked, [h.prepare(job) for h in handlers], checked.initialise)
     ready.declined = {k for p in ready.parts for k in p.declined}
     if ready.declined:
@@ -372,7 +386,7 @@ def _prepared(
         if checked.initialise is not None:  # a declined meta tensor needs its module's init
             gone = {id(checked.state[k]) for k in ready.declined}
             ready.initialise = meta_to_initialise(checked.model, checked.written - gone)
-    placement.prepare(checked)
+    ready.writes = placement.prepare(checked, [w for p in ready.parts for w in p.writes], source)
     return ready
 
 
@@ -393,7 +407,7 @@ def _require_inputs(plan: PlanData, request: _Request) -> None:
 
 def _fingerprint(ready: _Ready) -> str:
     """What this rank is about to write: the plan's entries and its prepared values."""
-    values = {w.key: w.value for p in ready.parts for w in p.writes if w.value is not None}
+    values = {w.key: w.value for w in ready.writes if w.value is not None}
     return plan_fingerprint(ready.checked.plan.entries, values)  # type: ignore[arg-type]
 
 

@@ -62,7 +62,8 @@ class Adapted(Handler):
                     values[k] = values[same]
                     out.writes.append(Write(mkey, target, ckey, values[k]))
                 continue
-            value = _adapt(adapter, e, source.read(ckey), target, name)
+            lent = source.mapped(ckey) if job.assign else None  # no read: the file's pages
+            value = _adapt(adapter, e, source.read(ckey) if lent is None else lent, target, name)
             if value is None:
                 declined_ids.add(k)
                 out.declined.add(mkey)

@@ -89,12 +89,15 @@ class Write:
 @dataclass(frozen=True)
 class Commit:
     """What a placement's writer is made for: the model's state, the open source, whether to
-    show progress, and the meta modules to initialise (``None``: nothing is on ``meta``)."""
+    show progress, the meta modules to initialise (``None``: nothing is on ``meta``) and
+    whether each write's value is put in place of its target (``assign=True``) rather than
+    copied into it."""
 
     state: Mapping[str, Any]
     source: CheckpointSource
     progress: bool | None
     initialise: tuple[list[nn.Module], list[str]] | None
+    assign: bool = False
 
 
 class Writer(Protocol):
@@ -108,13 +111,16 @@ class Writer(Protocol):
 @dataclass(frozen=True)
 class Job:
     """One load at its prepare step: the checked plan, the open source, the model's state, the
-    adapter (wrapped by the placement) and whether the plan was made from this very source."""
+    adapter (wrapped by the placement), whether the plan was made from this very source, and
+    whether the load assigns (``assign=True``: checkpoint tensors may be taken as they lie in
+    the file's mapping, :meth:`~surgery.sources.CheckpointSource.mapped`, instead of read)."""
 
     checked: CheckedPlan
     source: CheckpointSource
     model: nn.Module
     adapter: Adapter | None
     planned_here: bool
+    assign: bool = False
 
     @property
     def state(self) -> Mapping[str, Any]:

@@ -23,10 +23,14 @@ __all__ = ["LocalPlacement", "ShardedPlacement", "is_sharded", "placement_for"]
 
 
 def placement_for(
-    model: nn.Module, state: Mapping[str, Any], device: str | torch.device | None
+    model: nn.Module,
+    state: Mapping[str, Any],
+    device: str | torch.device | None,
+    assign: bool = False,
 ) -> LocalPlacement | ShardedPlacement:
     """The placement of ``model``: sharded when any tensor is a ``DTensor``, else local
-    (``device`` places a meta model; checked now, before anything is read)."""
+    (``device`` places a meta model, ``assign`` puts the checkpoint's tensors in place of the
+    model's; both checked now, before anything is read)."""
     if is_sharded(model):  # DTensor parameters (FSDP2, tensor parallel): on every rank
-        return ShardedPlacement(model, state, device)
-    return LocalPlacement(model, state, device)
+        return ShardedPlacement(model, state, device, assign)
+    return LocalPlacement(model, state, device, assign)

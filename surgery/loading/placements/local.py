@@ -2,17 +2,19 @@
 
 :class:`LocalWriter` is the one writer of a local load. It reads each checkpoint tensor
 straight from the file into the model's memory (peak near one copy; skipped tensors are never
-read), file by file so a sharded checkpoint is read shard by shard: the tensors of a file
-that land in CPU memory through one :meth:`~surgery.sources.CheckpointSource.read_many_into`
-(a DCP folder reads them in one pass), then the rest one at a time (prepared values, GPU
-targets through pinned staging buffers). A meta model is materialised on the way: modules
-with tensors the checkpoint lacks are given memory and reset first, loaded tensors are read
-into fresh memory that replaces the meta tensor in every module holding it.
+read), file by file so a sharded checkpoint is read shard by shard: the tensors of a file that
+land in CPU memory through one :meth:`~surgery.sources.CheckpointSource.read_many_into` (a few
+threads at once; a DCP folder reads them in one pass), then the rest one at a time (prepared
+values, GPU targets through pinned staging buffers). A meta model is materialised on the way:
+its tensors are read into new memory, and only once every read succeeded are modules with
+tensors the checkpoint lacks given memory and reset, and the new memory put in place of the
+meta tensor in every module holding it. With ``assign=True`` (:mod:`.assign`) every tensor
+was made at prepare and the writer only puts them in place.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,13 +23,14 @@ from torch import Tensor, nn
 from ... import _progress
 from ..._sysmem import available_memory, format_bytes
 from ..._tensors import Holders, holders, replace
-from ...errors import LoadError, UsageError
+from ...errors import LoadError, SurgeryError, UsageError
 from ...sources import CheckpointSource
 from ..check import CheckedPlan
 from ..coordinators import LocalCoordinator
 from ..handlers import Commit, Write
 from ..plan import Adapter
 from ..units import materialise
+from .assign import assigned, check_assign, taken_as_is
 
 __all__ = ["LocalPlacement", "LocalWriter", "Staging", "check_device"]
 
@@ -37,9 +40,14 @@ class LocalPlacement:
 
     sharded = False
 
-    def __init__(self, model: nn.Module, state: Mapping[str, Any], device: Any) -> None:
+    def __init__(
+        self, model: nn.Module, state: Mapping[str, Any], device: Any, assign: bool = False
+    ) -> None:
         self.model = model
+        if assign:
+            check_assign(model, state, device)
         self.device = check_device(state, device)
+        self.assign = assign
         self.coordinator = LocalCoordinator()
 
     def adapter(self, adapter: Adapter | None) -> Adapter | None:
@@ -48,10 +56,20 @@ class LocalPlacement:
     def check(self, state: Mapping[str, Any]) -> None:
         """Nothing to check before planning: the device was checked when placed."""
 
-    def prepare(self, checked: CheckedPlan) -> None:
-        """Refuse, before the first write, to materialise meta tensors that do not fit."""
+    def prepare(
+        self, checked: CheckedPlan, writes: list[Write], source: CheckpointSource
+    ) -> list[Write]:
+        """Refuse, before the first write, to materialise meta tensors that do not fit; with
+        ``assign=True``, give every write the tensor it puts into the model (see
+        :mod:`.assign`): the source's own where it needs no copy, else read now."""
+        if not self.assign:
+            if checked.initialise is not None:
+                check_memory(self.model, checked.state)
+            return writes
+        taken = taken_as_is(writes, source)
         if checked.initialise is not None:
-            check_memory(self.model, checked.state)
+            check_memory(self.model, checked.state, {id(writes[i].target) for i in taken})
+        return assigned(writes, source, taken)
 
     def writer(self, commit: Commit) -> LocalWriter:
         return LocalWriter(self.model, commit, self.device)
@@ -65,20 +83,116 @@ class LocalWriter:
         self.device = device
         self.dev = device or torch.device("cpu")
         self.progress = commit.progress
+        self.assign = commit.assign
         initialise = commit.initialise
         self.init_modules = initialise[0] if initialise is not None else []
-        self.owners: Holders = holders(model) if initialise is not None else {}
+        # A load that materialises (some tensor is on meta) reads into new memory and puts
+        # it in place only after every read succeeded; so does assign=True.
+        self.fresh_memory = initialise is not None
+        self.owners: Holders = holders(model) if self.fresh_memory or self.assign else {}
         self.replaced: dict[int, Tensor] = {}
         self._unit_owners: Holders | None = None
+        self._installed = False
+        self.read_done = 0  # tensors read so far
 
     def current(self, t: Tensor) -> Tensor:
         return self.replaced.get(id(t), t)
 
-    @torch.no_grad()
     def begin(self) -> None:
-        """Materialise before loading: a meta model placed on a device gets its real tensors
-        (buffers computed in ``__init__``) moved there; modules with tensors the checkpoint
-        lacks get memory (zeros) and are reset, so the loads land on real memory after it."""
+        """Nothing before the reads: :meth:`write` materialises once they all succeeded."""
+
+    @torch.no_grad()
+    def write(self, writes: Sequence[Write]) -> None:
+        """Carry out ``writes``: with ``assign=True`` put each prepared tensor in place; else
+        read the CPU targets of each file at once (new memory for a load that materialises,
+        the model's own otherwise), materialise, then the rest one at a time (prepared
+        values, GPU targets through pinned staging buffers)."""
+        if self.assign:
+            self._install([(w.target, w.value) for w in writes])  # type: ignore[misc]
+            return
+        source = self.source
+        files = {w.ckpt_key: source.files.get(w.ckpt_key, source.description) for w in writes}
+        sizes: dict[str, int] = {}  # file -> bytes read from it, in reading order
+        for w in writes:
+            shape, dtype = source.specs[w.ckpt_key]
+            file = files[w.ckpt_key]
+            sizes[file] = sizes.get(file, 0) + shape.numel() * dtype.itemsize
+        batch, fresh, rest = self._split(writes)
+        staging = Staging()
+        with _progress.Bars(sizes, self.progress) as bars:
+
+            def count(key: str) -> None:
+                shape, dtype = source.specs[key]
+                bars.update(files[key], shape.numel() * dtype.itemsize)
+
+            try:
+                by_file: dict[str, dict[str, Tensor]] = {}
+                for key, out in batch.items():  # file by file: one progress bar at a time
+                    by_file.setdefault(files[key], {})[key] = out
+                for todo in by_file.values():
+                    self._read_batch(todo, count)
+                self._install(fresh)
+                for w in rest:
+                    self._write_one(w, staging)
+                    count(w.ckpt_key)
+            finally:
+                staging.finish()
+
+    def _split(
+        self, writes: Sequence[Write]
+    ) -> tuple[dict[str, Tensor], list[tuple[Tensor, Tensor]], list[Write]]:
+        """(checkpoint key -> CPU tensor to read it into, (model tensor, its new memory), the
+        writes done one at a time)."""
+        batch: dict[str, Tensor] = {}
+        fresh: list[tuple[Tensor, Tensor]] = []
+        rest: list[Write] = []
+        for w in writes:
+            target = w.target
+            if w.value is not None or w.ckpt_key in batch:
+                rest.append(w)
+            elif self.fresh_memory and self.dev.type == "cpu" and not target.is_cuda:
+                new = torch.empty(target.shape, dtype=target.dtype, device=self.dev)
+                batch[w.ckpt_key] = new
+                fresh.append((target, new))
+            elif not self.fresh_memory and not target.is_meta and not target.is_cuda:
+                batch[w.ckpt_key] = target
+            else:
+                rest.append(w)
+        return batch, fresh, rest
+
+    def _read_batch(self, batch: dict[str, Tensor], count: Callable[[str], None]) -> None:
+        """The batched reads of one file. Into the model's own tensors, a failure after some
+        reads finished says the model is partly loaded; into new memory (a model that
+        materialises) it leaves the model untouched."""
+
+        def counted(key: str) -> None:
+            self.read_done += 1
+            count(key)
+
+        try:
+            self.source.read_many_into(batch, on_read=counted)
+        except SurgeryError as e:
+            if self.fresh_memory or not self.read_done:
+                raise
+            raise LoadError(
+                f"{e} {type(self.model).__name__}'s tensors are read into in place, and "
+                f"{self.read_done} were read before this failure: the model is partly loaded. "
+                "Load it again once the checkpoint is intact (a model built under "
+                "surgery.empty_init() is left untouched by a failed load)."
+            ) from e
+
+    def _install(self, fresh: Sequence[tuple[Tensor, Tensor]]) -> None:
+        """Materialise, then put new tensors in place: a meta model placed on a device gets
+        its real tensors (buffers computed in ``__init__``) moved there; modules with tensors
+        the checkpoint lacks get memory (zeros) and are reset; then each (model tensor, new
+        tensor) of ``fresh`` takes its place in every module holding it."""
+        if not self._installed:
+            self._installed = True
+            self._materialise()
+        for orig, new in fresh:
+            self.replaced[id(orig)] = replace(self.current(orig), new, self.owners[id(orig)])
+
+    def _materialise(self) -> None:
         if self.owners and self.device is not None:
             for where in self.owners.values():
                 mod, name, is_param = where[0]
@@ -91,58 +205,6 @@ class LocalWriter:
                     new = torch.zeros(t.shape, dtype=t.dtype, device=self.dev)
                     self.replaced[id(t)] = replace(t, new, self.owners[id(t)])
             mod.reset_parameters()
-
-    @torch.no_grad()
-    def write(self, writes: Sequence[Write]) -> None:
-        """Carry out ``writes``, file by file in the order files are first needed."""
-        source = self.source
-        by_file: dict[str, list[Write]] = {}
-        sizes: dict[str, int] = {}  # file -> bytes read from it, in reading order
-        for w in writes:
-            shape, dtype = source.specs[w.ckpt_key]
-            file = source.files.get(w.ckpt_key, source.description)
-            by_file.setdefault(file, []).append(w)
-            sizes[file] = sizes.get(file, 0) + shape.numel() * dtype.itemsize
-        staging = Staging()
-        with _progress.Bars(sizes, self.progress) as bars:
-            try:
-                for file, todo in by_file.items():
-                    self._write_file(file, todo, bars, staging)
-            finally:
-                staging.finish()
-
-    def _write_file(
-        self, file: str, todo: list[Write], bars: _progress.Bars, staging: Staging
-    ) -> None:
-        source = self.source
-        specs = source.specs
-
-        def count(key: str) -> None:
-            shape, dtype = specs[key]
-            bars.update(file, shape.numel() * dtype.itemsize)
-
-        batch: dict[str, Tensor] = {}  # read in one pass: CPU memory, plain reads
-        fresh: list[tuple[Tensor, Tensor]] = []  # (meta tensor, its new memory)
-        rest: list[Write] = []
-        for w in todo:
-            target = self.current(w.target)
-            if w.value is not None or w.ckpt_key in batch:
-                rest.append(w)
-            elif target.is_meta and self.dev.type == "cpu":
-                new = torch.empty(target.shape, dtype=target.dtype, device=self.dev)
-                batch[w.ckpt_key] = new
-                fresh.append((w.target, new))
-            elif not target.is_meta and not target.is_cuda:
-                batch[w.ckpt_key] = target
-            else:
-                rest.append(w)
-        if batch:
-            source.read_many_into(batch, on_read=count)
-        for orig, new in fresh:
-            self.replaced[id(orig)] = replace(self.current(orig), new, self.owners[id(orig)])
-        for w in rest:
-            self._write_one(w, staging)
-            count(w.ckpt_key)
 
     def _write_one(self, w: Write, staging: Staging) -> None:
         target = self.current(w.target)
@@ -219,11 +281,12 @@ def check_device(
     return dev
 
 
-def check_memory(model: nn.Module, state: Mapping[str, Any]) -> None:
-    """Refuse, before the first write, to materialise meta tensors that do not fit in memory."""
+def check_memory(model: nn.Module, state: Mapping[str, Any], shared: Collection[int] = ()) -> None:
+    """Refuse, before the first write, to materialise meta tensors that do not fit in memory
+    (those in ``shared``, ids taken as they lie in the file's mapping, need none)."""
     sizes: dict[int, int] = {}
     for t in state.values():
-        if t.is_meta:
+        if t.is_meta and id(t) not in shared:
             sizes[id(t)] = t.numel() * t.element_size()
     need = sum(sizes.values())
     free = available_memory()

@@ -59,7 +59,16 @@ class ShardedPlacement:
 
     sharded = True
 
-    def __init__(self, model: nn.Module, state: Mapping[str, Any], device: Any) -> None:
+    def __init__(
+        self, model: nn.Module, state: Mapping[str, Any], device: Any, assign: bool = False
+    ) -> None:
+        if assign:
+            raise UsageError(
+                f"assign=True puts whole checkpoint tensors in place of the model's; "
+                f"{model_class_name(model)} is sharded (DTensor parameters), so each rank keeps "
+                "only its shards. Leave assign out: every rank reads its shards straight into "
+                "the memory they have."
+            )
         if device is not None:
             raise UsageError(
                 f"device={device!r} places a meta model's tensors; {type(model).__name__} is "
@@ -88,8 +97,11 @@ class ShardedPlacement:
                 "lacks need your own initialisation."
             )
 
-    def prepare(self, checked: CheckedPlan) -> None:
-        """Nothing more: the shards were checked before planning."""
+    def prepare(
+        self, checked: CheckedPlan, writes: list[Write], source: CheckpointSource
+    ) -> list[Write]:
+        """Nothing more: the shards were checked before planning; the writes stay as they are."""
+        return writes
 
     def writer(self, commit: Commit) -> ShardedWriter:
         return ShardedWriter(commit.source)
