@@ -59,12 +59,12 @@ def read_all(
     to ``threads`` threads (default :func:`read_threads`); ``on_read(key)`` in this thread as
     each finishes. The first failure stops new reads and is raised once the others are done."""
     threads = read_threads() if threads is None else threads
-    if threads <= 1 or len(jobs) <= 1:
-        for key, out in jobs:
+    order = sorted(jobs, key=lambda j: -j[1].numel() * j[1].element_size())
+    if threads <= 1 or len(order) <= 1:
+        for key, out in order:
             read(key, out)
             on_read(key)
         return
-    order = sorted(jobs, key=lambda j: -j[1].numel() * j[1].element_size())
     stop = threading.Event()
 
     def one(key: str, out: Tensor) -> str:

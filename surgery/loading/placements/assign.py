@@ -30,8 +30,8 @@ __all__ = ["assigned", "check_assign", "taken_as_is"]
 
 def check_assign(model: nn.Module, state: Mapping[str, Any], device: Any) -> None:
     """Refuse ``assign=True`` where the model cannot take tensors as they lie in CPU memory:
-    a ``device=`` to put them on, or a model whose tensors live on another device."""
-    if device is not None:
+    a ``device=`` to move them to, or a model whose tensors live on another device."""
+    if device is not None and _device_type(device) not in ("cpu", None):
         raise UsageError(
             f"assign=True puts the checkpoint's tensors into the model where they lie (CPU "
             f"memory, the file's mapping); device={str(device)!r} would copy them. Load with "
@@ -54,11 +54,18 @@ def check_assign(model: nn.Module, state: Mapping[str, Any], device: Any) -> Non
         )
 
 
+def _device_type(device: Any) -> str | None:
+    """``'cuda'`` for ``'cuda:1'``; ``None`` for what is no device (refused by its own check)."""
+    try:
+        return torch.device(device).type
+    except (RuntimeError, TypeError):
+        return None
+
+
 def taken_as_is(writes: Sequence[Write], source: CheckpointSource) -> dict[int, Tensor]:
     """Position in ``writes`` -> the source's own tensor, for the writes that need no copy:
     no prepared value, the source lends it (:meth:`~surgery.sources.CheckpointSource.mapped`)
-    in CPU memory, in the target's dtype. Two writes never get overlapping memory (a
-    checkpoint that stores two keys in one storage): the later is copied."""
+    in CPU memory, in the target's dtype."""
     out: dict[int, Tensor] = {}
     for i, w in enumerate(writes):
         if w.value is not None:
@@ -72,8 +79,6 @@ def taken_as_is(writes: Sequence[Write], source: CheckpointSource) -> dict[int, 
             and not _self_overlapping(t)
         ):
             out[i] = t
-    for i in _overlapping(out):
-        del out[i]
     return out
 
 
@@ -82,7 +87,7 @@ def assigned(
 ) -> list[Write]:
     """``writes``, each with the tensor it puts into the model: ``taken`` as it is, a prepared
     value in the target's dtype on CPU (converted when it is not), else new memory the source
-    reads into now (several at once)."""
+    reads into now (several at once). No two of them share memory."""
     out: list[Write] = []
     reads: list[tuple[str, Tensor]] = []
     for i, w in enumerate(writes):
@@ -96,8 +101,10 @@ def assigned(
         out.append(Write(w.key, w.target, w.ckpt_key, value))
     for batch in _batches(reads):
         source.read_many_into(batch)
+    # Two targets never share memory (a checkpoint storing two keys in one storage, an
+    # adapter's value given to two targets): the later gets a copy.
     for i in _overlapping({i: w.value for i, w in enumerate(out) if w.value is not None}):
-        w = out[i]  # an adapter's value shared with another target: each gets its own
+        w = out[i]
         out[i] = Write(w.key, w.target, w.ckpt_key, w.value.clone())  # type: ignore[union-attr]
     return out
 
