@@ -83,6 +83,8 @@ WAYS = {
                        text="empty_init + load_partial(on_mismatch=head_rows)"),
     "surgery-copy:safetensors": Way("safetensors", "normal",
                                     text="model built normally + load_partial (copy path)"),
+    "surgery-copy:pth": Way("pth", "normal",
+                            text="model built normally + load_partial (copy path)"),
     "surgery-assign:safetensors": Way("safetensors", "empty_init", kwargs={"assign": True},
                                       text="empty_init + load_partial(assign=True)"),
     "surgery-assign:pth": Way("pth", "empty_init", kwargs={"assign": True},
