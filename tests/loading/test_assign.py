@@ -8,6 +8,7 @@ Oracle: plain ``safetensors.torch.load_file`` / ``torch.load(mmap=True)`` + the 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from surgery.loading.placements import local
 
 from support import SmallCNN, Tied, assert_same_state, save_as, snapshot
 
-FORMS = ("safetensors", "sharded_safetensors", "pth")
+FORMS = ("safetensors", "sharded_safetensors", "sharded_folder", "pth")
 
 
 def _state(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -44,11 +45,16 @@ def _save(form: str, sd: dict[str, torch.Tensor], folder) -> str:
         path = folder / "model.pth"
         torch.save(sd, path)
         return str(path)
+    if form == "sharded_folder":  # the folder holding an index and its shards
+        save_as("sharded_safetensors", sd, folder)
+        return str(folder)
     return save_as(form, sd, folder)
 
 
 def _files(path: str) -> list[str]:
-    """The files a checkpoint path reads (the shards of an index)."""
+    """The files a checkpoint path reads (the shards of an index, in a folder or named)."""
+    if Path(path).is_dir():
+        path = str(next(Path(path).glob("*.index.json")))
     if path.endswith(".index.json"):
         with open(path) as f:
             shards = set(json.load(f)["weight_map"].values())
