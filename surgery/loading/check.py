@@ -53,7 +53,8 @@ class CheckedPlan:
     ``written``: ids of the model tensors the plan gives a value; ``initialise``: the meta
     modules to reset and the keys they give a value (``None`` when nothing is on ``meta``);
     ``units``: the modules that load themselves; ``rehearsals``: their planning rehearsals
-    (by prefix), reused at prepare when the same entries are fed from the same source.
+    (by prefix), reused at prepare when the same entries are fed from the same source;
+    ``conversions``: a transformers model's conversion mapping planning used.
     """
 
     plan: PlanData
@@ -63,6 +64,7 @@ class CheckedPlan:
     written: frozenset[int]
     initialise: Initialise | None
     rehearsals: Mapping[str, Rehearsal] = field(default_factory=dict)
+    conversions: Any = None  # the model's transformers conversions, as planning found them
 
     @property
     def by_modules(self) -> set[str]:
@@ -259,7 +261,13 @@ def _index_edited(
     uses: dict[str, list[str]] = {}  # checkpoint key -> actions naming it
     prior: dict[str, str] = {}
     conflicts: list[list[PlanEntry]] = []
+    groups: set[tuple[str, tuple[str, ...]]] = set()  # a conversion's keys count once
     for e in todo:
+        c = getattr(e, "conversion", None)
+        if c is not None and not e.tied_to and c.group not in groups:
+            groups.add(c.group)
+            for k in c.keys:
+                uses.setdefault(k, []).append("convert")
         e = _refreshed(e, plain, at, entries, uses, prior, unknown, misfit)
         if e is None:
             continue
@@ -299,7 +307,7 @@ def _refreshed(
             prior[e.model_key] = e.ckpt_key
         return None
     if e.action == "unexpected" or (e.action == "skip" and e.model_key is None):
-        if e.ckpt_key is None:
+        if e.ckpt_key is None and e.conversion is None:
             raise UsageError(f"plan entry {e!r} names no checkpoint key")
         return e
     mkey = e.model_key
@@ -318,15 +326,19 @@ def _refreshed(
         )
     mshape, mdtype, action = tuple(t.shape), dtype_name(t.dtype), e.action
     if action in WRITES or action == "mismatch":
-        if e.ckpt_key is None or e.ckpt_shape is None:
+        if (e.ckpt_key is None and e.conversion is None) or e.ckpt_shape is None:
             raise UsageError(f"plan entry {e!r} ({action}) needs ckpt_key and ckpt_shape")
-    if action in ("load", "cast"):
+    if action in ("load", "cast", "convert") and (action == "convert") != (
+        e.conversion is not None
+    ):
+        raise UsageError(f"plan entry {e!r}: a 'convert' entry, and only one, has a conversion")
+    if action in ("load", "cast", "convert"):
         if e.ckpt_shape != mshape:
             misfit.append(
                 f"{mkey}: checkpoint '{e.ckpt_key}' {format_shape(e.ckpt_shape)} vs "
                 f"model {format_shape(mshape)}"
             )
-        action = copy_action(e.ckpt_dtype, mdtype)
+        action = action if action == "convert" else copy_action(e.ckpt_dtype, mdtype)
     if action != e.action or mshape != e.model_shape or mdtype != e.model_dtype:
         e = dataclasses.replace(e, action=action, model_shape=mshape, model_dtype=mdtype)
     return e

@@ -124,7 +124,7 @@ class PlanData:
                 )
         hit: set[str] | None = None
         if selectors:
-            keys = {k for e in self.entries for k in (e.model_key, e.ckpt_key) if k is not None}
+            keys = {k for e in self.entries for k in (e.model_key, *e.ckpt_keys) if k is not None}
             hit = match_keys(list(selectors), keys, action=verb, owner=f"the plan for {self.model}")
         elif actions is None:
             raise UsageError(f"{verb} needs key patterns, action=..., or both")
@@ -132,7 +132,7 @@ class PlanData:
             i
             for i, e in enumerate(self.entries)
             if (actions is None or e.action in actions)
-            and (hit is None or e.model_key in hit or e.ckpt_key in hit)
+            and (hit is None or e.model_key in hit or any(k in hit for k in e.ckpt_keys))
         ]
 
     # ------------------------------------------------------------------ editing
@@ -152,7 +152,8 @@ class PlanData:
             e = self.entries[i]
             if e.action == "skip":
                 continue
-            real_model_key = e.action != "unexpected"
+            # an unexpected converted tensor keeps its name: it has no checkpoint key of its own
+            real_model_key = e.action != "unexpected" or e.ckpt_key is None
             self.entries[i] = dataclasses.replace(
                 e,
                 action="skip",

@@ -59,6 +59,9 @@ class LoadReport(_StatusTable):
     ``missing`` includes keys a meta model ``initialised`` from their module's init.
     ``adapter`` lists the PEFT adapter weights (``lora_A``, ``lora_B``, ...) of a model wrapped
     by ``peft.get_peft_model`` that a base checkpoint left as they were; they are not missing.
+    ``converted`` maps each model key a transformers conversion gave a value to the checkpoint
+    tensors it was made from, in short (``'...experts.{0..3}.w1/w3.weight (merged,
+    concatenated)'``); the plan (``plan.find(action="convert")``) holds every key.
     """
 
     source: str = ""
@@ -69,6 +72,7 @@ class LoadReport(_StatusTable):
     mismatched: list[Mismatch] = field(default_factory=list)
     adapted: list[Mismatch] = field(default_factory=list)
     renamed: dict[str, str] = field(default_factory=dict)
+    converted: dict[str, str] = field(default_factory=dict)
     cast: list[tuple[str, str, str]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     defaulted: list[str] = field(default_factory=list)
@@ -223,6 +227,7 @@ class LoadReport(_StatusTable):
         add("initialised", [(k, "reset_parameters()") for k in self.initialised])
         add("defaulted", [(k, "counter left at its default") for k in self.defaulted])
         add("adapter", [(k, "PEFT adapter weight, left as it is") for k in self.adapter])
+        add("converted", [(k, f"<- {d}") for k, d in self.converted.items()])
         if self.cast:
             kinds = sorted({f"{a} -> {b}" for _, a, b in self.cast})
             rows.append(("cast", f"{len(self.cast)} tensors", ", ".join(kinds)))
@@ -376,7 +381,11 @@ def _file(report: LoadReport, e: PlanEntry, declined: set[str]) -> None:
     a = e.action
     if a == "load":
         return
-    if a == "cast":
+    if a == "convert" and e.conversion is not None:
+        report.converted[str(e.model_key)] = e.conversion.describe()
+        if e.ckpt_dtype != e.model_dtype:
+            report.cast.append((e.model_key, e.ckpt_dtype, e.model_dtype))  # type: ignore[arg-type]
+    elif a == "cast":
         report.cast.append((e.model_key, e.ckpt_dtype, e.model_dtype))  # type: ignore[arg-type]
     elif a in ("adapt", "mismatch"):
         m = Mismatch.from_entry(e)

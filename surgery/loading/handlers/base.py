@@ -1,7 +1,7 @@
 """The contract every handler keeps, and the records that pass between the steps.
 
 A handler is one kind of plan entry: plain tensor copies and ties, adapted tensors, modules
-that load themselves (and, later, converters that read several checkpoint tensors into one).
+that load themselves, converters that read several checkpoint tensors into one.
 The pipeline calls each handler at four points, always in this order:
 
 1. :meth:`Handler.plan` while planning: claim checkpoint keys (``model key -> checkpoint
@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from torch import Tensor, nn
 
+from ...keys.conversions import Conversions, Group
 from ...sources import CheckpointSource
 from ..check import CheckedPlan
 from ..entries import PlanEntry
@@ -40,7 +41,8 @@ class PlanContext:
     ``plain`` is ``state`` without the tensors of modules that load themselves; ``skipped``
     the model keys ``skip=`` names; ``adapter`` the ``on_mismatch`` callable (or ``None``);
     ``sharded``: the model's tensors are DTensors (a placement that cannot run a module's
-    own loading).
+    own loading); ``conversions``/``groups``: a transformers model's conversion mapping and
+    the checkpoint names its converters gather (:mod:`surgery.keys.conversions`).
     """
 
     model: nn.Module
@@ -54,6 +56,13 @@ class PlanContext:
     units: Index
     sharded: bool
     tied: bool  # some tensor of ``plain`` sits under several keys
+    conversions: Conversions | None = None  # a transformers model's conversion mapping
+    groups: Mapping[str, Group] = field(default_factory=dict)  # names its converters gather
+
+    @property
+    def converted(self) -> set[str]:
+        """Model keys a conversion group goes to (its handler plans them, skipped or not)."""
+        return {k for g in self.groups.values() for ks in g.outputs.values() for k in ks}
 
 
 @dataclass
