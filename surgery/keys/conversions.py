@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import LoadError
 from .remap import collision
 
-__all__ = ["Conversions", "Group", "gather", "model_conversions"]
+__all__ = ["Conversions", "Gathered", "Group", "conversion_note", "gather", "model_conversions"]
 
 
 @dataclass(frozen=True)
@@ -164,14 +164,17 @@ class Gathered:
     groups: dict[str, Group]
     renamed: int = 0
 
-    def notes(self, owner: str) -> list[str]:
-        if not (self.renamed or self.groups):
-            return []
-        n = sum(len(g.keys) for g in self.groups.values())
-        parts = [f"{self.renamed} checkpoint tensors renamed"] if self.renamed else []
-        if self.groups:
-            parts.append(f"{n} gathered into {len(self.groups)} converted tensors")
-        return [f"{' and '.join(parts)} by {owner}'s transformers conversion mapping"]
+
+def conversion_note(owner: str, renamed: int, groups: Mapping[str, Group]) -> list[str]:
+    """The plan note saying what the model's transformers conversion mapping did."""
+    if not (renamed or groups):
+        return []
+    parts = [f"{renamed} checkpoint tensors renamed"] if renamed else []
+    if groups:
+        n_in = sum(len(g.keys) for g in groups.values())
+        n_out = sum(len(ks) for g in groups.values() for ks in g.outputs.values())
+        parts.append(f"{n_in} converted into {n_out} model tensors")
+    return [f"{' and '.join(parts)} by {owner}'s transformers conversion mapping"]
 
 
 def gather(

@@ -25,7 +25,7 @@ from typing import Any
 from torch import Tensor
 
 from . import peft as _peft
-from .conversions import Conversions, Group, gather
+from .conversions import Conversions, Group, conversion_note, gather
 from .prefix import apply_prefix, detect_prefix
 from .remap import Remap, apply_remap, collision
 
@@ -68,11 +68,11 @@ def map_names(
     """
     new_to_old, dropped, notes = apply_remap(names, remap)
     groups: dict[str, Group] = {}
+    renamed = 0
     if conversions is not None:
         base = view.base if view is not None else targets
         gathered = gather(conversions, new_to_old, base)  # type: ignore[arg-type]
-        new_to_old, groups = gathered.new_to_old, gathered.groups
-        notes.extend(gathered.notes(conversions.owner))
+        new_to_old, groups, renamed = gathered.new_to_old, gathered.groups, gathered.renamed
     out = KeyMap(new_to_old, dropped, None, notes)
     through = False  # named through the PEFT wrapper's base names
     if view is not None and isinstance(targets, Mapping) and shape_of is not None:
@@ -96,6 +96,8 @@ def map_names(
             out.new_to_old = apply_prefix(new_to_old, out.rewrite)
     if groups:
         _place(out, groups, targets, view if through else None)
+    if conversions is not None:
+        out.notes.extend(conversion_note(conversions.owner, renamed, out.groups))
     return out
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 import surgery
 from surgery.errors import LoadError
 
-from support import assert_same_state, snapshot
+from support import assert_same_state, run_cli, snapshot
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.core_model_loading")  # transformers 5
@@ -58,7 +58,7 @@ def _fresh(name: str, meta: bool, seed: int = 1):
 
 @pytest.mark.parametrize("meta", [False, True], ids=["built", "empty_init"])
 @pytest.mark.parametrize("shard", [None, "20KB"], ids=["one-file", "sharded"])
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "vit", "vit_classifier"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "vit", "vit_classifier", "dinov2"])
 def test_values_equal_from_pretrained_of_the_same_folder(name, shard, meta, tmp_path):
     src, folder = _folder(tmp_path, name, shard)
     model = _fresh(name, meta)
@@ -191,8 +191,6 @@ def test_dropping_a_converted_tensor_reads_none_of_its_sources(tmp_path, monkeyp
 
 
 def test_cli_diff_shows_converted_tensors(tmp_path, capsys):
-    from support import run_cli
-
     _, folder = _folder(tmp_path)
     out = run_cli(capsys, "diff", str(folder), "--model", "support.hf:tiny_mixtral")
     assert out.code == 0, out.err
@@ -200,6 +198,23 @@ def test_cli_diff_shows_converted_tensors(tmp_path, capsys):
     assert "ok: strict=True would load this checkpoint" in out.out
     js = run_cli(capsys, "diff", str(folder), "--model", "support.hf:tiny_mixtral", "--json")
     assert len(json.loads(js.out)["converted"]) == 4
+
+
+def test_cli_convert_writes_the_hub_layout_back(tmp_path, capsys):
+    """Hub layout in, the model's conversions, the hub layout out: the very same tensors."""
+    _, folder = _folder(tmp_path)
+    out = tmp_path / "out"
+    spec = "support.hf:tiny_mixtral"
+    result = run_cli(
+        capsys, "convert", str(folder), "-o", str(out), "--model", spec, "--layout", "checkpoint"
+    )
+    assert result.code == 0, result.err
+    assert "converted  model.layers.0.mlp.experts.gate_up_proj" in result.out
+    written = load_file(out / "model.safetensors")
+    original = load_file(folder / "model.safetensors")
+    assert written.keys() == original.keys()
+    for k, v in original.items():
+        assert torch.equal(written[k], v), k
 
 
 # --------------------------------------------------------------------------- composing
@@ -224,6 +239,22 @@ def test_skip_and_remap_compose(tmp_path):
     state = _state(model)
     for k, v in oracle.items():
         assert torch.equal(state[k], before[k] if k in skipped else v), k
+
+
+def test_one_tensor_into_two_and_skipping_one_of_them(tmp_path):
+    """Dinov2's fused ``weights_in`` chunked into ``gate_proj`` and ``up_proj``."""
+    src, folder = _folder(tmp_path, "dinov2")
+    model = _fresh("dinov2", meta=False)
+    before = snapshot(model)
+    report = surgery.load_partial(model, folder, skip="encoder.layer.0.mlp.gate_proj.weight")
+    assert report.skipped == ["encoder.layer.0.mlp.gate_proj.weight"]
+    assert report.converted["encoder.layer.0.mlp.up_proj.weight"] == (
+        "encoder.layer.0.mlp.weights_in.weight (chunked)"
+    )
+    assert len(report.converted) == 7 and report.ok
+    oracle = hf.from_pretrained(src, folder)
+    for k, v in _state(model).items():
+        assert torch.equal(v, before[k] if k in report.skipped else oracle[k]), k
 
 
 def test_vocabulary_growth_with_head_rows(tmp_path):

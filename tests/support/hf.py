@@ -18,6 +18,7 @@ __all__ = [
     "BUILDERS",
     "from_pretrained",
     "save_pretrained",
+    "tiny_dinov2",
     "tiny_gpt2",
     "tiny_llama",
     "tiny_mixtral",
@@ -81,6 +82,20 @@ def tiny_vit_classifier() -> nn.Module:
     return tr.ViTForImageClassification(_vit_config())
 
 
+def tiny_dinov2() -> nn.Module:
+    """A SwiGLU Dinov2: its checkpoint's fused ``weights_in`` is chunked into two tensors."""
+    cfg = tr.Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        use_swiglu_ffn=True,
+    )
+    return tr.Dinov2Model(cfg)
+
+
 def tiny_gpt2() -> nn.Module:
     cfg = tr.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)
     return tr.GPT2LMHeadModel(cfg)
@@ -103,6 +118,7 @@ BUILDERS = {
     "qwen2_moe": tiny_qwen_moe,
     "vit": tiny_vit,
     "vit_classifier": tiny_vit_classifier,
+    "dinov2": tiny_dinov2,
 }
 
 

@@ -49,6 +49,8 @@ class Converted(Handler):
         claimed = Claimed(names, at={}, writer={})
         for g in ctx.groups.values():
             for e in _plan_group(ctx, g):
+                if e.action == "mismatch":
+                    claimed.notes.append(_mismatch_note(e))
                 if e.model_key is not None and e.action != "unexpected":
                     claimed.at[e.model_key] = len(claimed.entries)  # type: ignore[index]
                     if e.action in WRITES:
@@ -131,6 +133,16 @@ def _entry(
     if ctx.skipped and mkey in ctx.skipped:
         action, reason = "skip", "skipped as asked"
     return PlanEntry(action, mkey, None, mshape, shape, mdtype, dtype, reason, conversion=c)
+
+
+def _mismatch_note(e: PlanEntry) -> str:
+    """Why a converted tensor does not fit: what it was made from, both shapes."""
+    c: Conversion = e.conversion  # type: ignore[assignment]
+    return (
+        f"'{e.model_key}' converted from {c.describe()} would be {format_shape(e.ckpt_shape)}, "
+        f"the model's is {format_shape(e.model_shape)} (a checkpoint of another configuration: "
+        "another number of experts, other sizes); not loaded"
+    )
 
 
 def _meta(specs: Mapping[str, tuple[torch.Size, torch.dtype]], key: str) -> Tensor:
