@@ -337,27 +337,52 @@ def test_a_missing_expert_is_a_mismatch(tmp_path):
 
 
 def test_an_op_failing_on_real_tensors_leaves_the_model_untouched(tmp_path, monkeypatch):
-    """transformers logs such a failure and loads the rest; surgery raises before writing."""
+    """transformers logs such a failure and loads the rest; surgery raises before writing.
+    (Dinov2's Chunk runs at prepare; stacked experts are not converted by ops at all.)"""
     core = sys.modules["transformers.core_model_loading"]
-    real = core.Concatenate.convert
+    real = core.Chunk.convert
 
     def fails_on_data(self, input_dict, *args, **kwargs):
         if not next(iter(input_dict.values()))[0].is_meta:
             raise RuntimeError("disk said no")
         return real(self, input_dict, *args, **kwargs)
 
-    monkeypatch.setattr(core.Concatenate, "convert", fails_on_data)
-    _, folder = _folder(tmp_path)
+    monkeypatch.setattr(core.Chunk, "convert", fails_on_data)
+    _, folder = _folder(tmp_path, "dinov2")
     for meta in (False, True):
-        model = _fresh("mixtral", meta=meta)
+        model = _fresh("dinov2", meta=meta)
         before = None if meta else snapshot(model)
         with pytest.raises(LoadError, match="disk said no") as err:
             surgery.load_partial(model, folder)
-        assert "Nothing was loaded" in str(err.value)
+        assert "Nothing was loaded" in str(err.value) and "weights_in" in str(err.value)
         if meta:  # still all on meta: nothing was materialised
             assert all(t.is_meta for t in model.state_dict().values())
         else:
             assert_same_state(model, before)
+
+
+def test_stacked_experts_are_read_in_place(tmp_path, monkeypatch):
+    """Per-expert tensors go straight into their rows: transformers' ops never see the
+    checkpoint's data (only meta tensors, and the small tensors of the one-off check)."""
+    src, folder = _folder(tmp_path)
+    oracle = hf.from_pretrained(src, folder)  # before the spies: it runs the ops on data
+    core = sys.modules["transformers.core_model_loading"]
+    seen: list[tuple[str, bool, tuple[int, ...]]] = []
+    for op in (core.MergeModulelist, core.Concatenate):
+        real = op.convert
+
+        def spy(self, input_dict, *args, _real=real, **kwargs):
+            t = next(iter(input_dict.values()))
+            t = t[0] if isinstance(t, list) else t
+            seen.append((type(self).__name__, t.is_meta, tuple(t.shape)))
+            return _real(self, input_dict, *args, **kwargs)
+
+        monkeypatch.setattr(op, "convert", spy)
+    model = _fresh("mixtral", meta=True)
+    assert surgery.load_partial(model, folder).ok
+    _assert_equal(_state(model), oracle)
+    real_data = [s for s in seen if not s[1] and s[2] in ((64, 32), (32, 64))]
+    assert real_data == [] and any(s[1] for s in seen)
 
 
 def test_a_plan_naming_a_converter_the_model_lacks_is_refused(tmp_path):

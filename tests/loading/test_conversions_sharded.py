@@ -1,7 +1,8 @@
 """A transformers MoE checkpoint into a model sharded by FSDP2 (2 CPU ranks, gloo): the
 converted expert stacks land in every rank's shards, equal to ``from_pretrained`` of the same
-folder (computed in the test's own process, the oracle); a group that cannot be converted
-fails on every rank alike, before any rank writes.
+folder (computed in the test's own process, the oracle), each rank reading only the experts
+its shard holds; a group that cannot be converted fails on every rank alike, before any rank
+writes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 import surgery
+from surgery.sources.safetensors import SafetensorsSource
 
 from support import spawn
 
@@ -43,6 +45,20 @@ def _sharded_mixtral(mesh):
     return fully_shard(model, mesh=mesh)
 
 
+def _record_reads() -> list[str]:
+    """The checkpoint keys this process reads from safetensors files, from now on."""
+    read: list[str] = []
+    for name in ("read", "_read_into", "_read_run_into"):
+        real = getattr(SafetensorsSource, name)
+
+        def spy(self, key, *args, _real=real, **kwargs):
+            read.append(key)
+            return _real(self, key, *args, **kwargs)
+
+        setattr(SafetensorsSource, name, spy)
+    return read
+
+
 def case_fsdp_mixtral(rank: int, world: int, tmp: Path) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -51,8 +67,12 @@ def case_fsdp_mixtral(rank: int, world: int, tmp: Path) -> None:
     model = _sharded_mixtral(mesh)
     experts = model.state_dict()["model.layers.0.mlp.experts.gate_up_proj"]
     assert experts.to_local().shape == (4 // world, 128, 32)  # each rank holds its experts
+    read = _record_reads()
     report = surgery.load_partial(model, tmp / "folder")
     assert report.ok and report.tensors_loaded == 21 and len(report.converted) == 4
+    mine = {2 * rank, 2 * rank + 1}  # Shard(0) of 4 experts on 2 ranks
+    experts = {int(k.split(".")[5]) for k in read if ".experts." in k}
+    assert experts == mine, f"rank {rank} read experts {sorted(experts)}"
     state = _full(model)
     assert state.keys() == oracle.keys()
     for k, v in oracle.items():

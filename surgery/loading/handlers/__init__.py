@@ -11,7 +11,7 @@ plain copies.
 from __future__ import annotations
 
 from .adapted import Adapted, adapter_notes
-from .base import Claimed, Commit, Handler, Job, PlanContext, Prepared, Write, Writer
+from .base import Claimed, Commit, Handler, Job, PlanContext, Prepared, Region, Write, Writer
 from .converted import Converted
 from .copies import Copies
 from .selfloading import SelfLoading
@@ -27,6 +27,7 @@ __all__ = [
     "Job",
     "PlanContext",
     "Prepared",
+    "Region",
     "SelfLoading",
     "Write",
     "Writer",

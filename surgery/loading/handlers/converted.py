@@ -8,10 +8,14 @@ before a byte is read, and plans it as ``convert`` (``mismatch``, or ``adapt`` w
 adapter, when its shape differs from the model's; ``skip`` when ``skip=`` names it). An op
 that fails on those shapes (tensors that do not fit together) is refused while planning.
 
-At prepare each group's checkpoint tensors are read and converted by transformers' own
-``WeightConverter.convert``; any failure, or a tensor that is not what was planned, raises
-before the first write (transformers itself logs such failures and loads the rest). The
-values, cast to the model's dtype, are written by the placement's writer at commit.
+At prepare, a group that only stacks experts (and joins the stacks), the common MoE layout,
+becomes one write per checkpoint tensor into its block of the model tensor
+(:mod:`.stacked`): read in place at commit like any plain copy, nothing held in between, and
+on a sharded model only the experts a rank holds. Any other group is read and converted by
+transformers' own ``WeightConverter.convert``; any failure, or a tensor that is not what was
+planned, raises before the first write (transformers itself logs such failures and loads
+the rest). Its values, cast to the model's dtype, are written by the placement's writer at
+commit.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from ...errors import Advice, Fix, LoadError
 from ...keys.conversions import Conversions, Group, model_conversions
 from ...sources import CheckpointSource
 from ..entries import WRITES, Conversion, PlanEntry, compact, pair_action
+from . import stacked
 from .adapted import adapt_value
 from .base import Claimed, Handler, Job, PlanContext, Prepared, Write
 
@@ -73,7 +78,22 @@ class Converted(Handler):
         conv = job.checked.conversions if job.planned_here else None
         conv = conv or model_conversions(job.model)
         for entries in groups.values():
-            made = _convert_for(conv, entries, job.source)
+            c: Conversion = entries[0].conversion  # type: ignore[assignment]
+            converter = _converter(conv, c, job.source)
+            blocks = None
+            if all(e.action == "convert" for e in entries):
+                blocks = stacked.regions(
+                    conv, converter, c.sources, job.source.specs, _shape(entries)
+                )  # type: ignore[arg-type]
+            if blocks is not None:  # read in place at commit, nothing held meanwhile
+                for e in entries:
+                    target = job.state[str(e.model_key)]
+                    out.writes += [
+                        Write(str(e.model_key), target, k, None, blocks[k]) for k in c.keys
+                    ]
+                continue
+            mkeys = [str(e.model_key) for e in entries]
+            made = convert_group(conv, converter, c.layer, c.sources, job.source.read, mkeys)  # type: ignore[arg-type]
             for e in entries:
                 _prepare_entry(job, e, made, out)
         return out
@@ -185,12 +205,9 @@ def convert_group(
     return {k: v[0] if isinstance(v, list) else v for k, v in made.items()}
 
 
-def _convert_for(
-    conv: Conversions | None, entries: list[PlanEntry], source: CheckpointSource
-) -> dict[str, Tensor]:
-    """The group of ``entries`` converted from ``source``: its converter found again in the
-    model, its checkpoint tensors read."""
-    c: Conversion = entries[0].conversion  # type: ignore[assignment]
+def _converter(conv: Conversions | None, c: Conversion, source: CheckpointSource) -> Any:
+    """The model's converter for ``c`` (a plan read back names it by patterns and ops), once
+    every checkpoint key it reads is known to be in ``source``."""
     converter = conv.find([p for p, _ in c.sources], c.targets, c.ops) if conv else None
     if converter is None:
         raise LoadError(
@@ -205,8 +222,13 @@ def _convert_for(
             f"{', '.join(missing[:5])} not in the checkpoint. Nothing was loaded. Pass the "
             "checkpoint the plan was made from (ckpt=...), or plan again."
         )
-    mkeys = [str(e.model_key) for e in entries]
-    return convert_group(conv, converter, c.layer, c.sources, source.read, mkeys)  # type: ignore[arg-type]
+    return converter
+
+
+def _shape(entries: list[PlanEntry]) -> tuple[int, ...]:
+    """The one shape the group's entries are planned to have (``()`` when they differ)."""
+    shapes = {tuple(e.ckpt_shape or ()) for e in entries}
+    return shapes.pop() if len(shapes) == 1 else ()
 
 
 def _prepare_entry(job: Job, e: PlanEntry, made: Mapping[str, Tensor], out: Prepared) -> None:

@@ -126,7 +126,7 @@ class LocalWriter:
         rest: list[Write] = []
         for w in todo:
             target = self.current(w.target)
-            if w.value is not None or w.ckpt_key in batch:
+            if w.value is not None or w.ckpt_key in batch or w.region is not None:
                 rest.append(w)
             elif target.is_meta and self.dev.type == "cpu":
                 new = torch.empty(target.shape, dtype=target.dtype, device=self.dev)
@@ -146,19 +146,30 @@ class LocalWriter:
 
     def _write_one(self, w: Write, staging: Staging) -> None:
         target = self.current(w.target)
+        if w.region is not None:  # a part of the target: materialise it once, fill the part
+            if target.is_meta:
+                new = torch.empty(target.shape, dtype=target.dtype, device=self.dev)
+                target = replace(target, new, self.owners[id(w.target)])
+                self.replaced[id(w.target)] = target
+            self._read(w.ckpt_key, w.region.of(target), staging)
+            return
         is_fresh = target.is_meta
         if is_fresh:
             target = torch.empty(target.shape, dtype=target.dtype, device=self.dev)
         if w.value is not None:
             target.copy_(w.value)
-        elif target.is_cuda and _on_host(self.source.resident(w.ckpt_key)):
-            staging.read_into(self.source, w.ckpt_key, target)
         else:
-            self.source.read_into(w.ckpt_key, target)
+            self._read(w.ckpt_key, target, staging)
         if is_fresh:
             self.replaced[id(w.target)] = replace(
                 self.current(w.target), target, self.owners[id(w.target)]
             )
+
+    def _read(self, key: str, out: Tensor, staging: Staging) -> None:
+        if out.is_cuda and _on_host(self.source.resident(key)):
+            staging.read_into(self.source, key, out)
+        else:
+            self.source.read_into(key, out)
 
     def materialise(self, module: nn.Module) -> None:
         """Real (empty) memory for a module's own loading to copy into."""
