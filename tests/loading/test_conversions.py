@@ -336,6 +336,30 @@ def test_a_missing_expert_is_a_mismatch(tmp_path):
         assert_same_state(fresh, before)
 
 
+def test_an_adapter_gets_the_converted_tensor(tmp_path):
+    """A checkpoint with 3 experts of 4: the adapter sees the stacked (3, ...) tensor."""
+    _, folder = _folder(tmp_path)
+    file = load_file(folder / "model.safetensors")
+    _edit(folder, lambda t: [t.pop(k) for k in list(t) if ".experts.3." in k])
+    seen = {}
+
+    def pad(name, ckpt, model):
+        seen[name] = tuple(ckpt.shape)
+        return torch.cat([ckpt, torch.zeros(1, *ckpt.shape[1:])])
+
+    model = _fresh("mixtral", meta=False)
+    report = surgery.load_partial(model, folder, on_mismatch=pad)
+    assert report.ok and len(report.adapted) == 4 and not report.converted.get(EXPERTS)
+    assert seen[EXPERTS] == (3, 128, 32)
+    stacked = model.state_dict()[EXPERTS]
+    for i in range(3):  # the oracle: the file's own tensors, where the model stacks them
+        prefix = f"model.layers.0.block_sparse_moe.experts.{i}"
+        assert torch.equal(
+            stacked[i], torch.cat([file[f"{prefix}.w1.weight"], file[f"{prefix}.w3.weight"]])
+        )
+    assert not stacked[3].any()
+
+
 def test_an_op_failing_on_real_tensors_leaves_the_model_untouched(tmp_path, monkeypatch):
     """transformers logs such a failure and loads the rest; surgery raises before writing.
     (Dinov2's Chunk runs at prepare; stacked experts are not converted by ops at all.)"""
