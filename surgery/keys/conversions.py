@@ -20,7 +20,7 @@ transformers model, or a model type with no rule that matches, nothing changes.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,19 +47,18 @@ class Conversions:
     converters: tuple[Any, ...]
     core: Any = field(repr=False)
 
-    def rename(self, name: str, targets: Mapping[str, Any]) -> tuple[str, str | None]:
-        """``name`` as transformers renames it for a model whose keys are ``targets``, and
-        the source pattern of the converter that takes it (``None``: a plain rename, or none).
+    def rename(self, name: str, targets: Container[str]) -> tuple[str, str | None]:
+        """``name`` as transformers renames it, and the source pattern of the converter that
+        takes it (``None``: a plain rename, or none).
 
-        As ``from_pretrained`` does: every renaming, then at most one converter, then the
-        ``base_model_prefix`` added or stripped where that gives a model key; a name that is
-        already a model key and that the rules would rename away is kept.
+        As ``from_pretrained`` does: every renaming, then at most one converter; a name that
+        is already a model key (``targets``) and that the rules would rename away is kept.
+        transformers' own ``base_model_prefix`` step is left out: surgery's prefix rewrite
+        (reported, and off with ``prefix=None``) does that for every name, converted or not.
         """
-        prefix = self.model.base_model_prefix
-        args = (self.renamings, self.converters, prefix, targets)
-        new, pattern = self.core.rename_source_key(name, *args)
-        if new not in targets and name in targets:
-            new, pattern = self.core.rename_source_key(name, [], [], prefix, targets)
+        new, pattern = self.core.rename_source_key(name, self.renamings, self.converters)
+        if new != name and new not in targets and name in targets:
+            return name, None
         return new, pattern
 
     def rule_of(self, pattern: str) -> int:

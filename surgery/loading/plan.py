@@ -184,8 +184,7 @@ class PlanData:
             None,
         )
         if ci is None:
-            ckpt_keys = [e.ckpt_key for e in self.entries if e.ckpt_key is not None]
-            raise UsageError(_unknown("checkpoint", ckpt_key, ckpt_keys, self.source))
+            raise UsageError(self._not_a_checkpoint_key(ckpt_key))
         mi = next(
             (
                 i
@@ -243,6 +242,19 @@ class PlanData:
                 entries.append(e)
         self.entries = entries
         return self
+
+    def _not_a_checkpoint_key(self, ckpt_key: str) -> str:
+        """Why ``rename`` cannot take ``ckpt_key``: one of a converted tensor's sources, or
+        not in the plan (with the closest keys)."""
+        made = next((e for e in self.entries if ckpt_key in e.ckpt_keys), None)
+        if made is not None:
+            return (
+                f"rename: checkpoint key '{ckpt_key}' is one of the tensors converted into "
+                f"'{made.key}' by transformers' conversion; it cannot load on its own. "
+                f"Leave that tensor out with plan.drop('{made.key}')."
+            )
+        ckpt_keys = [e.ckpt_key for e in self.entries if e.ckpt_key is not None]
+        return _unknown("checkpoint", ckpt_key, ckpt_keys, self.source)
 
     # ------------------------------------------------------------------ saving
 

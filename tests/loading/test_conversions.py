@@ -129,7 +129,8 @@ def test_base_model_checkpoint_into_the_classifier(tmp_path):
     model = _fresh("vit_classifier", meta=False)
     report = surgery.load_partial(model, folder)
     assert sorted(report.missing) == ["classifier.bias", "classifier.weight"]
-    assert sorted(report.unexpected) == ["pooler.dense.bias", "pooler.dense.weight"]  # no pooler
+    assert sorted(report.unexpected) == ["vit.pooler.dense.bias", "vit.pooler.dense.weight"]
+    assert report.prefix == ("", "vit.")  # surgery's prefix rewrite, on converted names too
     oracle = transformers.ViTForImageClassification.from_pretrained(folder).state_dict()
     state = _state(model)
     for k, v in oracle.items():
@@ -169,6 +170,21 @@ def test_dry_run_plan_and_json_plan_show_convert_entries(tmp_path):
     report = again.apply(model)
     assert report.ok and len(report.converted) == 4
     _assert_equal(_state(model), hf.from_pretrained(src, folder))
+
+
+def test_each_load_asks_transformers_for_the_mapping_once(tmp_path, monkeypatch):
+    _, folder = _folder(tmp_path)  # (a model built: transformers has imported its tables)
+    tables = sys.modules["transformers.conversion_mapping"]
+    real, calls = tables.get_model_conversion_mapping, []
+    monkeypatch.setattr(
+        tables, "get_model_conversion_mapping", lambda m, *a, **k: calls.append(m) or real(m)
+    )
+    model = _fresh("mixtral", meta=False)
+    assert surgery.load_partial(model, folder).ok and len(calls) == 1
+    plan = surgery.plan_load(model, folder)
+    with pytest.raises(surgery.UsageError, match="converted into 'model.layers.0.mlp.experts"):
+        plan.rename("model.layers.0.block_sparse_moe.experts.1.w2.weight", "lm_head.weight")
+    assert plan.apply(model).ok and len(calls) == 3  # planned, then found again to apply
 
 
 def test_dropping_a_converted_tensor_reads_none_of_its_sources(tmp_path, monkeypatch):
@@ -436,6 +452,26 @@ def test_a_model_type_without_a_mapping_loads_as_before(build, tmp_path, monkeyp
     monkeypatch.undo()
     assert surgery.load_partial(model, folder).ok
     _assert_equal(_state(model), hf.from_pretrained(src, folder))
+
+
+def test_a_base_model_checkpoint_without_a_mapping_loads_as_before(tmp_path, monkeypatch):
+    """GPT2Model's folder into GPT2LMHeadModel: the prefix rewrite adds 'transformer.' as it
+    always did (transformers' own base_model_prefix step is not used), and prefix=None
+    still turns it off."""
+    torch.manual_seed(0)
+    base = hf.tiny_gpt2().transformer
+    folder = hf.save_pretrained(base, tmp_path / "base")
+    model = hf.tiny_gpt2()
+
+    def outcomes() -> tuple[dict, str]:
+        with pytest.raises(LoadError) as err:  # nothing matches without the prefix
+            surgery.plan_load(model, folder, prefix=None)
+        return surgery.plan_load(model, folder).to_dict(), str(err.value)
+
+    plan, refused = outcomes()
+    monkeypatch.setitem(sys.modules, "transformers.core_model_loading", None)  # as before 5
+    assert outcomes() == (plan, refused)
+    assert plan["prefix"] == ["", "transformer."] and "0 of 28 checkpoint tensors" in refused
 
 
 def test_without_transformers_5_nothing_is_converted(tmp_path, monkeypatch):
