@@ -326,6 +326,9 @@ def test_a_wrong_shaped_expert_is_refused_and_nothing_is_loaded(tmp_path):
     assert "'model.layers.0.mlp.experts.gate_up_proj'" in text and "MergeModulelist" in text
     assert "experts.{0..3}.w1/w3.weight" in text and "skip=['model.layers.0.mlp" in text
     assert_same_state(model, before)
+    report = surgery.load_partial(model, folder, skip=EXPERTS)  # the fix the message gives
+    assert report.skipped == [EXPERTS] and len(report.converted) == 3
+    assert torch.equal(model.state_dict()[EXPERTS], before[EXPERTS])
 
 
 def test_a_missing_expert_is_a_mismatch(tmp_path):

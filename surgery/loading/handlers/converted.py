@@ -40,8 +40,6 @@ from .base import Claimed, Handler, Job, PlanContext, Prepared, Write
 
 __all__ = ["Converted", "convert_group"]
 
-Loader = Callable[[], Tensor]
-
 
 class Converted(Handler):
     """Entries with a ``conversion``: tensors made by the model's transformers converters."""
@@ -79,21 +77,18 @@ class Converted(Handler):
         conv = conv or model_conversions(job.model)
         for entries in groups.values():
             c: Conversion = entries[0].conversion  # type: ignore[assignment]
-            converter = _converter(conv, c, job.source)
+            conv, converter = _converter(conv, c, job.source)
             blocks = None
             if all(e.action == "convert" for e in entries):
-                blocks = stacked.regions(
-                    conv, converter, c.sources, job.source.specs, _shape(entries)
-                )  # type: ignore[arg-type]
+                shape = _shape(entries)
+                blocks = stacked.regions(conv, converter, c.sources, job.source.specs, shape)
             if blocks is not None:  # read in place at commit, nothing held meanwhile
                 for e in entries:
-                    target = job.state[str(e.model_key)]
-                    out.writes += [
-                        Write(str(e.model_key), target, k, None, blocks[k]) for k in c.keys
-                    ]
+                    mkey = str(e.model_key)
+                    out.writes += [Write(mkey, job.state[mkey], k, None, blocks[k]) for k in c.keys]
                 continue
             mkeys = [str(e.model_key) for e in entries]
-            made = convert_group(conv, converter, c.layer, c.sources, job.source.read, mkeys)  # type: ignore[arg-type]
+            made = convert_group(conv, converter, c.layer, c.sources, job.source.read, mkeys)
             for e in entries:
                 _prepare_entry(job, e, made, out)
         return out
@@ -105,7 +100,15 @@ def _plan_group(ctx: PlanContext, g: Group) -> list[PlanEntry]:
     conv: Conversions = ctx.conversions
     converter = conv.converters[g.rule]
     sources = tuple((p, tuple(ks)) for p, ks in g.sources.items())
+    ops = tuple(repr(op) for op in converter.operations)
+    targets = tuple(converter.target_patterns)
     mkeys = [k for ks in g.outputs.values() for k in ks]
+    if mkeys and ctx.skipped and all(k in ctx.skipped for k in mkeys):  # nothing to convert
+        return [
+            _skipped(ctx, k, Conversion(sources, targets, ops, g.layer, o))
+            for o, ks in g.outputs.items()
+            for k in ks
+        ]
     meta = functools.partial(_meta, ctx.source.specs)
     made = convert_group(conv, converter, g.layer, sources, meta, mkeys)
     if set(made) != set(g.outputs):
@@ -119,8 +122,6 @@ def _plan_group(ctx: PlanContext, g: Group) -> list[PlanEntry]:
                 ".",
             )
         )
-    ops = tuple(repr(op) for op in converter.operations)
-    targets = tuple(converter.target_patterns)
     entries = []
     for o, mkeys in g.outputs.items():
         c = Conversion(sources, targets, ops, g.layer, o)
@@ -153,6 +154,15 @@ def _entry(
     if ctx.skipped and mkey in ctx.skipped:
         action, reason = "skip", "skipped as asked"
     return PlanEntry(action, mkey, None, mshape, shape, mdtype, dtype, reason, conversion=c)
+
+
+def _skipped(ctx: PlanContext, mkey: str, c: Conversion) -> PlanEntry:
+    """A converted tensor ``skip=`` names: none of its sources is read, not even planned."""
+    t = ctx.state[mkey]
+    shape, dtype = tuple(t.shape), dtype_name(t.dtype)
+    return PlanEntry(
+        "skip", mkey, None, shape, None, dtype, reason="skipped as asked", conversion=c
+    )
 
 
 def _mismatch_note(e: PlanEntry) -> str:
@@ -205,11 +215,13 @@ def convert_group(
     return {k: v[0] if isinstance(v, list) else v for k, v in made.items()}
 
 
-def _converter(conv: Conversions | None, c: Conversion, source: CheckpointSource) -> Any:
-    """The model's converter for ``c`` (a plan read back names it by patterns and ops), once
-    every checkpoint key it reads is known to be in ``source``."""
+def _converter(
+    conv: Conversions | None, c: Conversion, source: CheckpointSource
+) -> tuple[Conversions, Any]:
+    """The model's mapping and its converter for ``c`` (a plan read back names it by patterns
+    and ops), once every checkpoint key it reads is known to be in ``source``."""
     converter = conv.find([p for p, _ in c.sources], c.targets, c.ops) if conv else None
-    if converter is None:
+    if conv is None or converter is None:
         raise LoadError(
             f"the plan converts '{c.layer}' with a transformers converter {list(c.ops)} that "
             "the model does not declare (another model, or another transformers version). "
@@ -222,7 +234,7 @@ def _converter(conv: Conversions | None, c: Conversion, source: CheckpointSource
             f"{', '.join(missing[:5])} not in the checkpoint. Nothing was loaded. Pass the "
             "checkpoint the plan was made from (ckpt=...), or plan again."
         )
-    return converter
+    return conv, converter
 
 
 def _shape(entries: list[PlanEntry]) -> tuple[int, ...]:
