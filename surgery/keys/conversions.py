@@ -76,11 +76,6 @@ class Conversions:
                 return c
         return None
 
-    def order(self, names: Sequence[str]) -> list[str]:
-        """``names`` in the order transformers reads them: ``dot_natural_key`` (numbers as
-        numbers), the order in which it stacks experts."""
-        return sorted(names, key=self.core.dot_natural_key)
-
 
 @dataclass
 class Group:
@@ -157,7 +152,7 @@ def _transformers_model(model: nn.Module, kind: type) -> nn.Module | None:
 @dataclass
 class Gathered:
     """Names after transformers' rules: plain names (``new -> original``, in the original
-    order), converter groups by layer, and how many names each kind of rule took."""
+    order), converter groups by layer, and how many plain names a renaming changed."""
 
     new_to_old: dict[str, str]
     groups: dict[str, Group]
@@ -176,9 +171,7 @@ def conversion_note(owner: str, renamed: int, groups: Mapping[str, Group]) -> li
     return [f"{' and '.join(parts)} by {owner}'s transformers conversion mapping"]
 
 
-def gather(
-    conv: Conversions, new_to_old: Mapping[str, str], targets: Mapping[str, Any]
-) -> Gathered:
+def gather(conv: Conversions, new_to_old: Mapping[str, str], targets: Container[str]) -> Gathered:
     """Apply ``conv``'s rules to the names of ``new_to_old`` (names after the user's remap ->
     checkpoint names), for a model whose (base) keys are ``targets``.
 
