@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench bench-scale
+.PHONY: demo test test-fast lint docs docs-serve bench bench-scale
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -15,13 +15,21 @@ demo: $(STAMP)
 	$(VENV)/bin/python recipes/resnet18_head.py
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest --durations=20
 
+# test-fast: no slow tests and none that spawn processes (ranks, scripts, a fresh venv)
 test-fast: $(STAMP)
-	$(VENV)/bin/python -m pytest -m "not slow"
+	$(VENV)/bin/python -m pytest -m "not slow and not distributed"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# The documentation site into site/ (docs/, mkdocs.yml); --strict: any warning fails the build.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --strict
 
 bench: $(STAMP)
 	$(VENV)/bin/python tests/benchmarks/load_bench.py
