@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 import surgery
 from surgery.errors import LoadError
 
-from support import assert_same_state, run_cli, snapshot
+from support import assert_same_state, run_cli, save_dcp, snapshot
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.core_model_loading")  # transformers 5
@@ -111,6 +111,15 @@ def test_a_torch_file_with_keys_in_any_order(tmp_path):
     model = _fresh("mixtral", meta=False)
     assert surgery.load_partial(model, path).ok
     src = hf.tiny_mixtral()
+    _assert_equal(_state(model), hf.from_pretrained(src, folder))
+
+
+@pytest.mark.parametrize("meta", [False, True], ids=["built", "empty_init"])
+def test_a_dcp_folder_in_the_hub_layout(meta, tmp_path):
+    src, folder = _folder(tmp_path)
+    save_dcp(load_file(folder / "model.safetensors"), tmp_path / "dcp")
+    model = _fresh("mixtral", meta=meta)
+    assert surgery.load_partial(model, tmp_path / "dcp").ok
     _assert_equal(_state(model), hf.from_pretrained(src, folder))
 
 
