@@ -200,7 +200,10 @@ def test_dropping_a_converted_tensor_reads_none_of_its_sources(tmp_path, monkeyp
     _, folder = _folder(tmp_path)
     model = _fresh("mixtral", meta=False)
     before = snapshot(model)
-    plan = surgery.plan_load(model, folder).drop("model.layers.*.mlp.experts.*")
+    plan = surgery.plan_load(model, folder)
+    assert plan.counts()["convert"] == 4
+    plan.drop("model.layers.*.mlp.experts.*")
+    assert "convert" not in plan.counts() and all(e.conversion for e in plan.find(action="skip"))
     read: list[str] = []
     real = surgery.sources.safetensors.SafetensorsSource.read
     monkeypatch.setattr(
