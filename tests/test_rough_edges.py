@@ -60,3 +60,81 @@ def test_verify_one_constant_side_is_named():
     with pytest.warns(UserWarning, match="the model's output is constant"):
         d = surgery.verify(src, model, x)
     assert d == pytest.approx(want) and d.constant == ("model",)
+
+
+# --------------------------------------------------------------------------- compiled models
+
+
+def _frozen(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if not p.requires_grad]
+
+
+def _groups(groups: list[dict]) -> list[tuple[str, float, float, list[int]]]:
+    """Group name, lr, decay and the parameters by their position in the model."""
+    return [(g["name"], g["lr"], g["weight_decay"], [id(p) for p in g["params"]]) for g in groups]
+
+
+def test_selectors_see_the_names_written_in_a_compiled_model():
+    torch.manual_seed(0)
+    plain = torchvision.models.resnet18(num_classes=10)
+    compiled = torch.compile(torchvision.models.resnet18(num_classes=10))
+    assert {n.removeprefix("_orig_mod.") for n, _ in compiled.named_parameters()} == {
+        n for n, _ in plain.named_parameters()
+    }
+    # the oracle: the same call on the model as written (torch's own names, no wrapper)
+    for fn, args in (
+        (surgery.freeze, ("layer1", "bn1")),
+        (surgery.unfreeze, ("layer1.0",)),
+        (surgery.freeze_except, ("fc", nn.BatchNorm2d)),
+        (surgery.freeze, (lambda name, m: name == "layer4",)),
+    ):
+        want, got = fn(plain, *args), fn(compiled, *args)
+        assert got.model_name == "ResNet" and str(got) == str(want)
+        assert [n.removeprefix("_orig_mod.") for n in _frozen(compiled)] == _frozen(plain)
+    assert str(surgery.trainable_summary(compiled)) == str(surgery.trainable_summary(plain))
+
+    surgery.unfreeze(plain, "*"), surgery.unfreeze(compiled, "*")
+    pos = {id(p): i for i, p in enumerate(plain.parameters())}
+    cpos = {id(p): i for i, p in enumerate(compiled.parameters())}
+    kw = dict(lr=1.0, weight_decay=0.1, rules=[("fc", {"lr": 3.0})], layer_decay=0.5)
+    want = [(n, lr, wd, [pos[i] for i in ps]) for n, lr, wd, ps in _groups(
+        surgery.param_groups(plain, **kw))]  # fmt: skip
+    got = [(n, lr, wd, [cpos[i] for i in ps]) for n, lr, wd, ps in _groups(
+        surgery.param_groups(compiled, **kw))]  # fmt: skip
+    assert got == want and len({lr for _, lr, _, _ in got}) > 3  # layer decay took effect
+
+    surgery.freeze_except(compiled, "fc")
+    opt = torch.optim.SGD(surgery.param_groups(compiled, lr=0.1))
+    surgery.unfreeze(compiled, "layer4")
+    assert surgery.add_param_groups(opt, compiled, "layer4", lr=0.01) == ["layer4"]
+    assert {id(p) for p in opt.param_groups[1]["params"]} == {
+        id(p) for p in compiled._orig_mod.layer4.parameters()
+    }
+
+    with pytest.raises(surgery.SelectorError) as e:
+        surgery.freeze(compiled, "layer5")
+    assert "in ResNet. Closest names: layer4" in str(e.value) and "_orig_mod" not in str(e.value)
+    assert "Top-level modules: conv1, bn1, relu, maxpool, layer1" in str(e.value)
+
+
+def test_a_compiled_submodule_and_load_skip_use_the_written_names(tmp_path, r18_imagenet):
+    torch.manual_seed(0)
+    outer = nn.Sequential()
+    outer.add_module("backbone", torch.compile(torchvision.models.resnet18(num_classes=10)))
+    surgery.freeze(outer, "backbone.layer1")
+    inner = outer.backbone._orig_mod.layer1
+    want = ["backbone._orig_mod." + n for n, _ in inner.named_parameters(prefix="layer1")]
+    assert _frozen(outer) == want
+    # load_partial(skip=...) into a compiled model: the oracle is torch's load of the rest
+    path = tmp_path / "r18.pth"
+    torch.save(r18_imagenet, path)
+    compiled = torch.compile(torchvision.models.resnet18(num_classes=10))
+    report = surgery.load_partial(compiled, str(path), skip="fc")
+    assert report.ok and report.skipped == ["_orig_mod.fc.weight", "_orig_mod.fc.bias"]
+    oracle = torchvision.models.resnet18(num_classes=10)
+    oracle.load_state_dict({k: v for k, v in r18_imagenet.items() if not k.startswith("fc.")},
+                           strict=False)  # fmt: skip
+    for k, v in oracle.state_dict().items():
+        if not k.startswith("fc."):
+            assert torch.equal(compiled._orig_mod.state_dict()[k], v), k
+    report.assert_loaded(allow_missing=["fc"])
