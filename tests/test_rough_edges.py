@@ -4,6 +4,7 @@ plain torch for values, the message a user needs for text."""
 from __future__ import annotations
 
 import pickle
+import sys
 import warnings
 
 import pytest
@@ -138,3 +139,74 @@ def test_a_compiled_submodule_and_load_skip_use_the_written_names(tmp_path, r18_
         if not k.startswith("fc."):
             assert torch.equal(compiled._orig_mod.state_dict()[k], v), k
     report.assert_loaded(allow_missing=["fc"])
+
+
+# --------------------------------------------------------------------------- pickled classes
+
+NET_MODULE = """
+import torch
+from torch import nn
+
+
+class EdgeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+"""
+
+
+def _refused(path, model: nn.Module) -> str:
+    """The message of a trusted load that cannot find a class; the model left as it was."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(surgery.CheckpointError) as e:
+        surgery.load_partial(model, path, trust_pickle=True)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    return str(e.value)
+
+
+def test_a_pickled_model_whose_class_is_not_importable_says_how_to_make_it(tmp_path, monkeypatch):
+    pkg = tmp_path / "code" / "edgepkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets.py").write_text(NET_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path / "code"))
+    from edgepkg import nets
+
+    torch.manual_seed(0)
+    torch.save(nets.EdgeNet(), tmp_path / "whole.pt")
+    for name in ("edgepkg.nets", "edgepkg"):
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path / "code")])
+
+    model = nn.Sequential()
+    model.add_module("fc", nn.Linear(4, 3))
+    msg = _refused(tmp_path / "whole.pt", model)
+    assert "Python cannot find the module 'edgepkg.nets' (edgepkg.nets.EdgeNet)" in msg
+    assert "edgepkg/nets.py" in msg and "sys.path.insert(0, " in msg
+    assert "torch.save(torch.load(path, weights_only=False).state_dict(), " in msg
+    # done as it says, the load works: the oracle is torch.load of the whole model
+    sys.path.insert(0, str(tmp_path / "code"))
+    report = surgery.load_partial(model, tmp_path / "whole.pt", trust_pickle=True)
+    oracle = torch.load(tmp_path / "whole.pt", weights_only=False).state_dict()
+    assert report.ok and all(torch.equal(model.state_dict()[k], v) for k, v in oracle.items())
+
+    # the module imports but lost the class (renamed since): say that, not "install it"
+    monkeypatch.delattr(sys.modules["edgepkg.nets"], "EdgeNet")
+    msg = _refused(tmp_path / "whole.pt", model)
+    assert "module 'edgepkg.nets' imports but has no class 'EdgeNet'" in msg
+    assert "edgepkg.nets.EdgeNet = " in msg
+
+
+def test_a_pickled_model_from_a_script_says_to_define_the_class_where_it_loads(
+    tmp_path, monkeypatch
+):
+    namespace: dict = {}
+    exec(NET_MODULE, namespace)  # a training script's class: pickled as __main__.EdgeNet
+    cls = namespace["EdgeNet"]
+    cls.__module__ = "__main__"
+    with monkeypatch.context() as m:
+        m.setattr(sys.modules["__main__"], "EdgeNet", cls, raising=False)
+        torch.save(cls(), tmp_path / "whole.pt")
+    msg = _refused(tmp_path / "whole.pt", nn.Linear(4, 3))
+    assert "__main__.EdgeNet" in msg and "defined EdgeNet itself" in msg
+    assert "from train import EdgeNet" in msg

@@ -67,6 +67,7 @@ def message(e: SurgeryError, args: argparse.Namespace) -> str:
     # trusted, and classes are missing: the library's advice is Python's
     return (
         f"'{args.checkpoint}' holds a pickled model whose classes cannot be found: "
-        f"{', '.join(names)}. {_pickle_advice(names, refused=False)} Better, re-save it once "
-        "as a plain state dict: torch.save(model.state_dict(), path)."
+        f"{', '.join(names)}. {_pickle_advice(names, refused=False)} Once it loads, re-save "
+        "the weights once as a plain state dict, which loads without --trust-pickle: "
+        "torch.save(torch.load(path, weights_only=False).state_dict(), 'weights.pth')."
     )
