@@ -210,3 +210,78 @@ def test_a_pickled_model_from_a_script_says_to_define_the_class_where_it_loads(
     msg = _refused(tmp_path / "whole.pt", nn.Linear(4, 3))
     assert "__main__.EdgeNet" in msg and "defined EdgeNet itself" in msg
     assert "from train import EdgeNet" in msg
+
+
+# --------------------------------------------------------------------------- key hints
+
+
+def _half_prefixed(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint merged by hand: every other key under DDP's ``module.``."""
+    return {("module." + k if i % 2 else k): v for i, (k, v) in enumerate(sd.items())}
+
+
+def test_half_the_keys_under_module_get_the_one_remap_rule(tmp_path, r18_imagenet, capsys):
+    path = tmp_path / "half.pth"
+    torch.save(_half_prefixed(r18_imagenet), path)
+    rule = 'remap=[(r"^module\\.", "")]'
+    report = surgery.load_partial(torchvision.models.resnet18(), path)
+    why = report.why_not_ok()
+    assert not report.ok and why.startswith("61 unexpected checkpoint keys line up with ")
+    assert f"after {rule} (e.g. 'module.bn1.weight' -> 'bn1.weight')" in why
+    assert "skip=" not in why and "None" not in why  # no skips, no drops
+    assert rule in repr(report) and rule in report._repr_html_().replace("&quot;", '"')
+    model = torchvision.models.resnet18()
+    with pytest.raises(surgery.LoadError) as e:
+        surgery.load_partial(model, path, strict=True)
+    assert "61 of the 61 checkpoint keys that name no model key line up" in str(e.value)
+    assert f"after {rule}" in str(e.value) and "look like" not in str(e.value)
+    # the rule it names loads everything: the oracle is torch's load of the clean state dict
+    report = surgery.load_partial(model, path, remap=[(r"^module\.", "")], strict=True)
+    oracle = torchvision.models.resnet18()
+    oracle.load_state_dict(r18_imagenet)
+    assert report.ok
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in oracle.state_dict().items())
+
+    from support import run_cli
+
+    argv = ("diff", str(path), "--model", "torchvision:resnet18")
+    res = run_cli(capsys, *argv)
+    assert res.code == 1 and "--remap '^module\\.='" in res.out
+    assert "remap=" not in res.out and "--skip" not in res.out and "--drop" not in res.out
+    assert run_cli(capsys, *argv, "--remap", "^module\\.=").code == 0
+
+
+def _mlp(width: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(4, width), nn.Linear(width, width))
+
+
+def _refused_load(model: nn.Module, path, **kw) -> str:
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(surgery.LoadError) as e:
+        surgery.load_partial(model, path, **kw)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    return str(e.value)
+
+
+def test_names_that_match_with_other_shapes_say_so(tmp_path):
+    torch.manual_seed(0)
+    small = _mlp(8).state_dict()
+    big = _mlp(16)
+    # the oracle for the shapes: torch's own tensors on both sides
+    pair = (
+        f"'0.weight': checkpoint {tuple(small['0.weight'].shape)} vs model "
+        f"{tuple(big.state_dict()['0.weight'].shape)}"
+    )
+    assert pair == "'0.weight': checkpoint (8, 4) vs model (16, 4)"
+    torch.save(small, tmp_path / "small.pth")
+    msg = _refused_load(big, tmp_path / "small.pth")
+    assert msg.startswith("0 of 4 checkpoint tensors match Sequential. ")
+    assert "The names match, the shapes differ: 4 checkpoint tensors" in msg and pair in msg
+    assert "on_mismatch=" in msg and "look like" not in msg and "architecture." not in msg
+
+    torch.save({"module." + k: v for k, v in small.items()}, tmp_path / "ddp.pth")
+    for kw in ({}, {"strict": True}):
+        msg = _refused_load(big, tmp_path / "ddp.pth", **kw)
+        assert 'remap=[(r"^module\\.", "")]' in msg and "the names match" in msg
+        assert "the shapes differ (4 of 4" in msg and pair in msg, msg
+        assert 'prefix="auto"' not in msg  # auto pairs by shape too: it would not find it

@@ -20,11 +20,15 @@ def flag(fix: Fix) -> str:
         if value is UNSET:
             return "--skip GLOB"
         keys = [value] if isinstance(value, str) else list(value)
-        return " ".join(f"--skip {k!r}" for k in keys)
+        return " ".join("..." if k is ... else f"--skip {k!r}" for k in keys)
     if option == "remap" and value is UNSET:
         return "--remap"
     if option == "remap" and all(repl is not None for _, repl in value):
         return " ".join(f"--remap '{pattern}={repl}'" for pattern, repl in value)
+    if option == "remap" and all(repl is None for _, repl in value):
+        return " ".join(f"--drop '{pattern}'" for pattern, _ in value)
+    if option == "on_mismatch":
+        return f"--on-mismatch {value if value in ('skip', 'error') else 'adapt'}"
     if option == "prefix":
         return "--no-prefix" if value is None else ""  # "auto" is the default here
     if option == "trust_pickle":

@@ -120,7 +120,20 @@ def _parser() -> argparse.ArgumentParser:
         metavar="GLOB",
         help="model keys not to load (repeatable), e.g. 'fc.*'",
     )
+    loading.add_argument(
+        "--drop",
+        action="append",
+        metavar="REGEX",
+        help="checkpoint keys not to load (repeatable), e.g. '^fc\\.'",
+    )
     loading.add_argument("--no-prefix", action="store_true", help="turn off prefix detection")
+    loading.add_argument(
+        "--on-mismatch",
+        choices=["skip", "error", "adapt"],
+        default="skip",
+        help="a checkpoint tensor whose shape differs from the model's: skip it (default), "
+        "fail, or adapt it with surgery.adapt_shapes (input channels, position grids)",
+    )
     sub.add_parser("diff", parents=[common, loading], help="dry-run load into a model")
     pm = sub.add_parser(
         "match", help="pair the tensors of two models by structure (names may all differ)"

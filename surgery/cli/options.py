@@ -8,12 +8,15 @@ import sys
 from typing import Any
 
 from .._text import escape_control
+from ..adapters import adapt_shapes
 from ..errors import UsageError
 from ..sources import CheckpointSource, open_source
 
 __all__ = [
     "count",
     "emit",
+    "load_remap",
+    "on_mismatch",
     "open_checkpoint",
     "parse_input_shape",
     "parse_remap",
@@ -52,6 +55,18 @@ def parse_remap(rules: list[str] | None) -> list[tuple[str, str | None]] | None:
             raise UsageError(f"--remap {rule!r}: {pattern!r} is not a valid regex ({e})") from None
         out.append((pattern, repl))
     return out
+
+
+def load_remap(args: argparse.Namespace) -> list[tuple[str, str | None]] | None:
+    """The ``remap=`` of --drop REGEX (dropped keys) then --remap REGEX=REPL rules."""
+    remap: list[tuple[str, str | None]] = [(rx, None) for rx in regexes(args.drop, "--drop")]
+    remap += parse_remap(args.remap) or []
+    return remap or None
+
+
+def on_mismatch(args: argparse.Namespace) -> Any:
+    """``on_mismatch=`` for --on-mismatch: 'skip', 'error', or 'adapt' (surgery.adapt_shapes)."""
+    return adapt_shapes if args.on_mismatch == "adapt" else args.on_mismatch
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
