@@ -10,9 +10,13 @@ import warnings
 import pytest
 import torch
 import torchvision
+from safetensors.torch import load_file
+from timm.models import adapt_input_conv
 from torch import nn
 
 import surgery
+
+from support import run_cli
 
 # --------------------------------------------------------------------------- verify
 
@@ -242,8 +246,6 @@ def test_half_the_keys_under_module_get_the_one_remap_rule(tmp_path, r18_imagene
     assert report.ok
     assert all(torch.equal(model.state_dict()[k], v) for k, v in oracle.state_dict().items())
 
-    from support import run_cli
-
     argv = ("diff", str(path), "--model", "torchvision:resnet18")
     res = run_cli(capsys, *argv)
     assert res.code == 1 and "--remap '^module\\.='" in res.out
@@ -285,3 +287,73 @@ def test_names_that_match_with_other_shapes_say_so(tmp_path):
         assert 'remap=[(r"^module\\.", "")]' in msg and "the names match" in msg
         assert "the shapes differ (4 of 4" in msg and pair in msg, msg
         assert 'prefix="auto"' not in msg  # auto pairs by shape too: it would not find it
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_cli_entry_with_key_as_a_deprecated_alias(tmp_path, capsys):
+    torch.save({"a": {"w": torch.zeros(2, 3)}, "ema": {"w": torch.ones(2, 3)}}, tmp_path / "two.pt")
+    path = str(tmp_path / "two.pt")
+    res = run_cli(capsys, "inspect", path)
+    assert res.code == 2 and "--entry 'a'" in res.err and "--key" not in res.err
+    new = run_cli(capsys, "inspect", path, "--entry", "ema", "--json")
+    old = run_cli(capsys, "inspect", path, "--key", "ema", "--json")
+    assert new.code == old.code == 0 and new.out == old.out and new.err == ""
+    assert "'ema'" in new.out and '"nesting": [\n    "ema"' in new.out
+    assert "--key is deprecated; use --entry" in old.err
+    assert "--key" not in run_cli(capsys, "inspect", "--help").out
+
+
+def test_cli_diff_hints_are_flags(tmp_path, r18_imagenet, capsys):
+    state = {**r18_imagenet, "aux.weight": torch.zeros(3), "aux.bias": torch.zeros(3)}
+    torch.save(state, tmp_path / "r18.pth")
+    argv = ("diff", str(tmp_path / "r18.pth"), "--model", "torchvision:resnet18")
+    res = run_cli(capsys, *argv, "--num-classes", "10")
+    assert res.code == 1
+    assert "(mismatched); pass --skip 'fc.*' if intended" in res.out
+    assert "drop with --drop '^aux\\.' if intended" in res.out
+    assert "skip=" not in res.out and "remap=" not in res.out
+    # the flags it prints do what it says: the oracle is strict=True passing
+    assert (
+        run_cli(capsys, *argv, "--num-classes", "10", "--skip", "fc.*", "--drop", "^aux\\.").code
+        == 0
+    )
+
+
+def test_cli_unknown_flag_gets_did_you_mean(r18_path, capsys):
+    res = run_cli(capsys, "diff", r18_path, "--model", "torchvision:resnet18", "--skp", "fc")
+    assert res.code == 2 and "unrecognized arguments: --skp fc" in res.err
+    assert "did you mean --skip?" in res.err
+    res = run_cli(capsys, "diff", r18_path, "--modle", "torchvision:resnet18")
+    assert res.code == 2 and "required: --model" in res.err
+    assert "--modle: did you mean --model?" in res.err
+    res = run_cli(capsys, "inspect", r18_path, "--dpeth=2")
+    assert res.code == 2 and "--dpeth: did you mean --depth?" in res.err
+    res = run_cli(capsys, "inspect", r18_path, "--zzzzzz")
+    assert res.code == 2 and "did you mean" not in res.err  # nothing close: no guess
+    res = run_cli(capsys, "--verson")
+    assert res.code == 2 and "--verson: did you mean --version?" in res.err
+
+
+def test_cli_on_mismatch_adapt_loads_a_grey_stem(tmp_path, r18_imagenet, capsys, monkeypatch):
+    (tmp_path / "edge_grey.py").write_text(
+        "import torchvision\nfrom torch import nn\n\n\ndef grey(num_classes=1000):\n"
+        "    m = torchvision.models.resnet18(num_classes=num_classes)\n"
+        "    m.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)\n    return m\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "edge_grey", raising=False)
+    torch.save(r18_imagenet, tmp_path / "r18.pth")
+    argv = ("r18.pth", "--model", "edge_grey:grey")
+    res = run_cli(capsys, "diff", *argv)
+    assert res.code == 1 and "conv1.weight" in res.out and "(mismatched); pass --skip" in res.out
+    res = run_cli(capsys, "diff", *argv, "--on-mismatch", "error")
+    assert res.code == 2 and "size mismatch" in res.err and "--on-mismatch skip" in res.err
+    assert run_cli(capsys, "diff", *argv, "--on-mismatch", "adapt").code == 0
+    res = run_cli(capsys, "convert", *argv, "--on-mismatch", "adapt", "-o", "out")
+    assert res.code == 0, res.out + res.err
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    oracle = adapt_input_conv(1, r18_imagenet["conv1.weight"])  # what timm does for in_chans=1
+    assert torch.equal(written["conv1.weight"], oracle)
+    assert torch.equal(written["layer1.0.conv1.weight"], r18_imagenet["layer1.0.conv1.weight"])

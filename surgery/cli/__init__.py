@@ -1,6 +1,6 @@
 """The ``surgery`` command: look inside a checkpoint, or dry-run loading it into a model.
 
-    surgery inspect CKPT [--key K] [--depth D] [--json] [--allow-global MODULE.NAME]
+    surgery inspect CKPT [--entry E] [--depth D] [--json] [--allow-global MODULE.NAME]
     surgery diff CKPT --model SPEC [--num-classes N] [--remap REGEX=REPL] [--skip GLOB] [--json]
     surgery match SRC_SPEC DST_SPEC --input 1,3,224,224 [--rules] [--json]
     surgery convert CKPT -o OUT --model SPEC [--source SPEC --input 1,3,224,224 | --match]

@@ -1,5 +1,5 @@
 """Errors worded for the command line: a library fix (``entry='ema'``) as this command's flag
-(``--key 'ema'``), a refused pickle explained from the class names it holds."""
+(``--entry 'ema'``), a refused pickle explained from the class names it holds."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ __all__ = ["flag", "message"]
 
 def flag(fix: Fix) -> str:
     """A fix the library words as a Python argument (``entry='ema'``), as this command's flag
-    (``--key 'ema'``); a fix no flag can give is shown as the library words it."""
+    (``--entry 'ema'``); a fix no flag can give is shown as the library words it."""
     option, value = fix.option, fix.value
     if option in ("entry", "key"):
-        return "--key" if value is UNSET else f"--key {value!r}"
+        return "--entry" if value is UNSET else f"--entry {value!r}"
     if option == "skip":
         if value is UNSET:
             return "--skip GLOB"

@@ -31,7 +31,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     report = load_partial(
         model,
         args.checkpoint,
-        entry=args.key,
+        entry=args.entry,
         remap=remap,
         prefix=None if args.no_prefix else "auto",
         skip=args.skip,

@@ -49,7 +49,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if matching:
         remap += _structure_rules(args, model, remap)
     options: dict[str, Any] = dict(
-        entry=args.key,
+        entry=args.entry,
         remap=remap or None,
         prefix=None if args.no_prefix or matching else "auto",
         skip=args.skip,

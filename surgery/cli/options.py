@@ -92,7 +92,7 @@ def open_checkpoint(args: argparse.Namespace) -> CheckpointSource:
     """The checkpoint the command names, read as its options say."""
     return open_source(
         args.checkpoint,
-        entry=args.key,
+        entry=args.entry,
         trust_pickle=args.trust_pickle,
         allow_globals=args.allow_globals,
     )
