@@ -216,7 +216,7 @@ def test_num_classes_must_be_positive(r18_path, capsys):
 def test_depth_limits_the_tree(r18_path, capsys):
     assert main(["inspect", r18_path, "--depth", "1"]) == 0
     keys = capsys.readouterr().out.split("keys:\n", 1)[1].splitlines()
-    assert "  layer1  [24 tensors, 148.5K params]" in keys
+    assert "  layer1  [24 tensors, 148.5K elements]" in keys
     assert all(line.startswith("  ") and not line.startswith("   ") for line in keys)
 
 

@@ -3,20 +3,23 @@ plain torch for values, the message a user needs for text."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import sys
 import warnings
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from timm.models import adapt_input_conv
 from torch import nn
 
 import surgery
 
-from support import run_cli
+from support import run_cli, save_as
 
 # --------------------------------------------------------------------------- verify
 
@@ -357,3 +360,56 @@ def test_cli_on_mismatch_adapt_loads_a_grey_stem(tmp_path, r18_imagenet, capsys,
     oracle = adapt_input_conv(1, r18_imagenet["conv1.weight"])  # what timm does for in_chans=1
     assert torch.equal(written["conv1.weight"], oracle)
     assert torch.equal(written["layer1.0.conv1.weight"], r18_imagenet["layer1.0.conv1.weight"])
+
+
+# --------------------------------------------------------------------------- surgery inspect
+
+
+def test_inspect_counts_elements_and_orders_a_safetensors_tree_by_name(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("stem", nn.Conv2d(3, 4, 3))
+    model.add_module("bn", nn.BatchNorm2d(4))
+    model.add_module("blocks", nn.Sequential(*(nn.Linear(4 + i, 5 + i) for i in range(12))))
+    sd = model.state_dict()
+    torch.save(sd, tmp_path / "m.pth")
+    save_file(sd, str(tmp_path / "m.safetensors"))
+    # the oracle: torch's numbers of elements; BatchNorm holds 2 parameters and 3 buffers
+    bn = sum(v.numel() for k, v in sd.items() if k.startswith("bn."))
+    assert bn == 17 and len([k for k in sd if k.startswith("bn.")]) == 5
+
+    res = run_cli(capsys, "inspect", str(tmp_path / "m.pth"), "--depth", "2")
+    assert res.code == 0 and f"  bn  [5 tensors, {bn} elements]" in res.out
+    assert "params" not in res.out
+    tops = [
+        line.split()[0] for line in res.out.splitlines() if line.startswith("  ") and "[" in line
+    ]
+    assert tops[:3] == ["stem", "bn", "blocks"]  # a torch file keeps the model's order
+
+    res = run_cli(capsys, "inspect", str(tmp_path / "m.safetensors"), "--depth", "2")
+    lines = res.out.splitlines()
+    assert "keys (by name, numbers by value: the file keeps no model order):" in lines
+    top = [
+        line.split()[0] for line in lines if line.startswith("  ") and not line.startswith("   ")
+    ]
+    assert top == ["blocks", "bn", "stem"]
+    blocks = [line.split()[0] for line in lines if line.startswith("    ") and "[" in line]
+    assert blocks == [str(i) for i in range(12)]  # 2 before 10, unlike the file's 10 before 2
+    bn_leaves = lines[lines.index(f"  bn  [5 tensors, {bn} elements]") + 1 :][:5]
+    assert [line.split()[0] for line in bn_leaves] == sorted(k[3:] for k in sd if k[:3] == "bn.")
+
+
+def test_inspect_says_how_many_shards_a_folder_has(tmp_path, r18_imagenet, capsys):
+    index = save_as("sharded_safetensors", r18_imagenet, tmp_path)
+    weight_map = json.loads(Path(index).read_text())["weight_map"]
+    counts = Counter(weight_map.values())  # the oracle: what the index says
+    assert len(counts) == 2
+    res = run_cli(capsys, "inspect", str(tmp_path))
+    shards = ", ".join(f"{name} ({n} tensors)" for name, n in sorted(counts.items()))
+    assert res.code == 0 and f"shards:     2 files: {shards}" in res.out
+    info = json.loads(run_cli(capsys, "inspect", str(tmp_path), "--json").out)
+    assert info["shards"] == dict(sorted(counts.items()))
+    info = json.loads(
+        run_cli(capsys, "inspect", str(tmp_path / "model-00001-of-00002.safetensors"), "--json").out
+    )
+    assert info["shards"] == {}
