@@ -413,3 +413,30 @@ def test_inspect_says_how_many_shards_a_folder_has(tmp_path, r18_imagenet, capsy
         run_cli(capsys, "inspect", str(tmp_path / "model-00001-of-00002.safetensors"), "--json").out
     )
     assert info["shards"] == {}
+
+
+# --------------------------------------------------------------------------- notebook
+
+
+def _tbody(page: str) -> str:
+    return page[page.index("<tbody>") : page.index("</tbody>")]
+
+
+def test_load_plan_has_the_report_table_in_a_notebook(r18_path):
+    model = torchvision.models.resnet18(num_classes=10)
+    plan = surgery.plan_load(model, r18_path, skip="layer4.1")
+    page = plan._repr_html_()
+    # the oracle: the report a dry run of the same load gives, rendered by the report itself
+    report = surgery.load_partial(model, r18_path, skip="layer4.1", dry_run=True)
+    assert _tbody(page) == _tbody(report._repr_html_())
+    assert "mismatched" in _tbody(page) and "skipped" in _tbody(page)
+    assert f"LoadPlan: {r18_path} -&gt; ResNet: 108 load, 12 skip, 2 mismatch<" in page
+    assert "not ok" in page and "fc.*" in page  # the verdict, with its reason
+
+
+def test_load_plan_html_is_escaped(tmp_path):
+    evil = "<script>alert(1)</script>"
+    torch.save({"weight": torch.zeros(3, 4), evil: torch.zeros(1)}, tmp_path / "evil.pth")
+    plan = surgery.plan_load(nn.Linear(4, 3), tmp_path / "evil.pth")
+    page = plan._repr_html_()
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page

@@ -7,6 +7,7 @@ declined, meta tensors initialised).
 
 from __future__ import annotations
 
+import html
 import math
 import re
 from collections import Counter
@@ -22,6 +23,7 @@ from .._table import (
     first_n_lines,
     format_count,
     html_bar,
+    html_table,
     html_verdict,
     status_rows,
 )
@@ -32,7 +34,7 @@ from ..keys.select import Selector, match_keys
 from .entries import Mismatch, PlanEntry
 from .plan import PlanData
 
-__all__ = ["LoadReport", "Mismatch", "Outcome", "outcome_of", "report_of"]
+__all__ = ["LoadReport", "Mismatch", "Outcome", "outcome_of", "plan_html", "report_of"]
 
 _SHOW = 8  # keys listed per category in the text form
 
@@ -332,6 +334,28 @@ def _regex(keys: list[str]) -> str:
         if len(keys) == 1
         else "^(" + "|".join(re.escape(k) for k in keys[:3]) + ")$"
     )
+
+
+def plan_html(plan: PlanData) -> str:
+    """A plan in a notebook: the table its report will show (rows by status, coloured, every
+    cell escaped), the ok / not-ok line with its reason, and the notes. The report is derived
+    from the plan as a dry run's is; the loaded-fraction bar needs the model, so it is left out.
+
+    Example:
+        >>> plan = surgery.plan_load(model, "resnet18.pth")  # doctest: +SKIP
+        >>> plan  # in Jupyter: the table  # doctest: +SKIP
+    """
+    report = report_of(plan, Outcome(), dry_run=True)
+    counts = ", ".join(f"{n} {a}" for a, n in plan.counts().items()) or "no entries"
+    table = html_table(
+        report._header,
+        report._html_rows(),
+        f"LoadPlan: {plan.source} -> {plan.model}: {counts}",
+        report._numeric,
+        report._status_column,
+    )
+    notes = "".join(f"<p>{html.escape(line)}</p>" for line in report._html_notes())
+    return table + html_verdict(report.ok, report.why_not_ok()) + notes
 
 
 # --------------------------------------------------------------------------- derived
