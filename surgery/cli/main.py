@@ -121,15 +121,8 @@ def _version() -> str:
     return f"surgery {__version__} (torch {torch.__version__}, {Path(__file__).parent.parent})"
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="surgery",
-        # Raw: `--version` prints its path on one line, however narrow the terminal.
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Look inside checkpoints, dry-run loading them, match models by structure.",
-    )
-    p.add_argument("--version", action="version", version=_version())
-    sub = p.add_subparsers(dest="command", required=True)
+def _reading() -> argparse.ArgumentParser:
+    """The options of every command that reads a checkpoint (a parent parser)."""
     common = _Parser(add_help=False)
     common.add_argument("checkpoint", help="file, folder, or sharded *.index.json")
     common.add_argument("--entry", help="entry holding the state dict, e.g. 'ema' (dotted nests)")
@@ -160,11 +153,12 @@ def _parser() -> argparse.ArgumentParser:
         help="import MODULE first (repeatable), so that classes a pickled checkpoint names "
         "resolve; classes it defines also stand in for a training script's __main__ classes",
     )
-    pi = sub.add_parser("inspect", parents=[common], help="what a checkpoint holds")
-    pi.add_argument(
-        "--depth", type=positive_int, default=3, help="levels of the key tree to show (1 or more)"
-    )
-    loading = _Parser(add_help=False)  # diff and convert load into a model
+    return common
+
+
+def _loading() -> argparse.ArgumentParser:
+    """The options of the commands that load into a model, diff and convert (a parent)."""
+    loading = _Parser(add_help=False)
     loading.add_argument(
         "--model", required=True, help="torchvision:NAME, timm:NAME or module.path:factory"
     )
@@ -194,6 +188,23 @@ def _parser() -> argparse.ArgumentParser:
         default="skip",
         help="a checkpoint tensor whose shape differs from the model's: skip it (default), "
         "fail, or adapt it with surgery.adapt_shapes (input channels, position grids)",
+    )
+    return loading
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="surgery",
+        # Raw: `--version` prints its path on one line, however narrow the terminal.
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Look inside checkpoints, dry-run loading them, match models by structure.",
+    )
+    p.add_argument("--version", action="version", version=_version())
+    sub = p.add_subparsers(dest="command", required=True)
+    common, loading = _reading(), _loading()
+    pi = sub.add_parser("inspect", parents=[common], help="what a checkpoint holds")
+    pi.add_argument(
+        "--depth", type=positive_int, default=3, help="levels of the key tree to show (1 or more)"
     )
     sub.add_parser("diff", parents=[common, loading], help="dry-run load into a model")
     pm = sub.add_parser(
