@@ -15,10 +15,11 @@ demo: $(STAMP)
 	$(VENV)/bin/python recipes/resnet18_head.py
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest --durations=20
 
+# test-fast: no slow tests and none that spawn processes (ranks, scripts, a fresh venv)
 test-fast: $(STAMP)
-	$(VENV)/bin/python -m pytest -m "not slow"
+	$(VENV)/bin/python -m pytest -m "not slow and not distributed"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

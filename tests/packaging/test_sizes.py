@@ -1,6 +1,8 @@
 """Every module of ``surgery`` stays small enough to read in one sitting: under ~600 lines, and
 no function over ~80 (measured from ``def`` to its last line, docstring included), read with
-``ast`` from the source tree.
+``ast`` from the source tree. No function imports a module of ``surgery`` (an import inside a
+function is how a cycle between layers hides; optional third-party packages may be imported
+late).
 
 The checker itself is tried on generated sources first: a check that cannot fail is none.
 """
@@ -56,3 +58,44 @@ def test_no_module_or_function_of_surgery_is_oversized():
         for problem in oversized(path.read_text(), str(path.relative_to(PACKAGE.parent)))
     ]
     assert not found, "split these:\n" + "\n".join(found)
+
+
+def imports_inside_functions(source: str, name: str) -> list[str]:
+    """The imports of ``surgery``'s own modules that ``source`` makes inside a function."""
+    found = []
+    for fn in ast.walk(ast.parse(source, name)):
+        if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for node in ast.walk(fn):
+            own = (isinstance(node, ast.ImportFrom) and node.level > 0) or (
+                isinstance(node, ast.Import | ast.ImportFrom)
+                and any(
+                    n.split(".")[0] == "surgery"
+                    for n in ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                    + [a.name for a in node.names]
+                )
+            )
+            if own:
+                found.append(f"{name}:{node.lineno} in {fn.name}(): {ast.unparse(node)}")
+    return found
+
+
+def test_the_import_checker_finds_a_late_import():
+    late = "import timm\n\ndef f():\n    import torchvision\n    from .plan import x\n"
+    assert imports_inside_functions(late, "m.py") == ["m.py:5 in f(): from .plan import x"]
+    assert imports_inside_functions("def f():\n    import surgery.load\n", "m.py") == [
+        "m.py:2 in f(): import surgery.load"
+    ]
+
+
+def test_no_function_of_surgery_imports_surgery():
+    found = [
+        problem
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for problem in imports_inside_functions(
+            path.read_text(), str(path.relative_to(PACKAGE.parent))
+        )
+    ]
+    assert not found, "import these at the top of the module (or fix the layering):\n" + "\n".join(
+        found
+    )

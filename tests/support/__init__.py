@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .checkpoints import FORMS, PREFIXES, save_as, save_dcp
 from .cli import CliResult, run_cli
-from .models import SmallCNN, Tied, resnet18_state
+from .models import Renaming, SmallCNN, Tied, resnet18_state
 from .ranks import spawn
 from .state import assert_same_state, snapshot
 
@@ -14,6 +14,7 @@ __all__ = [
     "FORMS",
     "PREFIXES",
     "CliResult",
+    "Renaming",
     "SmallCNN",
     "Tied",
     "assert_same_state",

@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-__all__ = ["SmallCNN", "Tied", "resnet18_state"]
+__all__ = ["Renaming", "SmallCNN", "Tied", "resnet18_state"]
 
 
 class SmallCNN(nn.Module):
@@ -35,6 +35,22 @@ class Tied(nn.Module):
         self.embed = nn.Embedding(11, 4)
         self.out = nn.Linear(4, 11, bias=False)
         self.out.weight = self.embed.weight
+
+
+class Renaming(nn.Module):
+    """Renames its old key ``old.weight`` to ``lin.weight`` in a load_state_dict pre-hook:
+    a module that loads itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_load_state_dict_pre_hook(self._rename)
+
+    @staticmethod
+    def _rename(module, sd, prefix, *_) -> None:  # type: ignore[no-untyped-def]
+        for n in ("weight", "bias"):
+            if f"{prefix}old.{n}" in sd:
+                sd[f"{prefix}lin.{n}"] = sd.pop(f"{prefix}old.{n}")
 
 
 def resnet18_state(seed: int = 0) -> dict[str, torch.Tensor]:

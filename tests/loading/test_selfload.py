@@ -16,7 +16,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 import surgery
 from surgery import LoadError, LoadPlan
 
-from support import Tied
+from support import Renaming, Tied
 
 # --------------------------------------------------------------------------- models
 
@@ -53,21 +53,6 @@ def _old_vit_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         k.replace("mlp.0.", "mlp.linear_1.").replace("mlp.3.", "mlp.linear_2."): v.clone()
         for k, v in sd.items()
     }
-
-
-class Renaming(nn.Module):
-    """Renames its old key ``old.weight`` to ``lin.weight`` in a load_state_dict pre-hook."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(3, 2)
-        self.register_load_state_dict_pre_hook(self._rename)
-
-    @staticmethod
-    def _rename(module, sd, prefix, *_) -> None:  # type: ignore[no-untyped-def]
-        for n in ("weight", "bias"):
-            if f"{prefix}old.{n}" in sd:
-                sd[f"{prefix}lin.{n}"] = sd.pop(f"{prefix}old.{n}")
 
 
 class Resizing(nn.Module):

@@ -23,7 +23,7 @@ import surgery
 from surgery.keys import peft
 from surgery.loading import check, units, verify
 
-from support import SmallCNN
+from support import Renaming, SmallCNN
 
 COUNTED = {
     "find_units": units.find_units,
@@ -61,25 +61,10 @@ def calls(monkeypatch) -> collections.Counter:
     return counter
 
 
-class SelfLoading(nn.Module):
-    """A module that renames its old keys in a load_state_dict pre-hook: a self-loading unit."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(3, 2)
-        self.register_load_state_dict_pre_hook(self._rename)
-
-    @staticmethod
-    def _rename(module, sd, prefix, *_) -> None:  # type: ignore[no-untyped-def]
-        for n in ("weight", "bias"):
-            if f"{prefix}old.{n}" in sd:
-                sd[f"{prefix}lin.{n}"] = sd.pop(f"{prefix}old.{n}")
-
-
 class WithUnit(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.part = SelfLoading()
+        self.part = Renaming()  # loads itself: renames its old keys
         self.head = nn.Linear(2, 4)
 
 

@@ -171,7 +171,7 @@ def test_model_spec_imports_from_the_current_directory(tmp_path, monkeypatch, ca
 
 @pytest.mark.distributed  # spawns a process
 def test_python_dash_m_surgery_and_version(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     out = subprocess.run(
         [sys.executable, "-m", "surgery", "--version"],
         capture_output=True,

@@ -371,7 +371,7 @@ def test_recipe_under_torchrun():
     """recipes/sharded_load.py as the README runs it: torchrun, 2 CPU ranks."""
     import subprocess
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     out = subprocess.run(

@@ -3,7 +3,8 @@
 Each test writes a real DCP folder with ``dcp.save`` in ``tmp_path``, then breaks it as an
 attacker or a bad copy would: code in the pickled ``.metadata``, storage paths out of the
 folder, a missing or truncated data file, chunks that do not cover their tensor, a compressed
-(zip bomb) chunk. The sharded (FSDP2) side of the same checks is in tests/test_distributed.py.
+(zip bomb) chunk. The sharded (FSDP2) side of the same checks is in
+tests/loading/test_distributed.py.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from surgery.errors import CheckpointError, SurgeryError, UnsafeCheckpointError
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Two(nn.Module):

@@ -21,7 +21,7 @@ import pytest
 
 import surgery
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]  # builds and runs a fresh venv
 
 

@@ -32,7 +32,7 @@ from surgery.sources.torchformat import read_torch
 
 from support import SmallCNN, assert_same_state, snapshot
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _copies(n: int) -> list[dict[str, torch.Tensor]]:

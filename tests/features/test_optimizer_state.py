@@ -433,7 +433,7 @@ def load_recipe():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "recipes" / "resnet18_head.py"
+    path = Path(__file__).resolve().parents[2] / "recipes" / "resnet18_head.py"
     spec = importlib.util.spec_from_file_location("resnet18_head", path)
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
@@ -450,14 +450,15 @@ def test_recipe_resume_restores_all_but_the_head(trained, tmp_path, capsys):
     model = SmallCNN(num_classes=10)  # a new head of the same shape
     surgery.load_partial(model, str(path), skip="fc")
     opt = make_optimizer(kind, surgery.param_groups(model, lr=1e-3, layer_decay=0.5))
-    report = recipe.resume_optimizer(opt, model, str(path))
+    args = recipe.get_args_parser().parse_args(["--resume"])  # the defaults: nothing trusted
+    report = recipe.resume_optimizer(opt, model, str(path), args)
     assert "OptimizerReport: " in capsys.readouterr().out
     assert len(report.restored) == 8 and report.skipped == ["fc.weight", "fc.bias"]
     k = "exp_avg" if kind == "adamw" else "momentum_buffer"
     assert torch.equal(opt.state[model.conv1.weight][k], old_by_name["conv1.weight"][k])
     assert not opt.state.get(model.fc.weight)
-    with pytest.raises(SystemExit, match="--resume needs"):
-        recipe.resume_optimizer(opt, model, old_model.state_dict())
+    with pytest.raises(recipe.RecipeError, match="--resume needs"):
+        recipe.resume_optimizer(opt, model, old_model.state_dict(), args)
 
 
 # --------------------------------------------------------------------------- hostile files

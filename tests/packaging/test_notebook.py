@@ -12,7 +12,7 @@ nbformat = pytest.importorskip("nbformat", reason="executing the notebook needs 
 nbclient = pytest.importorskip("nbclient", reason="executing the notebook needs nbclient")
 pytest.importorskip("ipykernel", reason="executing the notebook needs ipykernel")
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "recipes" / "finetune_resnet18.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "recipes" / "finetune_resnet18.ipynb"
 
 # Prepended to the in-memory copy: proves the kernel is this interpreter (a system-wide
 # "python3" kernel without torch or surgery would otherwise fail in a confusing way).

@@ -23,7 +23,7 @@ import pytest
 import torch
 import torchvision
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 SKIP = re.compile(r"^<!--\s*skip-test:\s*(\S.*?)\s*-->$")
 
 

@@ -23,7 +23,7 @@ entry that holds no weights must raise. A failure prints the generated case.
 Bounded in the suite: a fixed (derandomized) sample of ``SURGERY_DIFF_EXAMPLES`` cases per
 form (default 50), no shrinking. The long run, random and shrinking failures:
 
-    SURGERY_DIFF_EXAMPLES=2000 .venv/bin/python -m pytest tests/test_differential.py
+    SURGERY_DIFF_EXAMPLES=2000 .venv/bin/python -m pytest tests/loading/test_differential.py
 """
 
 from __future__ import annotations

@@ -16,10 +16,13 @@ import torchvision
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "resnet18_head.py"
 RESULT = re.compile(r"^RESULT (.*)$", re.MULTILINE)
 METHODS = ("from scratch", "new head only", "full fine-tune, param groups")
+
+# The recipes run as scripts, each in a fresh interpreter: left out of `make test-fast`.
+pytestmark = pytest.mark.distributed
 
 
 def run_recipe(
