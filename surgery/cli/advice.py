@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from .._text import escape_control
 from ..errors import UNSET, CheckpointError, Fix, SurgeryError, UnsafeCheckpointError
 
 __all__ = ["flag", "message"]
@@ -12,7 +13,13 @@ __all__ = ["flag", "message"]
 
 def flag(fix: Fix) -> str:
     """A fix the library words as a Python argument (``entry='ema'``), as this command's flag
-    (``--entry 'ema'``); a fix no flag can give is shown as the library words it."""
+    (``--entry 'ema'``); a fix no flag can give is shown as the library words it. Values come
+    from files (key names in a pattern): control characters are escaped, so a key holding a
+    newline cannot add a line to the message."""
+    return escape_control(_flag(fix))
+
+
+def _flag(fix: Fix) -> str:
     option, value = fix.option, fix.value
     if option in ("entry", "key"):
         return "--entry" if value is UNSET else f"--entry {value!r}"
