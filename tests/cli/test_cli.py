@@ -15,7 +15,7 @@ import torch
 
 from surgery.cli import build_model, main
 
-from support import SmallCNN
+from support import SmallCNN, run_cli
 
 
 @pytest.fixture()
@@ -27,8 +27,9 @@ def ddp_ckpt(tmp_path, r18_imagenet) -> str:
 
 
 def test_inspect_text_shows_nesting_counts_and_collapsed_tree(ddp_ckpt, capsys):
-    assert main(["inspect", ddp_ckpt]) == 0
-    out = capsys.readouterr().out
+    done = run_cli(capsys, "inspect", ddp_ckpt)
+    assert done.code == 0 and done.err == ""
+    out = done.out
     assert "state dict: 'state_dict' (other entries: epoch, optimizer)" in out
     assert "tensors:    122, 11.7M elements" in out
     assert "float32 (102), int64 (20)" in out
@@ -37,8 +38,9 @@ def test_inspect_text_shows_nesting_counts_and_collapsed_tree(ddp_ckpt, capsys):
 
 
 def test_inspect_json(ddp_ckpt, capsys):
-    assert main(["inspect", ddp_ckpt, "--json"]) == 0
-    info = json.loads(capsys.readouterr().out)
+    done = run_cli(capsys, "inspect", ddp_ckpt, "--json")
+    assert done.code == 0
+    info = json.loads(done.out)
     assert info["nesting"] == ["state_dict"] and info["tensors"] == 122
     assert info["keys"]["module.fc.weight"] == {"shape": [1000, 512], "dtype": "float32"}
 
@@ -88,7 +90,7 @@ def test_bad_input_exits_2_with_a_message(argv, message, ddp_ckpt, tmp_path, cap
 
 def test_factory_spec(tmp_path, monkeypatch):
     (tmp_path / "my_models.py").write_text(
-        "from support import SmallCNN\n\ndef small(num_classes=10):\n"
+        "from support import SmallCNN, run_cli\n\ndef small(num_classes=10):\n"
         "    return SmallCNN(num_classes=num_classes)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -191,18 +193,16 @@ def test_python_dash_m_surgery_and_version(tmp_path):
 
 
 def test_version_option(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--version"])
-    assert exit_info.value.code == 0
-    assert capsys.readouterr().out.startswith("surgery 0.1.0")
+    done = run_cli(capsys, "--version")
+    assert done.code == 0
+    assert done.out.startswith("surgery 0.1.0")
 
 
 @pytest.mark.parametrize("argv", [["--depth", "0"], ["--depth", "-1"], ["--depth", "two"]])
 def test_bad_depth_is_refused_by_the_parser(argv, r18_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["inspect", r18_path, *argv])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    done = run_cli(capsys, "inspect", r18_path, *argv)
+    assert done.code == 2
+    err = done.err
     assert "argument --depth: " in err
     assert "must be 1 or more" in err or "'two' is not a whole number" in err
 
@@ -214,8 +214,9 @@ def test_num_classes_must_be_positive(r18_path, capsys):
 
 
 def test_depth_limits_the_tree(r18_path, capsys):
-    assert main(["inspect", r18_path, "--depth", "1"]) == 0
-    keys = capsys.readouterr().out.split("keys:\n", 1)[1].splitlines()
+    done = run_cli(capsys, "inspect", r18_path, "--depth", "1")
+    assert done.code == 0
+    keys = done.out.split("keys:\n", 1)[1].splitlines()
     assert "  layer1  [24 tensors, 148.5K elements]" in keys
     assert all(line.startswith("  ") and not line.startswith("   ") for line in keys)
 

@@ -618,16 +618,16 @@ def test_meta_model_from_a_saved_plan_is_initialised(tmp_path):
     assert torch.equal(model.fc.weight, src.fc.weight)
 
 
-# --------------------------------------------------------------------------- README
+# --------------------------------------------------------------------------- docs
 
 
-def test_readme_plan_review_apply_example_runs(tmp_path, monkeypatch, r18_imagenet, capsys):
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    section = readme.split("## Plan, review, apply", 1)[1]
+def test_docs_plan_review_apply_example_runs(tmp_path, monkeypatch, r18_imagenet, capsys):
+    page = (Path(__file__).parents[2] / "docs" / "plan.md").read_text()
+    section = page.split("# Plan, review, apply", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     torch.save(r18_imagenet, tmp_path / "resnet18.pth")
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"), {})
+    exec(compile(code, "docs/plan.md", "exec"), {})
     out = capsys.readouterr().out
     assert "mismatch" in out and "fc.weight" in out
     saved = json.loads((tmp_path / "plan.json").read_text())

@@ -1,4 +1,4 @@
-"""Every ```python block of README.md runs, so the README stays honest.
+"""Every ```python block of README.md and of the docs site (docs/**/*.md) runs, so they stay honest.
 
 Convention: each block runs on its own (fresh globals) in a temporary folder that holds the
 files the examples name, written with random weights (see ``FILES``). A block that needs
@@ -9,13 +9,16 @@ marked by an HTML comment on the line right before its fence, with the reason:
     ```python
     ...
 
-The comment does not show on GitHub or PyPI. Only fences that open a line count; other
-languages (```bash, plain ```) are not run.
+The comment does not show on GitHub, PyPI or the built site. Only fences that open a line
+count (indented ones inside a list too, run dedented); other languages (```bash, ```text,
+plain ```) are not run.
 """
 
 from __future__ import annotations
 
 import re
+import tempfile
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +26,10 @@ import pytest
 import torch
 import torchvision
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+# The README and every page of the docs site (docs/design notes included).
+DOCS = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 SKIP = re.compile(r"^<!--\s*skip-test:\s*(\S.*?)\s*-->$")
 
 
@@ -44,7 +50,7 @@ FILES: dict[str, Callable[[Path], None]] = {
 }
 
 
-def python_blocks(text: str) -> list[tuple[int, str, str | None]]:
+def python_blocks(text: str, name: str = "README.md") -> list[tuple[int, str, str | None]]:
     """(line number, code, skip reason or None) of every ```python block."""
     lines = text.splitlines()
     out = []
@@ -56,45 +62,62 @@ def python_blocks(text: str) -> list[tuple[int, str, str | None]]:
             while j < len(lines) and lines[j].strip() != "```":
                 j += 1
             if j == len(lines):
-                raise AssertionError(f"README.md:{i + 1}: ```python block never closed")
+                raise AssertionError(f"{name}:{i + 1}: ```python block never closed")
             m = SKIP.match(lines[i - 1].strip()) if i else None
-            out.append((start, "\n".join(lines[start:j]) + "\n", m.group(1) if m else None))
+            code = textwrap.dedent("\n".join(lines[start:j]) + "\n")
+            out.append((start, code, m.group(1) if m else None))
             i = j
         i += 1
     return out
 
 
-BLOCKS = python_blocks(README.read_text(encoding="utf-8"))
+def _name(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+# (file, line, code, skip reason or None) for every ```python block of every page.
+BLOCKS = [
+    (_name(path), line, code, why)
+    for path in DOCS
+    for line, code, why in python_blocks(path.read_text(encoding="utf-8"), _name(path))
+]
+RUNNABLE = [(f, n, c) for f, n, c, why in BLOCKS if why is None]
 
 
 def test_blocks_found_and_some_run():
-    assert len(BLOCKS) >= 5
-    runnable = [code for _, code, why in BLOCKS if why is None]
-    # The 30-second tour and plan/apply examples are checked, not only skipped.
-    assert any("resnet18_imagenet.pth" in code for code in runnable)
-    assert any("plan_load" in code for code in runnable)
+    readme = [c for f, _, c in RUNNABLE if f == "README.md"]
+    # The README's 30-second tour is checked, not only skipped.
+    assert any("resnet18_imagenet.pth" in code for code in readme)
+    assert any("plan_load" in code for code in readme)
+    # Every task page shows runnable code, and so do most blocks overall.
+    for page in ("getting-started", "loading", "checkpoints", "plan", "freeze", "security"):
+        assert any(f == f"docs/{page}.md" for f, _, _ in RUNNABLE), f"docs/{page}.md runs nothing"
+    assert len(RUNNABLE) >= 2 * (len(BLOCKS) - len(RUNNABLE))
 
 
 def test_python_blocks_parse_and_markers_name_a_reason():
     """Even skipped blocks are valid Python (``...`` elisions included)."""
-    for line, code, _ in BLOCKS:
-        compile(code, f"README.md:{line}", "exec")
+    for name, line, code, _ in BLOCKS:
+        compile(code, f"{name}:{line}", "exec")
     # A marker not right before a python fence is a typo that silently runs nothing.
-    lines = README.read_text(encoding="utf-8").splitlines()
-    for k, text in enumerate(lines):
-        if text.lstrip().startswith("<!--") and "skip-test" in text:
-            assert SKIP.match(text.strip()), f"README.md:{k + 1}: malformed marker {text!r}"
-            assert k + 1 < len(lines) and lines[k + 1].strip() == "```python", (
-                f"README.md:{k + 1}: skip-test marker is not right before a ```python fence"
-            )
+    for path in DOCS:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for k, text in enumerate(lines):
+            if text.lstrip().startswith("<!--") and "skip-test" in text:
+                where = f"{_name(path)}:{k + 1}"
+                assert SKIP.match(text.strip()), f"{where}: malformed marker {text!r}"
+                assert k + 1 < len(lines) and lines[k + 1].strip() == "```python", (
+                    f"{where}: skip-test marker is not right before a ```python fence"
+                )
 
 
 @pytest.mark.parametrize(
-    "line, code", [(n, c) for n, c, why in BLOCKS if why is None], ids=lambda v: f"line{v}"
+    "name, line, code", [pytest.param(f, n, c, id=f"{f}:{n}") for f, n, c in RUNNABLE]
 )
-def test_readme_block_runs(line, code, tmp_path, monkeypatch):
+def test_doc_block_runs(name, line, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for name, write in FILES.items():
-        if name in code:
-            write(tmp_path / name)
-    exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # mkdtemp() in an example stays here
+    for file, write in FILES.items():
+        if file in code:
+            write(tmp_path / file)
+    exec(compile(code, f"{name}:{line}", "exec"), {"__name__": "__docs__"})
