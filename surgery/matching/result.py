@@ -52,10 +52,10 @@ class Difference(float):
             else f"the {self.constant[0]}'s output is constant"
         )
         return (
-            f"{which} (one value in every element), so the comparison says nothing about the "
-            "weights before them; compare outputs that depend on them, e.g. features before a "
-            "zero-initialised head (output= picks a tensor of the output; or replace both "
-            "heads with nn.Identity())"
+            f"{which}: one value in every element, so the comparison says nothing about the "
+            "weights before them. Compare outputs that depend on them, e.g. the features before "
+            "a zero-initialised head: replace both heads with nn.Identity(), or pick a tensor "
+            "of the output with output="
         )
 
     def __repr__(self) -> str:
