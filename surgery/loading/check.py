@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from .._names import closest
 from .._table import first_n, first_n_lines, format_shape
 from .._tensors import dtype_name
+from .._text import escape_control
 from ..errors import Advice, Fix, KeyCollisionError, LoadError, UsageError
 from ..keys import ties
 from ..keys.peft import adapter_keys
@@ -215,14 +216,47 @@ def _refuse(
     if refuse_empty and not written:
         n_ckpt = sum(1 for e in checked.entries if e.ckpt_key is not None and not e.tied_to)
         if n_ckpt:
+            hint = prefix_hint(_mapped_names(checked), set(state), shapes=_shapes(checked, state))
+            other = _other_shapes(checked) if "shapes differ" not in hint else ""
             raise LoadError(
                 f"0 of {n_ckpt} checkpoint tensors match {type(model).__name__}. "
-                + (
-                    prefix_hint(_mapped_names(checked), set(state))
-                    or "Check that the checkpoint is for this architecture."
-                )
+                + (" ".join(h for h in (hint, other) if h) if hint or other else _ARCH)
                 + " Nothing was loaded."
             )
+
+
+_ARCH = "Check that the checkpoint is for this architecture."
+
+
+def _shapes(plan: PlanData, state: Mapping[str, Tensor]) -> Any:
+    """(checkpoint shape, model shape) of a checkpoint key (by its mapped name) and a model
+    key, for hints naming keys whose names line up but whose shapes do not."""
+    ckpt = {e.model_key: e.ckpt_shape for e in plan.entries if e.ckpt_key is not None}
+
+    def shapes(key: str, model_key: str) -> tuple[Any, Any] | None:
+        t = state.get(model_key)
+        if ckpt.get(key) is None or not isinstance(t, Tensor):
+            return None
+        return ckpt[key], tuple(t.shape)
+
+    return shapes
+
+
+def _other_shapes(plan: PlanData) -> str:
+    """Why checkpoint tensors whose names are model keys loaded nothing: their shapes."""
+    mismatched = [e for e in plan.entries if e.action == "mismatch" and not e.tied_to]
+    if not mismatched:
+        return ""
+    first = Mismatch.from_entry(mismatched[0])
+    example = escape_control(f"'{first.key}': {first.shapes()}")
+    return Advice(
+        f"The names match, the shapes differ: {len(mismatched)} checkpoint tensors have a "
+        f"model key's name but another shape (e.g. {example}), so "
+        f"the checkpoint is for another size or configuration of {plan.model}. Build the "
+        "model with the checkpoint's sizes, or pass ",
+        Fix("on_mismatch", "adapt", shown="on_mismatch=surgery.adapt_shapes"),
+        " (or an adapter of your own, (name, ckpt, model) -> Tensor) to reshape them.",
+    )
 
 
 def _owners(entries: list[PlanEntry | None], state: Mapping[str, Tensor]) -> dict[int, PlanEntry]:
@@ -429,7 +463,12 @@ def strict_failure(
             parts.append(f"  {title}:")
             parts += first_n_lines(items, _LIST)
     hint = (
-        prefix_hint(_mapped_names(plan), set(state), or_auto=not plan.auto_prefix)
+        prefix_hint(
+            _mapped_names(plan),
+            set(state),
+            or_auto=not plan.auto_prefix,
+            shapes=_shapes(plan, state),
+        )
         if missing
         else ""
     )
