@@ -38,7 +38,7 @@ from .heads import Chain, HeadRows, chain, head_rows
 from .loading.entries import Mismatch, PlanEntry
 from .loading.pipeline import LoadPlan, apply_plan, load_partial, plan_load
 from .loading.report import LoadReport
-from .matching import Layout, Match, MatchedKey, match, verify
+from .matching import Difference, Layout, Match, MatchedKey, match, verify
 from .meta import empty_init
 from .optim import GroupTable, add_param_groups, describe_groups, param_groups
 from .optimizer_state import (
@@ -56,6 +56,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Chain",
     "CheckpointError",
+    "Difference",
     "DistributedError",
     "FreezeSummary",
     "GroupTable",

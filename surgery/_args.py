@@ -6,6 +6,7 @@ one :class:`~surgery.UsageError` naming the function, the argument and what it g
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 from .errors import UsageError
 
-__all__ = ["model_class_name", "require_module", "require_optimizer"]
+__all__ = ["model_class_name", "require_module", "require_optimizer", "written_model"]
 
 
 def require_module(value: Any, fn: str, arg: str = "model") -> None:
@@ -55,3 +56,21 @@ def model_class_name(model: nn.Module) -> str:
         if issubclass(cls, FSDPModule):
             cls = next((c for c in cls.__mro__[1:] if not issubclass(c, FSDPModule)), cls)
     return cls.__name__
+
+
+def written_model(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (``model._orig_mod``), else ``model``: the model
+    as the user wrote it, whose names carry no ``_orig_mod.``. Its parameters and submodules
+    are the wrapper's own, so freezing or grouping them acts on the compiled model too.
+
+    Example:
+        >>> inner = torch.nn.Linear(2, 2)
+        >>> written_model(torch.compile(inner)) is inner, written_model(inner) is inner
+        (True, True)
+    """
+    # torch.compile's wrapper class lives in torch._dynamo (slow to import): a model can only
+    # be one once that module is loaded
+    frames = sys.modules.get("torch._dynamo.eval_frame")
+    while frames is not None and isinstance(model, frames.OptimizedModule):
+        model = model._orig_mod
+    return model

@@ -4,7 +4,7 @@ Messages name the key, the file or both shapes, and say what to do next. The fix
 :class:`Fix` (the option to pass and its value) inside an :class:`Advice` message. ``str()`` of
 the error words it as a Python caller writes it (``entry='ema'``, ``skip=[...]``);
 :meth:`SurgeryError.render` words it for another audience, e.g. the command line's flags
-(``--key 'ema'``, ``--skip GLOB``), without reading the text back.
+(``--entry 'ema'``, ``--skip GLOB``), without reading the text back.
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ class Advice(str):
 
     Example:
         >>> msg = Advice("Pass ", Fix("entry", "ema"), " to pick it.")
-        >>> msg, msg.render(lambda f: f"--key {f.value!r}")
-        ("Pass entry='ema' to pick it.", "Pass --key 'ema' to pick it.")
+        >>> msg, msg.render(lambda f: f"--entry {f.value!r}")
+        ("Pass entry='ema' to pick it.", "Pass --entry 'ema' to pick it.")
     """
 
     parts: tuple[str | Fix, ...]

@@ -34,7 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.lr_scheduler import LRScheduler
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ._args import require_module, require_optimizer
+from ._args import require_module, require_optimizer, written_model
 from ._table import _Table, format_count, format_percent
 from .errors import UsageError
 from .keys.select import ModelIndex, Selection, Selector, describe_selector, select
@@ -204,6 +204,7 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
         5130
     """
     require_module(model, "trainable_summary")
+    model = written_model(model)  # a compiled model: the names as written
     children = dict(model.named_children())
     params: dict[str, int] = dict.fromkeys(children, 0)
     trainable: dict[str, int] = dict.fromkeys(children, 0)
@@ -452,9 +453,10 @@ def freeze(model: nn.Module, *selectors: Selector, bn: str = "eval") -> FreezeSu
 
     Selectors: a glob over module/parameter names (``"layer4"``, ``"blocks.1*"``, ``"*.bn*"``),
     ``"re:<regex>"``, an ``nn.Module`` subclass, or a callable ``(name, module) -> bool``. One
-    that matches nothing raises :class:`~surgery.SelectorError` naming the closest names.
-    Frozen parameters also lose their ``.grad``. ``bn``: ``"eval"`` (default), ``"frozen"`` or
-    ``"train"``, see the module docstring.
+    that matches nothing raises :class:`~surgery.SelectorError` naming the closest names. A
+    ``torch.compile``'d model is selected by the names as written (``"layer1"``, not
+    ``"_orig_mod.layer1"``). Frozen parameters also lose their ``.grad``. ``bn``: ``"eval"``
+    (default), ``"frozen"`` or ``"train"``, see the module docstring.
 
     Example:
         >>> import torchvision
@@ -464,6 +466,7 @@ def freeze(model: nn.Module, *selectors: Selector, bn: str = "eval") -> FreezeSu
         15
     """
     require_module(model, "freeze")
+    model = written_model(model)  # a compiled model: the names as written
     _check_bn(bn, _FREEZE_BN, "freeze")
     _check_selectors(selectors, "freeze")
     index = ModelIndex(model)
@@ -490,6 +493,7 @@ def freeze_except(model: nn.Module, *selectors: Selector, bn: str = "eval") -> F
         True
     """
     require_module(model, "freeze_except")
+    model = written_model(model)  # a compiled model: the names as written
     _check_bn(bn, _FREEZE_BN, "freeze_except")
     _check_selectors(selectors, "freeze_except")
     index = ModelIndex(model)
@@ -539,6 +543,7 @@ def unfreeze(
         (['unfreeze layer4'], 2, [0.1, 0.01])
     """
     require_module(model, "unfreeze")
+    model = written_model(model)  # a compiled model: the names as written
     if optimizer is not None:
         require_optimizer(optimizer, "unfreeze")
     _check_bn(bn, _UNFREEZE_BN, "unfreeze")

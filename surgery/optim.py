@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler as sched
 
-from ._args import require_module, require_optimizer
+from ._args import require_module, require_optimizer, written_model
 from ._table import first_n
 from .errors import SelectorError, UsageError
 from .group_table import GroupTable, describe_groups
@@ -85,6 +85,7 @@ def param_groups(
         >>> opt = torch.optim.AdamW(groups)
     """
     require_module(model, "param_groups")
+    model = written_model(model)  # a compiled model: the names as written
     _check_number("lr", lr, positive=True)
     _check_number("weight_decay", weight_decay)
     if layer_decay is not None:
@@ -156,6 +157,7 @@ def add_param_groups(
         [0.1, 0.01]
     """
     lr = _check_added(optimizer, model, lr, weight_decay, scheduler)
+    model = written_model(model)
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     index = ModelIndex(model)
     if selectors:

@@ -1,7 +1,8 @@
 """The ``surgery`` command: look inside a checkpoint, or dry-run loading it into a model.
 
-    surgery inspect CKPT [--key K] [--depth D] [--json] [--allow-global MODULE.NAME]
-    surgery diff CKPT --model SPEC [--num-classes N] [--remap REGEX=REPL] [--skip GLOB] [--json]
+    surgery inspect CKPT [--entry E] [--depth D] [--json] [--allow-global MODULE.NAME]
+    surgery diff CKPT --model SPEC [--num-classes N] [--remap REGEX=REPL] [--skip GLOB]
+                 [--drop REGEX] [--on-mismatch skip|error|adapt] [--json]
     surgery match SRC_SPEC DST_SPEC --input 1,3,224,224 [--rules] [--json]
     surgery convert CKPT -o OUT --model SPEC [--source SPEC --input 1,3,224,224 | --match]
                     [--remap REGEX=REPL] [--skip GLOB] [--allow-missing GLOB] [--drop REGEX]
@@ -15,6 +16,9 @@ built with ``empty_init`` (no random init) and given untouched, unfilled memory,
 checkpoint lacks (a ViT's ``pos_embed``) are reported missing. The current directory is
 importable, as with ``python -m``: ``--model mypkg.models:build_net`` and ``--import
 mypkg.models`` work from the folder holding ``mypkg``.
+``inspect`` shows a torch file's keys in its own (the model's) order; a safetensors file or a
+shard index keeps none, so its keys are shown by name, numbers by value (``blocks.2`` before
+``blocks.10``); subtrees count elements (parameters and buffers look alike in a file).
 Text from the checkpoint (key names, entry names) is printed with control characters escaped.
 A refused pickle is explained from the names of the classes it holds: nothing is imported.
 """

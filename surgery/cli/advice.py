@@ -1,10 +1,11 @@
 """Errors worded for the command line: a library fix (``entry='ema'``) as this command's flag
-(``--key 'ema'``), a refused pickle explained from the class names it holds."""
+(``--entry 'ema'``), a refused pickle explained from the class names it holds."""
 
 from __future__ import annotations
 
 import argparse
 
+from .._text import escape_control
 from ..errors import UNSET, CheckpointError, Fix, SurgeryError, UnsafeCheckpointError
 
 __all__ = ["flag", "message"]
@@ -12,19 +13,29 @@ __all__ = ["flag", "message"]
 
 def flag(fix: Fix) -> str:
     """A fix the library words as a Python argument (``entry='ema'``), as this command's flag
-    (``--key 'ema'``); a fix no flag can give is shown as the library words it."""
+    (``--entry 'ema'``); a fix no flag can give is shown as the library words it. Values come
+    from files (key names in a pattern): control characters are escaped, so a key holding a
+    newline cannot add a line to the message."""
+    return escape_control(_flag(fix))
+
+
+def _flag(fix: Fix) -> str:
     option, value = fix.option, fix.value
     if option in ("entry", "key"):
-        return "--key" if value is UNSET else f"--key {value!r}"
+        return "--entry" if value is UNSET else f"--entry {value!r}"
     if option == "skip":
         if value is UNSET:
             return "--skip GLOB"
         keys = [value] if isinstance(value, str) else list(value)
-        return " ".join(f"--skip {k!r}" for k in keys)
+        return " ".join("..." if k is ... else f"--skip {k!r}" for k in keys)
     if option == "remap" and value is UNSET:
         return "--remap"
     if option == "remap" and all(repl is not None for _, repl in value):
         return " ".join(f"--remap '{pattern}={repl}'" for pattern, repl in value)
+    if option == "remap" and all(repl is None for _, repl in value):
+        return " ".join(f"--drop '{pattern}'" for pattern, _ in value)
+    if option == "on_mismatch":
+        return f"--on-mismatch {value if value in ('skip', 'error') else 'adapt'}"
     if option == "prefix":
         return "--no-prefix" if value is None else ""  # "auto" is the default here
     if option == "trust_pickle":
@@ -67,6 +78,7 @@ def message(e: SurgeryError, args: argparse.Namespace) -> str:
     # trusted, and classes are missing: the library's advice is Python's
     return (
         f"'{args.checkpoint}' holds a pickled model whose classes cannot be found: "
-        f"{', '.join(names)}. {_pickle_advice(names, refused=False)} Better, re-save it once "
-        "as a plain state dict: torch.save(model.state_dict(), path)."
+        f"{', '.join(names)}. {_pickle_advice(names, refused=False)} Once it loads, re-save "
+        "the weights once as a plain state dict, which loads without --trust-pickle: "
+        "torch.save(torch.load(path, weights_only=False).state_dict(), 'weights.pth')."
     )

@@ -9,17 +9,19 @@ import json
 import torch
 
 from .. import meta
+from ..errors import render
 from ..loading.pipeline import load_partial
 from ..matching import match
 from ..meta import empty_init
+from .advice import flag
 from .models import build, build_spec
-from .options import emit, parse_input_shape, parse_remap
+from .options import emit, load_remap, on_mismatch, parse_input_shape
 
 __all__ = ["cmd_diff", "cmd_match"]
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    remap = parse_remap(args.remap)
+    remap = load_remap(args)
     with empty_init():
         model = build(args)
     # The meta model is a planning device here, not a result: give it untouched, unfilled
@@ -29,10 +31,11 @@ def cmd_diff(args: argparse.Namespace) -> int:
     report = load_partial(
         model,
         args.checkpoint,
-        entry=args.key,
+        entry=args.entry,
         remap=remap,
         prefix=None if args.no_prefix else "auto",
         skip=args.skip,
+        on_mismatch=on_mismatch(args),
         dry_run=True,
         trust_pickle=args.trust_pickle,
         allow_globals=args.allow_globals,
@@ -45,7 +48,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
             + (
                 "ok: strict=True would load this checkpoint"
                 if report.ok
-                else f"not ok: {report.why_not_ok()}"
+                else f"not ok: {render(report.why_not_ok(), flag)}"
             )
         )
     return 0 if report.ok else 1

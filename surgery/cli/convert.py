@@ -26,11 +26,11 @@ from .models import build, build_spec
 from .options import (
     count,
     emit,
+    load_remap,
+    on_mismatch,
     open_checkpoint,
     parse_input_shape,
-    parse_remap,
     positive_int,
-    regexes,
 )
 
 __all__ = ["add_convert_parser", "cmd_convert"]
@@ -44,16 +44,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UsageError("--input is the example input for --match; add --match (or --source)")
     with empty_init():  # planned on meta; loaded on meta too when the checkpoint fills it all
         model = build(args)
-    remap: list[tuple[str, str | None]] = [(rx, None) for rx in regexes(args.drop, "--drop")]
-    remap += parse_remap(args.remap) or []
+    remap = load_remap(args) or []
     matching = bool(args.match or args.source)
     if matching:
         remap += _structure_rules(args, model, remap)
     options: dict[str, Any] = dict(
-        entry=args.key,
+        entry=args.entry,
         remap=remap or None,
         prefix=None if args.no_prefix or matching else "auto",
         skip=args.skip,
+        on_mismatch=on_mismatch(args),
         trust_pickle=args.trust_pickle,
         allow_globals=args.allow_globals,
     )
@@ -151,12 +151,6 @@ def add_convert_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None
         action="append",
         metavar="GLOB",
         help="model keys that may get no value (written with the model's init), e.g. 'head.*'",
-    )
-    pc.add_argument(
-        "--drop",
-        action="append",
-        metavar="REGEX",
-        help="checkpoint keys not to convert (repeatable), e.g. '^fc\\.'",
     )
     pc.add_argument(
         "--match",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,7 +79,10 @@ def _render(node: dict, depth: int, indent: str = "  ") -> list[str]:
         label = name if j == i else _run_label([int(k) for k, _ in items[i : j + 1]])
         if isinstance(child, dict):
             n, p = _stats(child)
-            lines.append(f"{indent}{label}  [{n} tensor{'s' * (n != 1)}, {format_count(p)} params]")
+            # elements, not "params": from the file alone, parameters and buffers look alike
+            lines.append(
+                f"{indent}{label}  [{n} tensor{'s' * (n != 1)}, {format_count(p)} elements]"
+            )
             if depth > 1:
                 lines += _render(child, depth - 1, indent + "  ")
         else:
@@ -102,8 +106,30 @@ def _run_label(numbers: list[int]) -> str:
     return f"{{{span}}} ×{len(numbers)} identical"
 
 
+def natural_key(key: str) -> tuple:
+    """Sort key of a dotted name: part by part, numbers by value (``blocks.2`` before
+    ``blocks.10``), a number before a word.
+
+    Example:
+        >>> sorted(["blocks.10.w", "head.w", "blocks.2.w"], key=natural_key)
+        ['blocks.2.w', 'blocks.10.w', 'head.w']
+    """
+    return tuple((0, int(p), "") if _is_index(p) else (1, 0, p) for p in key.split("."))
+
+
+def _shards(source: CheckpointSource) -> dict[str, int]:
+    """Tensors per file of a checkpoint read from several files (by file name, in order)."""
+    counts = Counter(Path(f).name for f in source.files.values())
+    return dict(sorted(counts.items())) if len(counts) > 1 else {}
+
+
 def _inspect(source: CheckpointSource, depth: int) -> dict:
     specs = source.specs
+    # A format that keeps no order (a safetensors header is sorted by dtype, then name) is
+    # shown in natural name order; a torch file in its own, the model's state-dict order.
+    shown = (
+        specs if source.ordered else dict(sorted(specs.items(), key=lambda i: natural_key(i[0])))
+    )
     dtypes = Counter(str(d).removeprefix("torch.") for _, d in specs.values())
     numel = sum(s.numel() for s, _ in specs.values())
     nbytes = sum(s.numel() * d.itemsize for s, d in specs.values())
@@ -116,12 +142,27 @@ def _inspect(source: CheckpointSource, depth: int) -> dict:
         "bytes": nbytes,
         "dtypes": dict(dtypes),
         "notes": source.notes,
+        "shards": _shards(source),
+        "ordered": source.ordered,
         "keys": {
             k: {"shape": list(s), "dtype": str(d).removeprefix("torch.")}
             for k, (s, d) in specs.items()
         },
-        "_tree": _render(_tree(specs), depth),
+        "_tree": _render(_tree(shown), depth),
     }
+
+
+_BY_NAME = "keys (by name, numbers by value: the file keeps no model order):"
+_SHARDS_SHOWN = 8
+
+
+def _shard_lines(shards: dict[str, int]) -> list[str]:
+    if not shards:
+        return []
+    listed = [f"{name} ({n} tensors)" for name, n in shards.items()]
+    more = len(listed) - _SHARDS_SHOWN
+    shown = ", ".join(listed[:_SHARDS_SHOWN]) + (f" and {more} more" if more > 0 else "")
+    return [f"shards:     {len(shards)} files: {shown}"]
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -144,8 +185,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"tensors:    {info['tensors']}, {format_count(info['elements'])} elements, "
         f"{info['bytes'] / 2**20:.1f} MiB",
         "dtypes:     " + ", ".join(f"{d} ({n})" for d, n in info["dtypes"].items()),
+        *_shard_lines(info["shards"]),
         *(f"note:       {render(n, flag)}" for n in info["notes"]),
-        "keys:",
+        "keys:" if info["ordered"] else _BY_NAME,
         *tree,
     ]
     # One name per line at most: escaped line by line, a name cannot start a line of its own.

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 
@@ -59,22 +61,74 @@ def _user_modules(imports: Sequence[str]) -> Iterator[None]:
             sys.path.remove(cwd)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a "did you mean" for a misspelt option (``--skp`` -> ``--skip``), which
+    argparse before Python 3.14 lacks (and 3.14's ``suggest_on_error`` covers choices only).
+    The hint is added in :meth:`error`, so every refusal gets it: an unknown option, and a
+    required one missing because it was misspelt."""
+
+    _given: list[str]
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        super().error(message + _did_you_mean(self, getattr(self, "_given", [])))
+
+
+def _did_you_mean(parser: argparse.ArgumentParser, given: list[str]) -> str:
+    """``'; --skp: did you mean --skip?'`` for each unknown option in ``given`` that is close
+    to one the command takes (the subcommand's, for the top-level parser)."""
+    known = set(parser._option_string_actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            command = next((a for a in given if a in action.choices), None)
+            if command is not None:
+                sub = action.choices[command]
+                known |= set(sub._option_string_actions)
+                given = getattr(sub, "_given", given)
+    hints = []
+    for arg in given:
+        if arg == "--":
+            break
+        name = arg.split("=", 1)[0]
+        if not name.startswith("-") or name in known or parser._negative_number_matcher.match(name):
+            continue
+        if sum(1 for k in known if k.startswith(name)) == 1:
+            continue  # an abbreviation argparse accepts
+        near = difflib.get_close_matches(name, [k for k in known if k.startswith("--")], n=1)
+        if near:
+            hints.append(f"{name}: did you mean {near[0]}?")
+    return f" ({'; '.join(dict.fromkeys(hints))})" if hints else ""
+
+
+class _Deprecated(argparse.Action):
+    """An old spelling of an option: stores into the new one's ``dest`` and says so on stderr."""
+
+    def __init__(self, *args: Any, new: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.new = new
+
+    def __call__(
+        self, parser: Any, namespace: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
+        print(f"surgery: {option} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def _version() -> str:
     return f"surgery {__version__} (torch {torch.__version__}, {Path(__file__).parent.parent})"
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="surgery",
-        # Raw: `--version` prints its path on one line, however narrow the terminal.
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Look inside checkpoints, dry-run loading them, match models by structure.",
-    )
-    p.add_argument("--version", action="version", version=_version())
-    sub = p.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
+def _reading() -> argparse.ArgumentParser:
+    """The options of every command that reads a checkpoint (a parent parser)."""
+    common = _Parser(add_help=False)
     common.add_argument("checkpoint", help="file, folder, or sharded *.index.json")
-    common.add_argument("--key", help="entry holding the state dict, e.g. 'ema' (dotted nests)")
+    common.add_argument("--entry", help="entry holding the state dict, e.g. 'ema' (dotted nests)")
+    common.add_argument(  # its old name, as load_partial(key=) was
+        "--key", dest="entry", action=_Deprecated, new="--entry", help=argparse.SUPPRESS
+    )
     common.add_argument("--json", action="store_true", help="machine-readable output")
     common.add_argument(
         "--trust-pickle",
@@ -99,11 +153,12 @@ def _parser() -> argparse.ArgumentParser:
         help="import MODULE first (repeatable), so that classes a pickled checkpoint names "
         "resolve; classes it defines also stand in for a training script's __main__ classes",
     )
-    pi = sub.add_parser("inspect", parents=[common], help="what a checkpoint holds")
-    pi.add_argument(
-        "--depth", type=positive_int, default=3, help="levels of the key tree to show (1 or more)"
-    )
-    loading = argparse.ArgumentParser(add_help=False)  # diff and convert load into a model
+    return common
+
+
+def _loading() -> argparse.ArgumentParser:
+    """The options of the commands that load into a model, diff and convert (a parent)."""
+    loading = _Parser(add_help=False)
     loading.add_argument(
         "--model", required=True, help="torchvision:NAME, timm:NAME or module.path:factory"
     )
@@ -120,7 +175,37 @@ def _parser() -> argparse.ArgumentParser:
         metavar="GLOB",
         help="model keys not to load (repeatable), e.g. 'fc.*'",
     )
+    loading.add_argument(
+        "--drop",
+        action="append",
+        metavar="REGEX",
+        help="checkpoint keys not to load (repeatable), e.g. '^fc\\.'",
+    )
     loading.add_argument("--no-prefix", action="store_true", help="turn off prefix detection")
+    loading.add_argument(
+        "--on-mismatch",
+        choices=["skip", "error", "adapt"],
+        default="skip",
+        help="a checkpoint tensor whose shape differs from the model's: skip it (default), "
+        "fail, or adapt it with surgery.adapt_shapes (input channels, position grids)",
+    )
+    return loading
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="surgery",
+        # Raw: `--version` prints its path on one line, however narrow the terminal.
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Look inside checkpoints, dry-run loading them, match models by structure.",
+    )
+    p.add_argument("--version", action="version", version=_version())
+    sub = p.add_subparsers(dest="command", required=True)
+    common, loading = _reading(), _loading()
+    pi = sub.add_parser("inspect", parents=[common], help="what a checkpoint holds")
+    pi.add_argument(
+        "--depth", type=positive_int, default=3, help="levels of the key tree to show (1 or more)"
+    )
     sub.add_parser("diff", parents=[common, loading], help="dry-run load into a model")
     pm = sub.add_parser(
         "match", help="pair the tensors of two models by structure (names may all differ)"

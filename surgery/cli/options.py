@@ -8,12 +8,15 @@ import sys
 from typing import Any
 
 from .._text import escape_control
+from ..adapters import adapt_shapes
 from ..errors import UsageError
 from ..sources import CheckpointSource, open_source
 
 __all__ = [
     "count",
     "emit",
+    "load_remap",
+    "on_mismatch",
     "open_checkpoint",
     "parse_input_shape",
     "parse_remap",
@@ -54,6 +57,18 @@ def parse_remap(rules: list[str] | None) -> list[tuple[str, str | None]] | None:
     return out
 
 
+def load_remap(args: argparse.Namespace) -> list[tuple[str, str | None]] | None:
+    """The ``remap=`` of --drop REGEX (dropped keys) then --remap REGEX=REPL rules."""
+    remap: list[tuple[str, str | None]] = [(rx, None) for rx in regexes(args.drop, "--drop")]
+    remap += parse_remap(args.remap) or []
+    return remap or None
+
+
+def on_mismatch(args: argparse.Namespace) -> Any:
+    """``on_mismatch=`` for --on-mismatch: 'skip', 'error', or 'adapt' (surgery.adapt_shapes)."""
+    return adapt_shapes if args.on_mismatch == "adapt" else args.on_mismatch
+
+
 def parse_input_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(x) for x in text.split(","))
@@ -77,7 +92,7 @@ def open_checkpoint(args: argparse.Namespace) -> CheckpointSource:
     """The checkpoint the command names, read as its options say."""
     return open_source(
         args.checkpoint,
-        entry=args.key,
+        entry=args.entry,
         trust_pickle=args.trust_pickle,
         allow_globals=args.allow_globals,
     )

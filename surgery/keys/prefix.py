@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Container, Iterable, Sequence
 
+from .._table import format_shape
 from .._text import escape_control
 from ..errors import Advice, Fix, PrefixTieError
 from .remap import collision
@@ -174,29 +175,109 @@ def describe_prefix(rewrite: tuple[str, str]) -> str:
     return f"added prefix '{mp}'"
 
 
-def prefix_hint(ckpt_keys: Sequence[str], model_keys: set[str], *, or_auto: bool = True) -> str:
+def lined_up(
+    keys: Iterable[str], targets: Container[str], rewrite: tuple[str, str]
+) -> list[tuple[str, str]]:
+    """``(key, target)`` for each key the ``(strip, add)`` rewrite turns into a target."""
+    cp, mp = rewrite
+    n = len(cp)
+    return [(k, mp + k[n:]) for k in keys if k.startswith(cp) and mp + k[n:] in targets]
+
+
+def stray_rewrite(
+    unexpected: Sequence[str], unfilled: Collection[str], fits: Fits | None = None
+) -> tuple[str, str] | None:
+    """The ``(strip, add)`` rewrite that lines up the most ``unexpected`` checkpoint keys with
+    model keys left without a value (``unfilled``): a checkpoint merged by hand, half of it
+    under ``module.``, which no rewrite of the whole checkpoint explains. ``None`` unless it
+    lines up at least two keys and half of the unexpected ones.
+
+    Example:
+        >>> stray_rewrite(["module.b.w", "module.c.w"], {"b.w", "c.w"})
+        ('module.', '')
+    """
+    if not unexpected or not unfilled:
+        return None
+    best = best_rewrites(unexpected, set(unfilled), fits)[1]
+    if not best:
+        return None
+    score, rewrite = best[0]
+    return rewrite if score >= 2 and 2 * score >= len(_sample(list(unexpected))) else None
+
+
+Shapes = Callable[[str, str], tuple[Sequence[int], Sequence[int]] | None]
+
+
+def prefix_hint(
+    ckpt_keys: Sequence[str],
+    model_keys: set[str],
+    *,
+    or_auto: bool = True,
+    shapes: Shapes | None = None,
+) -> str:
     """A sentence suggesting the remap that would make the key sets line up (``or_auto``: and
-    saying ``prefix="auto"`` would find it too)."""
+    saying ``prefix="auto"`` would find it too): a rewrite of every key, else one for the keys
+    that name no model key (a checkpoint half under ``module.``). ``shapes(ckpt_key,
+    model_key)`` gives a pair's two shapes: keys whose names the rewrite lines up but whose
+    shapes differ are then named with both shapes."""
     best = best_rewrites(ckpt_keys, model_keys)[1]
-    rewrite = best[0][1] if best else None
     present = set(ckpt_keys)
     unmatched = [k for k in ckpt_keys if k not in model_keys]
     missing = sorted(k for k in model_keys if k not in present)
     if not unmatched or not missing:
         return ""
-    example, counterpart = unmatched[0], missing[0]
-    if rewrite is not None:  # show a pair the rewrite lines up
-        cp, mp = rewrite
-        for k in unmatched:
-            if k.startswith(cp) and mp + k[len(cp) :] in model_keys:
-                example, counterpart = k, mp + k[len(cp) :]
-                break
-    looks = escape_control(
-        f"Checkpoint keys look like '{example}', model keys like '{counterpart}'."
-    )
+    rewrite = best[0][1] if best else stray_rewrite(unmatched, missing)
     if rewrite is None:
-        return looks
+        return escape_control(
+            f"Checkpoint keys look like '{unmatched[0]}', model keys like '{missing[0]}'."
+        )
+    pairs = lined_up(unmatched, model_keys, rewrite)
     fix = rewrite_fix(rewrite)
     fix = Fix(fix.option, fix.value, shown=escape_control(str(fix)))
-    auto = (Fix("prefix", "auto", shown=' (or prefix="auto")'),) if or_auto else ()
-    return Advice(looks, " Try ", fix, *auto, ".")
+    differ = _differ(pairs, shapes)
+    if best or not pairs:
+        example, counterpart = pairs[0] if pairs else (unmatched[0], missing[0])
+        text: list[str | Fix] = [
+            escape_control(
+                f"Checkpoint keys look like '{example}', model keys like '{counterpart}'."
+            ),
+            " Try ",
+            fix,
+        ]
+        if or_auto and len(differ) < len(pairs):
+            text.append(Fix("prefix", "auto", shown=' (or prefix="auto")'))
+        text.append(".")
+    else:
+        text = [
+            f"{len(pairs)} of the {len(unmatched)} checkpoint keys that name no model key line "
+            "up with model keys after ",
+            fix,
+            escape_control(f" (e.g. '{pairs[0][0]}' -> '{pairs[0][1]}')."),
+        ]
+    if differ:
+        _, model_key, a, b = differ[0]
+        example = escape_control(
+            f"'{model_key}': checkpoint {format_shape(a)} vs model {format_shape(b)}"
+        )
+        text.append(
+            f" With it the names match, but the shapes differ ({len(differ)} of {len(pairs)} "
+            f"keys, e.g. {example})"
+            + (
+                ": the checkpoint is for another size or configuration of this model."
+                if len(differ) == len(pairs)
+                else "; those load as mismatches."
+            )
+        )
+    return Advice(*text)
+
+
+def _differ(
+    pairs: list[tuple[str, str]], shapes: Shapes | None
+) -> list[tuple[str, str, Sequence[int], Sequence[int]]]:
+    """The pairs whose two shapes differ (none when the shapes are not known)."""
+    out = []
+    for k, m in pairs if shapes is not None else ():
+        both = shapes(k, m)
+        if both is not None and tuple(both[0]) != tuple(both[1]):
+            out.append((k, m, *both))
+    return out

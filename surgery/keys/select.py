@@ -12,9 +12,11 @@ against a list of keys (a checkpoint's or a model's state-dict names). A selecto
   everything under it.
 
 The model itself (the empty name) is never passed to a type or callable selector; use ``"*"``
-to select everything. A selector that selects nothing is refused with one
-:class:`~surgery.SelectorError` message, whoever asked: the closest names for a pattern, the
-module types present for a type.
+to select everything. Names are matched as the user wrote them: in a model wrapped by
+``torch.compile`` (whose names gain ``_orig_mod.``) ``"layer1"`` selects ``_orig_mod.layer1``,
+and callables and hints see the names without ``_orig_mod``. A selector that selects nothing
+is refused with one :class:`~surgery.SelectorError` message, whoever asked: the closest names
+for a pattern, the module types present for a type.
 """
 
 from __future__ import annotations
@@ -30,6 +32,20 @@ from ..errors import SelectorError
 
 Selector = str | type[nn.Module] | Callable[[str, nn.Module], bool]
 _TOP_LEVEL = 12  # top-level modules named in a 'matched nothing' hint
+_COMPILED = "_orig_mod"  # where torch.compile's wrapper keeps the module it compiled
+
+
+def written_name(name: str) -> str:
+    """A name as the user wrote it: without the ``_orig_mod`` parts ``torch.compile`` adds
+    (``backbone._orig_mod.layer1`` -> ``backbone.layer1``). Selectors match either form.
+
+    Example:
+        >>> written_name("_orig_mod.layer1.0.conv1.weight"), written_name("_orig_mod")
+        ('layer1.0.conv1.weight', '')
+    """
+    if _COMPILED not in name:
+        return name
+    return ".".join(p for p in name.split(".") if p != _COMPILED)
 
 
 def describe_selector(selector: Selector) -> str:
@@ -96,13 +112,22 @@ def _predicate(
     or callable selects the modules it accepts and every name under them."""
     if isinstance(selector, str):
         rx = compile_pattern(selector)  # the parent rule already covers descendants
-        return lambda name: rx.fullmatch(name) is not None
+
+        def hit(name: str) -> bool:
+            if rx.fullmatch(name) is not None:
+                return True
+            written = written_name(name)
+            return written != name and rx.fullmatch(written) is not None
+
+        return hit
     if modules is None:
         raise SelectorError(
             f"{action} selector {describe_selector(selector)} selects modules, which needs "
             "the model; pass a name pattern instead (e.g. 'fc.*')."
         )
-    roots = {n for n, m in modules if n and _selects(selector, n, m)}
+    # a type or callable sees the names as written; a compiled model's own wrapper ('') is
+    # the model itself, never passed
+    roots = {n for n, m in modules if written_name(n) and _selects(selector, written_name(n), m)}
     return lambda name: name in roots or any(p in roots for p in parents(name))
 
 
@@ -118,8 +143,10 @@ def _nothing_matched(
     label = describe_selector(selector)
     if isinstance(selector, str):
         word = selector[3:] if selector.startswith("re:") else selector
-        # the names' parents too: a key list names 'fc.weight', the user thinks of 'fc'
-        candidates = dict.fromkeys(x for n in names for x in (*parents(n), n))
+        # the names' parents too: a key list names 'fc.weight', the user thinks of 'fc'; and
+        # the names as written (a compiled model's without '_orig_mod')
+        written = (written_name(n) for n in names)
+        candidates = dict.fromkeys(x for n in written if n for x in (*parents(n), n))
         near = closest(word, candidates)
         hint = f" Closest names: {', '.join(near)}." if near else ""
         return f"{action} pattern {label!r} matched nothing in {owner}.{hint}"

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from .._names import closest
 from .._table import first_n, first_n_lines, format_shape
 from .._tensors import dtype_name
+from .._text import escape_control
 from ..errors import Advice, Fix, KeyCollisionError, LoadError, UsageError
 from ..keys import ties
 from ..keys.peft import adapter_keys
@@ -53,7 +54,8 @@ class CheckedPlan:
     ``written``: ids of the model tensors the plan gives a value; ``initialise``: the meta
     modules to reset and the keys they give a value (``None`` when nothing is on ``meta``);
     ``units``: the modules that load themselves; ``rehearsals``: their planning rehearsals
-    (by prefix), reused at prepare when the same entries are fed from the same source.
+    (by prefix), reused at prepare when the same entries are fed from the same source;
+    ``conversions``: a transformers model's conversion mapping planning used.
     """
 
     plan: PlanData
@@ -63,6 +65,7 @@ class CheckedPlan:
     written: frozenset[int]
     initialise: Initialise | None
     rehearsals: Mapping[str, Rehearsal] = field(default_factory=dict)
+    conversions: Any = None  # the model's transformers conversions, as planning found them
 
     @property
     def by_modules(self) -> set[str]:
@@ -213,14 +216,47 @@ def _refuse(
     if refuse_empty and not written:
         n_ckpt = sum(1 for e in checked.entries if e.ckpt_key is not None and not e.tied_to)
         if n_ckpt:
+            hint = prefix_hint(_mapped_names(checked), set(state), shapes=_shapes(checked, state))
+            other = _other_shapes(checked) if "shapes differ" not in hint else ""
             raise LoadError(
                 f"0 of {n_ckpt} checkpoint tensors match {type(model).__name__}. "
-                + (
-                    prefix_hint(_mapped_names(checked), set(state))
-                    or "Check that the checkpoint is for this architecture."
-                )
+                + (" ".join(h for h in (hint, other) if h) if hint or other else _ARCH)
                 + " Nothing was loaded."
             )
+
+
+_ARCH = "Check that the checkpoint is for this architecture."
+
+
+def _shapes(plan: PlanData, state: Mapping[str, Tensor]) -> Any:
+    """(checkpoint shape, model shape) of a checkpoint key (by its mapped name) and a model
+    key, for hints naming keys whose names line up but whose shapes do not."""
+    ckpt = {e.model_key: e.ckpt_shape for e in plan.entries if e.ckpt_key is not None}
+
+    def shapes(key: str, model_key: str) -> tuple[Any, Any] | None:
+        t = state.get(model_key)
+        if ckpt.get(key) is None or not isinstance(t, Tensor):
+            return None
+        return ckpt[key], tuple(t.shape)
+
+    return shapes
+
+
+def _other_shapes(plan: PlanData) -> str:
+    """Why checkpoint tensors whose names are model keys loaded nothing: their shapes."""
+    mismatched = [e for e in plan.entries if e.action == "mismatch" and not e.tied_to]
+    if not mismatched:
+        return ""
+    first = Mismatch.from_entry(mismatched[0])
+    example = escape_control(f"'{first.key}': {first.shapes()}")
+    return Advice(
+        f"The names match, the shapes differ: {len(mismatched)} checkpoint tensors have a "
+        f"model key's name but another shape (e.g. {example}), so "
+        f"the checkpoint is for another size or configuration of {plan.model}. Build the "
+        "model with the checkpoint's sizes, or pass ",
+        Fix("on_mismatch", "adapt", shown="on_mismatch=surgery.adapt_shapes"),
+        " (or an adapter of your own, (name, ckpt, model) -> Tensor) to reshape them.",
+    )
 
 
 def _owners(entries: list[PlanEntry | None], state: Mapping[str, Tensor]) -> dict[int, PlanEntry]:
@@ -259,7 +295,13 @@ def _index_edited(
     uses: dict[str, list[str]] = {}  # checkpoint key -> actions naming it
     prior: dict[str, str] = {}
     conflicts: list[list[PlanEntry]] = []
+    groups: set[tuple[str, tuple[str, ...]]] = set()  # a conversion's keys count once
     for e in todo:
+        c = getattr(e, "conversion", None)
+        if c is not None and not e.tied_to and c.group not in groups:
+            groups.add(c.group)
+            for k in c.keys:
+                uses.setdefault(k, []).append("convert")
         e = _refreshed(e, plain, at, entries, uses, prior, unknown, misfit)
         if e is None:
             continue
@@ -299,7 +341,7 @@ def _refreshed(
             prior[e.model_key] = e.ckpt_key
         return None
     if e.action == "unexpected" or (e.action == "skip" and e.model_key is None):
-        if e.ckpt_key is None:
+        if e.ckpt_key is None and e.conversion is None:
             raise UsageError(f"plan entry {e!r} names no checkpoint key")
         return e
     mkey = e.model_key
@@ -318,15 +360,19 @@ def _refreshed(
         )
     mshape, mdtype, action = tuple(t.shape), dtype_name(t.dtype), e.action
     if action in WRITES or action == "mismatch":
-        if e.ckpt_key is None or e.ckpt_shape is None:
+        if (e.ckpt_key is None and e.conversion is None) or e.ckpt_shape is None:
             raise UsageError(f"plan entry {e!r} ({action}) needs ckpt_key and ckpt_shape")
-    if action in ("load", "cast"):
+    if action in ("load", "cast", "convert") and (action == "convert") != (
+        e.conversion is not None
+    ):
+        raise UsageError(f"plan entry {e!r}: a 'convert' entry, and only one, has a conversion")
+    if action in ("load", "cast", "convert"):
         if e.ckpt_shape != mshape:
             misfit.append(
                 f"{mkey}: checkpoint '{e.ckpt_key}' {format_shape(e.ckpt_shape)} vs "
                 f"model {format_shape(mshape)}"
             )
-        action = copy_action(e.ckpt_dtype, mdtype)
+        action = action if action == "convert" else copy_action(e.ckpt_dtype, mdtype)
     if action != e.action or mshape != e.model_shape or mdtype != e.model_dtype:
         e = dataclasses.replace(e, action=action, model_shape=mshape, model_dtype=mdtype)
     return e
@@ -417,7 +463,12 @@ def strict_failure(
             parts.append(f"  {title}:")
             parts += first_n_lines(items, _LIST)
     hint = (
-        prefix_hint(_mapped_names(plan), set(state), or_auto=not plan.auto_prefix)
+        prefix_hint(
+            _mapped_names(plan),
+            set(state),
+            or_auto=not plan.auto_prefix,
+            shapes=_shapes(plan, state),
+        )
         if missing
         else ""
     )

@@ -5,6 +5,8 @@ Actions, one per entry:
 ==============  ============================================================================
 ``load``        the checkpoint tensor is copied into the model key (same shape and dtype)
 ``cast``        the same, with a dtype cast (e.g. float16 -> float32)
+``convert``     made from several checkpoint tensors (or a part of one) by the model's
+                transformers conversion (``conversion`` says how), cast to the model's dtype
 ``adapt``       shapes differ; the ``on_mismatch`` adapter makes the value at apply time
 ``skip``        left out on purpose: ``skip=`` matched the model key, ``remap`` dropped the
                 checkpoint key (``model_key`` is ``None``), or :meth:`LoadPlan.drop`
@@ -19,24 +21,38 @@ Actions, one per entry:
                 ``peft.get_peft_model`` that the checkpoint does not hold: left as it is
 ==============  ============================================================================
 
+Entries of converted tensors (``convert``, and ``adapt``/``mismatch``/``skip`` of such a
+tensor) have no ``ckpt_key``: their :class:`Conversion` names the checkpoint keys, and
+``ckpt_shape``/``ckpt_dtype`` describe the converted tensor (planned from the file's headers).
+
 The decisions every step shares live here, once: :func:`copy_action` (load or cast),
 :func:`pair_action` (and mismatch or adapt), :meth:`Mismatch.from_entry`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .._table import format_shape
 from ..errors import UsageError
 
-__all__ = ["ACTIONS", "NO_VALUE", "WRITES", "Mismatch", "PlanEntry", "copy_action", "pair_action"]
+__all__ = [
+    "ACTIONS",
+    "NO_VALUE",
+    "WRITES",
+    "Conversion",
+    "Mismatch",
+    "PlanEntry",
+    "copy_action",
+    "pair_action",
+]
 
 ACTIONS = (
     "load",
     "cast",
+    "convert",
     "adapt",
     "skip",
     "mismatch",
@@ -46,10 +62,119 @@ ACTIONS = (
     "initialise",
     "adapter",
 )
-WRITES = frozenset({"load", "cast", "adapt"})  # actions that give a model key a value
+WRITES = frozenset({"load", "cast", "convert", "adapt"})  # actions that give a model key a value
 NO_VALUE = frozenset({"missing", "defaulted", "initialise", "adapter"})
 
 Shape = tuple[int, ...]
+
+# How an op of transformers reads in a plan line, by its class name.
+_OP_WORDS = {
+    "MergeModulelist": "merged",
+    "SplitModulelist": "split",
+    "Concatenate": "concatenated",
+    "Chunk": "chunked",
+    "Split": "split",
+    "Transpose": "transposed",
+    "Interleave": "interleaved",
+    "PermuteForRope": "permuted for RoPE",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Conversion:
+    """How a converted tensor is made: the transformers converter (its source and target
+    patterns and ops, as ``repr`` gives them), the checkpoint keys per source pattern in
+    stacking order, ``layer`` (transformers' name for the group: its first target, in the
+    base model's names) and ``output`` (the name of this entry's tensor among the group's).
+
+    Entries made by one converter call share everything but ``output``.
+    """
+
+    sources: tuple[tuple[str, tuple[str, ...]], ...]
+    targets: tuple[str, ...]
+    ops: tuple[str, ...]
+    layer: str
+    output: str
+
+    @property
+    def keys(self) -> list[str]:
+        """Every checkpoint key read, pattern by pattern."""
+        return [k for _, ks in self.sources for k in ks]
+
+    @property
+    def group(self) -> tuple[str, tuple[str, ...]]:
+        """What entries of one converter call share."""
+        return self.layer, tuple(p for p, _ in self.sources)
+
+    def describe(self) -> str:
+        """``'m.experts.{0..3}.w1/w3.weight (merged, concatenated)'``: the keys in short."""
+        words = [_OP_WORDS.get(op.split("(")[0], op.split("(")[0]) for op in self.ops]
+        return f"{compact(self.keys)} ({', '.join(words)})"
+
+    def to_dict(self) -> dict:
+        return {
+            "ckpt_keys": {p: list(ks) for p, ks in self.sources},
+            "targets": list(self.targets),
+            "ops": list(self.ops),
+            "layer": self.layer,
+            "output": self.output,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Conversion:
+        if not isinstance(d, Mapping) or not isinstance(d.get("ckpt_keys"), Mapping):
+            raise TypeError(f"a conversion is a dict with 'ckpt_keys', got {d!r}")
+        sources = tuple((str(p), tuple(_strs(ks))) for p, ks in d["ckpt_keys"].items())
+        return cls(
+            sources,
+            tuple(_strs(d.get("targets") or ())),
+            tuple(_strs(d.get("ops") or ())),
+            str(d.get("layer") or ""),
+            str(d.get("output") or ""),
+        )
+
+
+def _strs(v: Any) -> list[str]:
+    if isinstance(v, (str, bytes)) or not all(isinstance(s, str) for s in v):
+        raise TypeError(f"expected a list of strings, got {v!r}")
+    return list(v)
+
+
+def compact(keys: Iterable[str]) -> str:
+    """Dotted keys in one pattern: the parts that vary in braces.
+
+    Example:
+        >>> compact(["e.0.w1.weight", "e.1.w1.weight", "e.0.w3.weight", "e.1.w3.weight"])
+        'e.{0..1}.w1/w3.weight'
+        >>> compact(["a.weight"])
+        'a.weight'
+    """
+    keys = list(keys)
+    split = [k.split(".") for k in keys]
+    if not keys or len({len(p) for p in split}) != 1:
+        return f"{keys[0] if keys else ''} ... ({len(keys)} keys)"
+    columns = [list(dict.fromkeys(col)) for col in zip(*split, strict=True)]
+    if len(set(keys)) != _product(len(c) for c in columns):  # not a full grid of names
+        return f"{keys[0]} ... ({len(keys)} keys)"
+    return ".".join(_column(c) for c in columns)
+
+
+def _product(ns: Iterable[int]) -> int:
+    out = 1
+    for n in ns:
+        out *= n
+    return out
+
+
+def _column(values: list[str]) -> str:
+    if len(values) == 1:
+        return values[0]
+    if all(v.isdigit() for v in values):
+        nums = sorted(int(v) for v in values)
+        if nums == list(range(nums[0], nums[-1] + 1)):
+            return f"{{{nums[0]}..{nums[-1]}}}"
+        return "{" + ",".join(map(str, nums)) + "}"
+    return "/".join(values)
 
 
 @dataclass(slots=True)
@@ -60,7 +185,8 @@ class PlanEntry:
     JSON-able data. ``reason`` is a short human note (``"dropped by remap"``). ``via`` is
     set on the entries of a module that loads itself: the name the checkpoint entry is
     handed to that module's loading under (before its own renaming); shapes are ``None``
-    for non-tensor entries (packed weights, a dict extra state).
+    for non-tensor entries (packed weights, a dict extra state). ``conversion`` is set on
+    the entries of tensors made by a transformers conversion (see :class:`Conversion`).
     """
 
     action: str
@@ -73,11 +199,19 @@ class PlanEntry:
     reason: str = ""
     tied_to: str | None = None
     via: str | None = None  # handed to its module's own loading under this name
+    conversion: Conversion | None = None  # how a converted tensor is made
 
     @property
     def key(self) -> str:
         """The name to show: the model key, or the checkpoint key when there is none."""
         return self.model_key if self.model_key is not None else str(self.ckpt_key)
+
+    @property
+    def ckpt_keys(self) -> list[str]:
+        """Every checkpoint key the entry reads or names (its conversion's, or ``ckpt_key``)."""
+        if self.conversion is not None:
+            return self.conversion.keys
+        return [] if self.ckpt_key is None else [self.ckpt_key]
 
     def to_dict(self) -> dict:
         return {
@@ -91,6 +225,7 @@ class PlanEntry:
             "reason": self.reason,
             "tied_to": self.tied_to,
             "via": self.via,
+            "conversion": None if self.conversion is None else self.conversion.to_dict(),
         }
 
     @classmethod
@@ -111,6 +246,9 @@ class PlanEntry:
                 reason=str(d.get("reason") or ""),
                 tied_to=opt_str(d.get("tied_to")),
                 via=opt_str(d.get("via")),
+                conversion=None
+                if d.get("conversion") is None
+                else Conversion.from_dict(d["conversion"]),
             )
         except (TypeError, ValueError) as e:
             raise UsageError(f"malformed plan entry {dict(d)!r}: {e}") from None
@@ -194,6 +332,13 @@ def no_value(e: PlanEntry) -> PlanEntry:
 
 def detail(e: PlanEntry) -> str:
     """The detail a plan listing shows for an entry without a reason."""
+    if e.conversion is not None:
+        text = f"<- {e.conversion.describe()}"
+        if e.action in ("mismatch", "adapt"):
+            return f"{text}: {format_shape(e.ckpt_shape)} vs model {format_shape(e.model_shape)}"
+        if e.ckpt_dtype is not None and e.ckpt_dtype != e.model_dtype:
+            return f"{text}, {e.ckpt_dtype} -> {e.model_dtype}"
+        return text
     if e.action in ("mismatch", "adapt"):
         return f"checkpoint {format_shape(e.ckpt_shape)} vs model {format_shape(e.model_shape)}"
     if e.action == "cast":

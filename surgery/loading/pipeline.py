@@ -42,7 +42,7 @@ from .options import LoadOptions, OnMismatch, load_options
 from .placements import placement_for
 from .plan import Adapter, PlanData
 from .planner import make_plan
-from .report import LoadReport, outcome_of, report_of
+from .report import LoadReport, outcome_of, plan_html, report_of
 from .verify import check_reads, verify_source
 
 __all__ = ["LoadPlan", "apply_plan", "load_partial", "plan_load"]
@@ -70,6 +70,10 @@ class LoadPlan(PlanData):
         with gc_paused():
             state = model.state_dict(keep_vars=True)
             return check_plan(self, model, state, refuse_empty=True).plan  # type: ignore[return-value]
+
+    def _repr_html_(self) -> str:
+        """In a notebook: the table the load's report will show, and whether it is ok."""
+        return plan_html(self)
 
     def apply(
         self, model: nn.Module, ckpt: CheckpointLike | None = None, **options: Any

@@ -124,7 +124,7 @@ class PlanData:
                 )
         hit: set[str] | None = None
         if selectors:
-            keys = {k for e in self.entries for k in (e.model_key, e.ckpt_key) if k is not None}
+            keys = {k for e in self.entries for k in (e.model_key, *e.ckpt_keys) if k is not None}
             hit = match_keys(list(selectors), keys, action=verb, owner=f"the plan for {self.model}")
         elif actions is None:
             raise UsageError(f"{verb} needs key patterns, action=..., or both")
@@ -132,7 +132,7 @@ class PlanData:
             i
             for i, e in enumerate(self.entries)
             if (actions is None or e.action in actions)
-            and (hit is None or e.model_key in hit or e.ckpt_key in hit)
+            and (hit is None or e.model_key in hit or any(k in hit for k in e.ckpt_keys))
         ]
 
     # ------------------------------------------------------------------ editing
@@ -152,7 +152,8 @@ class PlanData:
             e = self.entries[i]
             if e.action == "skip":
                 continue
-            real_model_key = e.action != "unexpected"
+            # an unexpected converted tensor keeps its name: it has no checkpoint key of its own
+            real_model_key = e.action != "unexpected" or e.ckpt_key is None
             self.entries[i] = dataclasses.replace(
                 e,
                 action="skip",
@@ -183,8 +184,7 @@ class PlanData:
             None,
         )
         if ci is None:
-            ckpt_keys = [e.ckpt_key for e in self.entries if e.ckpt_key is not None]
-            raise UsageError(_unknown("checkpoint", ckpt_key, ckpt_keys, self.source))
+            raise UsageError(self._not_a_checkpoint_key(ckpt_key))
         mi = next(
             (
                 i
@@ -242,6 +242,19 @@ class PlanData:
                 entries.append(e)
         self.entries = entries
         return self
+
+    def _not_a_checkpoint_key(self, ckpt_key: str) -> str:
+        """Why ``rename`` cannot take ``ckpt_key``: one of a converted tensor's sources, or
+        not in the plan (with the closest keys)."""
+        made = next((e for e in self.entries if ckpt_key in e.ckpt_keys), None)
+        if made is not None:
+            return (
+                f"rename: checkpoint key '{ckpt_key}' is one of the tensors converted into "
+                f"'{made.key}' by transformers' conversion; it cannot load on its own. "
+                f"Leave that tensor out with plan.drop('{made.key}')."
+            )
+        ckpt_keys = [e.ckpt_key for e in self.entries if e.ckpt_key is not None]
+        return _unknown("checkpoint", ckpt_key, ckpt_keys, self.source)
 
     # ------------------------------------------------------------------ saving
 

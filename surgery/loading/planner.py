@@ -21,6 +21,7 @@ from torch import nn
 from .._args import model_class_name
 from ..errors import LoadError
 from ..keys import ties
+from ..keys.conversions import model_conversions
 from ..keys.mapping import map_names
 from ..keys.peft import peft_view
 from ..keys.select import match_keys
@@ -56,6 +57,7 @@ def make_plan(
     model_name = model_class_name(model)  # not FSDP's FSDP<Name> wrapper class
     specs = source.specs
     view = peft_view(model, state)
+    conversions = model_conversions(model)
     mapped = map_names(
         [*specs, *source.extras] if source.extras else specs,
         state,
@@ -63,6 +65,7 @@ def make_plan(
         auto_prefix=opts.prefix == "auto",
         shape_of=lambda ckey: tuple(specs[ckey][0]) if ckey in specs else None,
         view=view,
+        conversions=conversions,
     )
     units = Index(find_units(model))
     plain = plain_state(state, units)
@@ -78,10 +81,12 @@ def make_plan(
         units=units,
         sharded=sharded,
         tied=ties.has_ties(plain),
+        conversions=conversions,
+        groups=mapped.groups,
     )
     claims = _claims(ctx, mapped.new_to_old, handlers)
     entries = [e for c in claims for e in c.entries]
-    index = next(c for c in claims if c.at is not None)
+    at, writer = _index(claims)
     notes = [*source.notes, *mapped.notes, *(n for c in reversed(claims) for n in c.notes)]
     notes.extend(_conv1d_note(model, entries))
     plan = PlanData(
@@ -100,7 +105,7 @@ def make_plan(
         adapter=opts.adapter,
     )
     adapters = set() if view is None else view.adapter
-    draft = Draft(entries, index.at or {}, index.writer or {}, adapters, ctx.tied)
+    draft = Draft(entries, at, writer, adapters, ctx.tied)
     checked = check_plan(
         plan, model, state, refuse_empty=not opts.dry_run, draft=draft, units=units
     )
@@ -108,7 +113,7 @@ def make_plan(
     if problems:
         raise LoadError(copy_failure(problems, source.description))
     rehearsals = {p: r for c in claims for p, r in c.rehearsals.items()}
-    return dataclasses.replace(checked, rehearsals=rehearsals)
+    return dataclasses.replace(checked, rehearsals=rehearsals, conversions=conversions)
 
 
 def _claims(ctx: PlanContext, names: dict[str, str], handlers: Sequence[Handler]) -> list[Claimed]:
@@ -120,6 +125,23 @@ def _claims(ctx: PlanContext, names: dict[str, str], handlers: Sequence[Handler]
         names = claimed.rest
         claims.append(claimed)
     return claims[::-1]
+
+
+def _index(claims: list[Claimed]) -> tuple[dict[str, int], dict[int, PlanEntry]]:
+    """The claims' indexes of their entries (model key -> position in the joined entries,
+    id(model tensor) -> the entry writing it), for the check: the plain copies' index, and
+    those of the handlers that built one, shifted to where their entries land."""
+    at: dict[str, int] = {}
+    writer: dict[int, PlanEntry] = {}
+    offset = 0
+    for c in claims:
+        if c.at is not None:
+            at.update({k: i + offset for k, i in c.at.items()} if offset else c.at)
+        if c.writer is not None:
+            for tid, e in c.writer.items():
+                writer.setdefault(tid, e)
+        offset += len(c.entries)
+    return at, writer
 
 
 def _conv1d_note(model: nn.Module, entries: list[PlanEntry]) -> list[str]:

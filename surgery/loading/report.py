@@ -7,6 +7,7 @@ declined, meta tensors initialised).
 
 from __future__ import annotations
 
+import html
 import math
 import re
 from collections import Counter
@@ -22,17 +23,18 @@ from .._table import (
     first_n_lines,
     format_count,
     html_bar,
+    html_table,
     html_verdict,
     status_rows,
 )
 from .._text import escape_control
-from ..errors import LoadError
-from ..keys.prefix import describe_prefix
+from ..errors import Advice, Fix, LoadError
+from ..keys.prefix import describe_prefix, lined_up, rewrite_fix, stray_rewrite
 from ..keys.select import Selector, match_keys
 from .entries import Mismatch, PlanEntry
 from .plan import PlanData
 
-__all__ = ["LoadReport", "Mismatch", "Outcome", "outcome_of", "report_of"]
+__all__ = ["LoadReport", "Mismatch", "Outcome", "outcome_of", "plan_html", "report_of"]
 
 _SHOW = 8  # keys listed per category in the text form
 
@@ -59,6 +61,9 @@ class LoadReport(_StatusTable):
     ``missing`` includes keys a meta model ``initialised`` from their module's init.
     ``adapter`` lists the PEFT adapter weights (``lora_A``, ``lora_B``, ...) of a model wrapped
     by ``peft.get_peft_model`` that a base checkpoint left as they were; they are not missing.
+    ``converted`` maps each model key a transformers conversion gave a value to the checkpoint
+    tensors it was made from, in short (``'...experts.{0..3}.w1/w3.weight (merged,
+    concatenated)'``); the plan (``plan.find(action="convert")``) holds every key.
     """
 
     source: str = ""
@@ -69,6 +74,7 @@ class LoadReport(_StatusTable):
     mismatched: list[Mismatch] = field(default_factory=list)
     adapted: list[Mismatch] = field(default_factory=list)
     renamed: dict[str, str] = field(default_factory=dict)
+    converted: dict[str, str] = field(default_factory=dict)
     cast: list[tuple[str, str, str]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     defaulted: list[str] = field(default_factory=list)
@@ -152,23 +158,50 @@ class LoadReport(_StatusTable):
             >>> report.why_not_ok()  # doctest: +SKIP
             "2 tensors not loaded: fc.weight, fc.bias (mismatched); pass skip='fc.*' if intended"
         """
-        parts: list[str] = []
+        parts: list[tuple[str | Fix, ...]] = []
+        unexpected, missing = self.unexpected, self.missing
+        # keys that one renaming rule would give a value (a checkpoint half under 'module.')
+        unfilled = {*self.missing, *self.defaulted}
+        rewrite = stray_rewrite(unexpected, unfilled)
+        if rewrite is not None:
+            pairs = lined_up(unexpected, unfilled, rewrite)
+            fix = rewrite_fix(rewrite)
+            parts.append(
+                (
+                    f"{len(pairs)} unexpected checkpoint keys line up with model keys that got "
+                    "no value after ",
+                    Fix(fix.option, fix.value, shown=escape_control(str(fix))),
+                    f" (e.g. '{pairs[0][0]}' -> '{pairs[0][1]}'); pass it to load them",
+                )
+            )
+            moved, filled = {k for k, _ in pairs}, {m for _, m in pairs}
+            unexpected = [k for k in unexpected if k not in moved]
+            missing = [k for k in missing if k not in filled]
         for keys, what in (
             ([m.key for m in self.mismatched], "mismatched"),
-            (self.missing, "missing from the checkpoint"),
+            (missing, "missing from the checkpoint"),
         ):
             if keys:
                 parts.append(
-                    f"{len(keys)} tensor{'s' * (len(keys) != 1)} not loaded: "
-                    f"{first_n(keys, 3)} ({what}); pass skip={_pattern(keys)} if intended"
+                    (
+                        f"{len(keys)} tensor{'s' * (len(keys) != 1)} not loaded: "
+                        f"{first_n(keys, 3)} ({what}); pass ",
+                        _skip_fix(keys),
+                        " if intended",
+                    )
                 )
-        if self.unexpected:
-            n = len(self.unexpected)
+        if unexpected:
+            n, rx = len(unexpected), _regex(unexpected)
             parts.append(
-                f"{n} unexpected checkpoint key{'s' * (n != 1)}: {first_n(self.unexpected, 3)}; "
-                f"drop with remap=[(r'{_regex(self.unexpected)}', None)] if intended"
+                (
+                    f"{n} unexpected checkpoint key{'s' * (n != 1)}: {first_n(unexpected, 3)}; "
+                    "drop with ",
+                    Fix("remap", [(rx, None)], shown=escape_control(f"remap=[(r'{rx}', None)]")),
+                    " if intended",
+                )
             )
-        return escape_control("; ".join(parts))  # one line, whatever the keys hold
+        joined = [p for i, part in enumerate(parts) for p in ((("; ",) if i else ()) + part)]
+        return Advice(*joined).map_text(escape_control)  # one line, whatever the keys hold
 
     def to_dict(self) -> dict:
         """Everything in plain Python types (JSON-serialisable)."""
@@ -223,6 +256,7 @@ class LoadReport(_StatusTable):
         add("initialised", [(k, "reset_parameters()") for k in self.initialised])
         add("defaulted", [(k, "counter left at its default") for k in self.defaulted])
         add("adapter", [(k, "PEFT adapter weight, left as it is") for k in self.adapter])
+        add("converted", [(k, f"<- {d}") for k, d in self.converted.items()])
         if self.cast:
             kinds = sorted({f"{a} -> {b}" for _, a, b in self.cast})
             rows.append(("cast", f"{len(self.cast)} tensors", ", ".join(kinds)))
@@ -287,6 +321,15 @@ def _pattern(keys: list[str]) -> str:
     return "[" + ", ".join(repr(k) for k in keys[:3]) + (", ...]" if len(keys) > 3 else "]")
 
 
+def _skip_fix(keys: list[str]) -> Fix:
+    """The ``skip=`` naming ``keys`` (the first three and ``...`` when they share no parent)."""
+    parent = _common_parent(keys)
+    value: Any = parent + ".*" if parent else keys[0] if len(keys) == 1 else keys[:3]
+    if not parent and len(keys) > 3:
+        value = [*value, ...]
+    return Fix("skip", value, shown=escape_control(f"skip={_pattern(keys)}"))
+
+
 def _regex(keys: list[str]) -> str:
     parent = _common_parent(keys)
     if parent:
@@ -296,6 +339,28 @@ def _regex(keys: list[str]) -> str:
         if len(keys) == 1
         else "^(" + "|".join(re.escape(k) for k in keys[:3]) + ")$"
     )
+
+
+def plan_html(plan: PlanData) -> str:
+    """A plan in a notebook: the table its report will show (rows by status, coloured, every
+    cell escaped), the ok / not-ok line with its reason, and the notes. The report is derived
+    from the plan as a dry run's is; the loaded-fraction bar needs the model, so it is left out.
+
+    Example:
+        >>> plan = surgery.plan_load(model, "resnet18.pth")  # doctest: +SKIP
+        >>> plan  # in Jupyter: the table  # doctest: +SKIP
+    """
+    report = report_of(plan, Outcome(), dry_run=True)
+    counts = ", ".join(f"{n} {a}" for a, n in plan.counts().items()) or "no entries"
+    table = html_table(
+        report._header,
+        report._html_rows(),
+        f"LoadPlan: {plan.source} -> {plan.model}: {counts}",
+        report._numeric,
+        report._status_column,
+    )
+    notes = "".join(f"<p>{html.escape(line)}</p>" for line in report._html_notes())
+    return table + html_verdict(report.ok, report.why_not_ok()) + notes
 
 
 # --------------------------------------------------------------------------- derived
@@ -376,7 +441,11 @@ def _file(report: LoadReport, e: PlanEntry, declined: set[str]) -> None:
     a = e.action
     if a == "load":
         return
-    if a == "cast":
+    if a == "convert" and e.conversion is not None:
+        report.converted[str(e.model_key)] = e.conversion.describe()
+        if e.ckpt_dtype != e.model_dtype:
+            report.cast.append((e.model_key, e.ckpt_dtype, e.model_dtype))  # type: ignore[arg-type]
+    elif a == "cast":
         report.cast.append((e.model_key, e.ckpt_dtype, e.model_dtype))  # type: ignore[arg-type]
     elif a in ("adapt", "mismatch"):
         m = Mismatch.from_entry(e)

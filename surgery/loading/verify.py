@@ -29,6 +29,9 @@ def copy_problems(entries: Iterable[PlanEntry], source: CheckpointSource) -> lis
     out: list[tuple[str, str]] = []
     unreadable: Mapping[str, str] = source.unreadable
     for e in entries:
+        if e.conversion is not None and e.action in WRITES and not e.tied_to:
+            out += [(k, unreadable[k]) for k in e.conversion.keys if k in unreadable]
+            continue
         if e.action not in ("load", "cast") or e.ckpt_key is None or e.tied_to:
             continue
         why = unreadable.get(e.ckpt_key)
@@ -74,9 +77,7 @@ def verify_source(entries: list[PlanEntry], source: CheckpointSource) -> None:
 def check_reads(entries: Iterable[PlanEntry], source: CheckpointSource) -> None:
     """Every file the writes will read is there in full (the source's own check)."""
     specs = source.specs
-    source.check_reads(
-        str(e.ckpt_key) for e in entries if e.action in WRITES and e.ckpt_key in specs
-    )
+    source.check_reads(k for e in entries if e.action in WRITES for k in e.ckpt_keys if k in specs)
 
 
 def _not_as_planned(entries: list[PlanEntry], source: CheckpointSource) -> list[str]:
@@ -85,6 +86,9 @@ def _not_as_planned(entries: list[PlanEntry], source: CheckpointSource) -> list[
     carriers = {e.model_key: e for e in entries if e.action in WRITES and not e.tied_to}
     for e in entries:
         if e.action not in WRITES or (e.via is not None and e.ckpt_key is None):
+            continue
+        if e.conversion is not None:  # the shapes are checked when the tensors are converted
+            bad += [f"'{k}': not in the checkpoint" for k in e.conversion.keys if k not in specs]
             continue
         carrier = carriers.get(e.tied_to) if e.tied_to else None
         if carrier is not None and carrier.ckpt_key != e.ckpt_key:  # a tied checkpoint

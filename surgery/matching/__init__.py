@@ -16,6 +16,6 @@ tensors, fused layouts), ``rules`` (regex rules), ``result`` (:class:`Match`), `
 from __future__ import annotations
 
 from .match import match, verify
-from .result import Layout, Match, MatchedKey
+from .result import Difference, Layout, Match, MatchedKey
 
-__all__ = ["Layout", "Match", "MatchedKey", "match", "verify"]
+__all__ = ["Difference", "Layout", "Match", "MatchedKey", "match", "verify"]

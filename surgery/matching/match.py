@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from .._table import format_shape
 from ..errors import UsageError
 from ..sources import CheckpointLike, read_checkpoint
 from .align import Hints, align, find_layouts, hint_pairs, pair_entries
-from .result import Layout, Match, MatchedKey
+from .result import Difference, Layout, Match, MatchedKey
 from .trace import Entry, checkpoint_entries, module_entries, run_eval, traced_entries
 
 __all__ = ["match", "verify"]
@@ -271,14 +272,19 @@ def verify(
     *,
     output: OutputSelector = None,
     source_output: OutputSelector = None,
-) -> float:
+) -> Difference:
     """Run both models on ``example_input`` (eval mode, no gradients) and return the largest
-    absolute difference between their outputs.
+    absolute difference between their outputs: a :class:`~surgery.matching.result.Difference`,
+    a ``float`` that also says whether the comparison means anything.
 
     The compared tensor is the output itself, the first tensor of a tuple, or
     ``last_hidden_state`` of a dict / transformers ``ModelOutput`` (else its first tensor);
     ``output`` picks another (a key, an index or a callable) and ``source_output`` one for
     the source alone. Training flags are restored afterwards.
+
+    An output holding one value in every element (a zero-initialised head, as torchvision's
+    ViT has) does not depend on the weights before it: a ``UserWarning`` says so, and the
+    result's ``informative`` is false (``constant`` names the side), its text says why.
 
     Example:
         >>> m = surgery.match(src, model, x)  # doctest: +SKIP
@@ -304,6 +310,19 @@ def verify(
             "(e.g. a callable returning features before the head)"
         )
     if a.numel() == 0:
-        return 0.0
+        return Difference(0.0)
     diff = (a.detach().double() - b.detach().double()).abs().max().item()
-    return float(diff) if not math.isnan(diff) else math.inf
+    constant = tuple(w for w, t in (("source", a), ("model", b)) if _constant(t))
+    result = Difference(diff if not math.isnan(diff) else math.inf, constant)
+    if constant:
+        warnings.warn(f"verify: {result.note}", UserWarning, stacklevel=2)
+    return result
+
+
+def _constant(t: Tensor) -> bool:
+    """Every element holds one value (more than one element: a lone scalar still varies
+    with the weights)."""
+    if t.numel() < 2:
+        return False
+    flat = t.detach().reshape(-1)
+    return bool((flat == flat[0]).all())

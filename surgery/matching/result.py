@@ -7,9 +7,65 @@ from dataclasses import dataclass, field
 from .._table import _Table, format_shape
 from .rules import compress
 
-__all__ = ["HIGH", "Layout", "Match", "MatchedKey"]
+__all__ = ["HIGH", "Difference", "Layout", "Match", "MatchedKey"]
 
 HIGH = 0.75  # confidences at or above this are labelled 'high'
+
+
+class Difference(float):
+    """What :func:`~surgery.verify` returns: the largest absolute difference, a ``float`` that
+    compares, formats and serialises as one, and says whether the comparison means anything.
+
+    ``constant`` names the sides (``"source"``, ``"model"``) whose output holds one value in
+    every element (a zero-initialised head, as torchvision's ViT has): such an output does not
+    depend on the weights before it, so a small difference proves nothing. ``informative`` is
+    false then, and ``str()`` / ``repr()`` say so after the number.
+
+    Example:
+        >>> d = Difference(0.0, ("source", "model"))
+        >>> d == 0.0, d.informative
+        (True, False)
+        >>> Difference(1e-7) < 1e-5, repr(Difference(0.5))
+        (True, '0.5')
+    """
+
+    constant: tuple[str, ...]
+
+    def __new__(cls, value: float, constant: tuple[str, ...] = ()) -> Difference:
+        self = super().__new__(cls, value)
+        self.constant = tuple(constant)
+        return self
+
+    @property
+    def informative(self) -> bool:
+        """False when an output was constant: the difference says nothing about the weights."""
+        return not self.constant
+
+    @property
+    def note(self) -> str:
+        """Why the difference is not informative (``""`` when it is)."""
+        if not self.constant:
+            return ""
+        which = (
+            "both outputs are constant"
+            if len(self.constant) == 2
+            else f"the {self.constant[0]}'s output is constant"
+        )
+        return (
+            f"{which}: one value in every element, so the comparison says nothing about the "
+            "weights before them. Compare outputs that depend on them, e.g. the features before "
+            "a zero-initialised head: replace both heads with nn.Identity(), or pick a tensor "
+            "of the output with output="
+        )
+
+    def __repr__(self) -> str:
+        number = float.__repr__(self)
+        return f"{number} ({self.note})" if self.constant else number
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> tuple:
+        return (Difference, (float(self), self.constant))
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,8 @@ class CheckpointSource:
     - ``shares(a, b)``: whether two keys are one tensor of the checkpoint (a tied model saved
       with ``torch.save``), from how it is stored;
     - ``check_reads(keys)``: everything those reads need is there, checked before a write;
-    - ``unreadable``: keys that cannot be copied into a dense tensor, and why.
+    - ``unreadable``: keys that cannot be copied into a dense tensor, and why;
+    - ``ordered``: whether ``specs`` keeps the order the tensors were saved in.
 
     A subclass implements ``read``; one that can fill ``out`` without a temporary (bytes at a
     known file offset) overrides the hooks ``_read_into`` and ``_read_run_into``, which must be
@@ -82,6 +83,10 @@ class CheckpointSource:
     """
 
     collective_reads = False  # read_many_into(collective=True) fills DTensors, rank by rank
+    # ``specs`` is in the order the tensors were saved (a state dict's: the model's). False
+    # where the format keeps no such order: a safetensors header (writers sort it by dtype and
+    # name), an index's weight_map (sorted by transformers' save_pretrained).
+    ordered = True
 
     def __init__(self, description: str) -> None:
         self.description = description

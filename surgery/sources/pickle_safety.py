@@ -32,7 +32,7 @@ def trusted_load(path: Path, kind: str, *, mmap: bool) -> Any:
     """
     if kind == "zip" and is_torchscript(zip_names(path)):
         return _jit_load(path)
-    missing: list[str] = []
+    missing: list[Missing] = []
     try:
         if kind == "pickle":
             with open(path, "rb") as f:
@@ -52,15 +52,19 @@ def trusted_load(path: Path, kind: str, *, mmap: bool) -> Any:
         raise _load_error(path, e, missing) from None
 
 
-def _recording(missing: list[str]) -> type:
+# A global the unpickler could not find: its module, its name, and why (the exception).
+Missing = tuple[str, str, BaseException]
+
+
+def _recording(missing: list[Missing]) -> type:
     """An ``Unpickler`` that notes the global it could not find, for the error message."""
 
     class Recording(pickle.Unpickler):
         def find_class(self, module: str, name: str) -> Any:
             try:
                 return super().find_class(module, name)
-            except (AttributeError, ImportError):
-                missing.append(f"{module}.{name}")
+            except (AttributeError, ImportError) as e:
+                missing.append((module, name, e))
                 raise
 
     return Recording
@@ -80,16 +84,20 @@ def _jit_load(path: Path) -> Any:
         ) from None
 
 
-def _load_error(path: Path, e: Exception, missing: list[str]) -> CheckpointError:
+def _load_error(path: Path, e: Exception, missing: list[Missing]) -> CheckpointError:
     if missing or isinstance(e, (AttributeError, ImportError)):
         # A whole pickled model whose class cannot be found.
+        names = list(dict.fromkeys(f"{m}.{n}" for m, n, _ in missing))
+        found = {f"{m}.{n}": (m, n, why) for m, n, why in missing}
+        advice = " ".join(_class_advice(*found[k]) for k in names)
         err = CheckpointError(
             f"'{path}' holds a pickled object whose class cannot be imported "
-            f"({', '.join(missing) or e}). Pickle stores only the class's module and name: "
-            "import or define that class (under the same module name) before loading, or "
-            "re-save the checkpoint as a state dict with torch.save(model.state_dict(), path)."
+            f"({', '.join(names) or e}). Pickle stores only the class's module and name, and "
+            f"loading imports them. {advice or _first_line(str(e))} Once it loads, re-save "
+            "the weights once, so that loading them needs no class: "
+            "torch.save(torch.load(path, weights_only=False).state_dict(), 'weights.pth')."
         )
-        err.globals = list(dict.fromkeys(missing))
+        err.globals = names
         return err
     if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
         return CheckpointError(f"cannot open checkpoint '{path}': {e}")
@@ -97,6 +105,36 @@ def _load_error(path: Path, e: Exception, missing: list[str]) -> CheckpointError
     return CheckpointError(
         f"cannot read torch checkpoint '{path}' ({detail}): the file is truncated or corrupt, "
         "or not a checkpoint; download or save it again."
+    )
+
+
+def _class_advice(module: str, name: str, why: BaseException) -> str:
+    """How to make ``module.name`` importable, from the import error alone (nothing is
+    imported to explain it)."""
+    if module == "__main__":
+        return (
+            f"__main__.{name}: the script that saved the file defined {name} itself (as "
+            f"__main__); define or import {name} in the script that loads it, before loading "
+            f"(e.g. from train import {name}, where train.py holds it)."
+        )
+    gone = getattr(why, "name", None) if isinstance(why, ModuleNotFoundError) else None
+    if gone is not None and gone != module and not module.startswith(gone + "."):
+        return (
+            f"Importing '{module}' (for {module}.{name}) needs the module '{gone}', which is "
+            "not installed: install it (pip install ...) in this environment."
+        )
+    if isinstance(why, ImportError):
+        path = module.replace(".", "/")
+        return (
+            f"Python cannot find the module '{module}' ({module}.{name}): it is a file "
+            f"{path}.py (or a folder {path}/) under a folder on sys.path. Run from the folder "
+            f"that holds {module.split('.')[0]}, add that folder with sys.path.insert(0, "
+            "'/path/to/folder') or PYTHONPATH, or install the package that provides it."
+        )
+    return (
+        f"The module '{module}' imports but has no class '{name}': it was renamed or moved "
+        f"since the file was saved. Define it there again, or alias the new one before "
+        f"loading: import {module}; {module}.{name} = NewName."
     )
 
 

@@ -55,6 +55,8 @@ _MAX_UINT = 2**64
 class SafetensorsSource(CheckpointSource):
     """A ``.safetensors`` file: specs from its header, every tensor read by offset."""
 
+    ordered = False  # writers sort the header by dtype and name: the model's order is lost
+
     def __init__(self, path: Path) -> None:
         super().__init__(str(path))
         specs, offsets = _parse(path)

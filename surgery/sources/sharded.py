@@ -35,6 +35,8 @@ class ShardedSource(CheckpointSource):
     safetensors, trusted or not).
     """
 
+    ordered = False  # save_pretrained writes the weight_map sorted by name
+
     def __init__(self, index: Path, open_shard: Callable[[Path], CheckpointSource]) -> None:
         super().__init__(str(index))
         items = _weight_map(index)

@@ -217,7 +217,7 @@ def test_depth_limits_the_tree(r18_path, capsys):
     done = run_cli(capsys, "inspect", r18_path, "--depth", "1")
     assert done.code == 0
     keys = done.out.split("keys:\n", 1)[1].splitlines()
-    assert "  layer1  [24 tensors, 148.5K params]" in keys
+    assert "  layer1  [24 tensors, 148.5K elements]" in keys
     assert all(line.startswith("  ") and not line.startswith("   ") for line in keys)
 
 
@@ -277,7 +277,7 @@ def test_key_advice_names_the_option(tmp_path, capsys):
     torch.save({"a": {"w": torch.zeros(2)}, "b": {"w": torch.ones(2)}}, tmp_path / "two.pt")
     assert main(["inspect", str(tmp_path / "two.pt")]) == 2
     err = capsys.readouterr().err
-    assert "--key 'a'" in err and "key=" not in err
+    assert "--entry 'a'" in err and "entry=" not in err
 
 
 EVIL_KEYS = ("fc.\x1b[31mred\x1b[0m", "fc.\x1b]8;;https://example.com\x07link\x1b]8;;\x07")

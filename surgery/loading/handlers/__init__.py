@@ -3,14 +3,16 @@
 :data:`HANDLERS` lists them in the order they claim names while planning: modules that load
 themselves take the names under them first, adapted tensors claim nothing while planning (the
 plain copies plan ``adapt`` for shapes that differ when an adapter is given), plain copies and
-ties take what is left. A converter that reads several checkpoint tensors into one (issue 22)
-is one more handler, placed before the plain copies.
+ties take what is left. Tensors a transformers model's converters make from several checkpoint
+tensors (:mod:`.converted`) are planned from the groups the key mapping gathered, before the
+plain copies.
 """
 
 from __future__ import annotations
 
 from .adapted import Adapted, adapter_notes
-from .base import Claimed, Commit, Handler, Job, PlanContext, Prepared, Write, Writer
+from .base import Claimed, Commit, Handler, Job, PlanContext, Prepared, Region, Write, Writer
+from .converted import Converted
 from .copies import Copies
 from .selfloading import SelfLoading
 
@@ -19,15 +21,17 @@ __all__ = [
     "Adapted",
     "Claimed",
     "Commit",
+    "Converted",
     "Copies",
     "Handler",
     "Job",
     "PlanContext",
     "Prepared",
+    "Region",
     "SelfLoading",
     "Write",
     "Writer",
     "adapter_notes",
 ]
 
-HANDLERS: tuple[Handler, ...] = (SelfLoading(), Adapted(), Copies())
+HANDLERS: tuple[Handler, ...] = (SelfLoading(), Adapted(), Converted(), Copies())

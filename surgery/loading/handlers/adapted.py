@@ -17,7 +17,7 @@ from ..entries import PlanEntry
 from ..plan import Adapter
 from .base import Handler, Job, Prepared, Write
 
-__all__ = ["Adapted", "adapter_notes"]
+__all__ = ["Adapted", "adapt_value", "adapter_notes"]
 
 
 class Adapted(Handler):
@@ -26,7 +26,7 @@ class Adapted(Handler):
     name = "adapted"
 
     def owns(self, entry: PlanEntry) -> bool:
-        return entry.action == "adapt" and entry.via is None
+        return entry.action == "adapt" and entry.via is None and entry.conversion is None
 
     def prepare(self, job: Job) -> Prepared:
         """Run the adapter on every ``adapt`` entry, a layer's weight before its bias
@@ -63,7 +63,8 @@ class Adapted(Handler):
                     out.writes.append(Write(mkey, target, ckey, values[k]))
                 continue
             lent = source.mapped(ckey) if job.assign else None  # no read: the file's pages
-            value = _adapt(adapter, e, source.read(ckey) if lent is None else lent, target, name)
+            ckpt = source.read(ckey) if lent is None else lent
+            value = adapt_value(adapter, e, ckpt, target, name)
             if value is None:
                 declined_ids.add(k)
                 out.declined.add(mkey)
@@ -73,10 +74,11 @@ class Adapted(Handler):
         return out
 
 
-def _adapt(
+def adapt_value(
     adapter: Adapter | None, e: PlanEntry, ckpt: Tensor, target: Tensor, name: str
 ) -> Tensor | None:
-    """The adapter's value for one entry, checked; any failure as a ``LoadError``."""
+    """The adapter's value for one entry (``ckpt``: the checkpoint's tensor, or the converted
+    one), checked; any failure as a ``LoadError``."""
     mkey = str(e.model_key)
     try:
         value = adapter(mkey, ckpt, target)  # type: ignore[misc]

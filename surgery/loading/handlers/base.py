@@ -1,7 +1,7 @@
 """The contract every handler keeps, and the records that pass between the steps.
 
 A handler is one kind of plan entry: plain tensor copies and ties, adapted tensors, modules
-that load themselves (and, later, converters that read several checkpoint tensors into one).
+that load themselves, converters that read several checkpoint tensors into one.
 The pipeline calls each handler at four points, always in this order:
 
 1. :meth:`Handler.plan` while planning: claim checkpoint keys (``model key -> checkpoint
@@ -24,13 +24,24 @@ from typing import Any, Protocol
 
 from torch import Tensor, nn
 
+from ...keys.conversions import Conversions, Group
 from ...sources import CheckpointSource
 from ..check import CheckedPlan
 from ..entries import PlanEntry
 from ..plan import Adapter
 from ..units import Index, Rehearsal
 
-__all__ = ["Claimed", "Commit", "Handler", "Job", "PlanContext", "Prepared", "Write", "Writer"]
+__all__ = [
+    "Claimed",
+    "Commit",
+    "Handler",
+    "Job",
+    "PlanContext",
+    "Prepared",
+    "Region",
+    "Write",
+    "Writer",
+]
 
 
 @dataclass(frozen=True)
@@ -40,7 +51,8 @@ class PlanContext:
     ``plain`` is ``state`` without the tensors of modules that load themselves; ``skipped``
     the model keys ``skip=`` names; ``adapter`` the ``on_mismatch`` callable (or ``None``);
     ``sharded``: the model's tensors are DTensors (a placement that cannot run a module's
-    own loading).
+    own loading); ``conversions``/``groups``: a transformers model's conversion mapping and
+    the checkpoint names its converters gather (:mod:`surgery.keys.conversions`).
     """
 
     model: nn.Module
@@ -54,6 +66,13 @@ class PlanContext:
     units: Index
     sharded: bool
     tied: bool  # some tensor of ``plain`` sits under several keys
+    conversions: Conversions | None = None  # a transformers model's conversion mapping
+    groups: Mapping[str, Group] = field(default_factory=dict)  # names its converters gather
+
+    @property
+    def converted(self) -> set[str]:
+        """Model keys a conversion group goes to (its handler plans them, skipped or not)."""
+        return {k for g in self.groups.values() for ks in g.outputs.values() for k in ks}
 
 
 @dataclass
@@ -72,18 +91,51 @@ class Claimed:
 
 
 @dataclass(frozen=True, slots=True)
+class Region:
+    """Where a checkpoint tensor lands inside a model tensor: row ``index`` of its first
+    dimension, narrowed along ``dim`` of that row to ``[start, start + length)`` when ``dim``
+    is set (one expert's ``w1`` in a stacked ``gate_up_proj``).
+
+    Example:
+        >>> import torch
+        >>> Region(1, 0, 2, 2).of(torch.arange(12).reshape(2, 6)).tolist()
+        [8, 9]
+        >>> Region(1, 0, 2, 2).box((2, 6))
+        ((1, 2), (1, 2))
+    """
+
+    index: int
+    dim: int | None = None
+    start: int = 0
+    length: int = 0
+
+    def of(self, t: Tensor) -> Tensor:
+        """The view of ``t`` the region names (the checkpoint tensor's shape)."""
+        row = t.select(0, self.index)
+        return row if self.dim is None else row.narrow(self.dim, self.start, self.length)
+
+    def box(self, shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(offset, extent)`` of the region in a model tensor of ``shape``."""
+        offset, extent = [self.index] + [0] * (len(shape) - 1), [1, *shape[1:]]
+        if self.dim is not None:
+            offset[self.dim + 1], extent[self.dim + 1] = self.start, self.length
+        return tuple(offset), tuple(extent)
+
+
+@dataclass(frozen=True, slots=True)
 class Write:
     """One tensor write the placement's writer carries out at commit.
 
     ``target`` is the model's tensor (as ``state_dict(keep_vars=True)`` holds it); ``value``
     a prepared tensor of its shape (an adapter's output), or ``None`` to read ``ckpt_key``
-    from the source straight into the target.
+    from the source straight into the target, or into its ``region`` when one is given.
     """
 
     key: str
     target: Tensor
     ckpt_key: str
     value: Tensor | None = None
+    region: Region | None = None
 
 
 @dataclass(frozen=True)

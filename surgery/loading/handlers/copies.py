@@ -56,8 +56,11 @@ class Copies(Handler):
             if action in WRITES:
                 writer.setdefault(id(target), e)
         if skipped:  # model keys skip= names that no checkpoint key was paired with
+            converted = ctx.converted  # planned by the converted tensors' handler
             for mkey, t in plain.items():
                 if mkey in skipped and mkey not in names and id(t) not in writer:
+                    if mkey in converted:
+                        continue
                     at[mkey] = len(entries)
                     entries.append(_skipped(mkey, t))
         if ctx.tied:  # several checkpoint keys for one tied tensor: one carries it

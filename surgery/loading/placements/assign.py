@@ -68,7 +68,7 @@ def taken_as_is(writes: Sequence[Write], source: CheckpointSource) -> dict[int, 
     in CPU memory, in the target's dtype."""
     out: dict[int, Tensor] = {}
     for i, w in enumerate(writes):
-        if w.value is not None:
+        if w.value is not None or w.region is not None:
             continue
         t = source.mapped(w.ckpt_key)
         if (
@@ -87,10 +87,18 @@ def assigned(
 ) -> list[Write]:
     """``writes``, each with the tensor it puts into the model: ``taken`` as it is, a prepared
     value in the target's dtype on CPU (converted when it is not), else new memory the source
-    reads into now (several at once). No two of them share memory."""
+    reads into now (several at once). No two of them share memory. The writes into regions of
+    one target (a converter's stacked experts) become one write of one new tensor."""
     out: list[Write] = []
     reads: list[tuple[str, Tensor]] = []
+    whole: dict[int, Tensor] = {}  # id(target) -> its new tensor, for writes into regions
     for i, w in enumerate(writes):
+        if w.region is not None:
+            if id(w.target) not in whole:
+                whole[id(w.target)] = torch.empty(w.target.shape, dtype=w.target.dtype)
+                out.append(Write(w.key, w.target, w.ckpt_key, whole[id(w.target)]))
+            reads.append((w.ckpt_key, w.region.of(whole[id(w.target)])))
+            continue
         if i in taken:
             value = taken[i]
         elif w.value is not None:

@@ -142,23 +142,26 @@ class LocalWriter:
         self, writes: Sequence[Write]
     ) -> tuple[dict[str, Tensor], list[tuple[Tensor, Tensor]], list[Write]]:
         """(checkpoint key -> CPU tensor to read it into, (model tensor, its new memory), the
-        writes done one at a time)."""
+        writes done one at a time). A write into a region reads into that part of the target
+        (one new tensor for all the regions of a target that materialises)."""
         batch: dict[str, Tensor] = {}
-        fresh: list[tuple[Tensor, Tensor]] = []
+        fresh: dict[int, tuple[Tensor, Tensor]] = {}
         rest: list[Write] = []
         for w in writes:
             target = w.target
             if w.value is not None or w.ckpt_key in batch:
                 rest.append(w)
             elif self.fresh_memory and self.dev.type == "cpu" and not target.is_cuda:
-                new = torch.empty(target.shape, dtype=target.dtype, device=self.dev)
-                batch[w.ckpt_key] = new
-                fresh.append((target, new))
+                if id(target) not in fresh:
+                    new = torch.empty(target.shape, dtype=target.dtype, device=self.dev)
+                    fresh[id(target)] = (target, new)
+                new = fresh[id(target)][1]
+                batch[w.ckpt_key] = new if w.region is None else w.region.of(new)
             elif not self.fresh_memory and not target.is_meta and not target.is_cuda:
-                batch[w.ckpt_key] = target
+                batch[w.ckpt_key] = target if w.region is None else w.region.of(target)
             else:
                 rest.append(w)
-        return batch, fresh, rest
+        return batch, list(fresh.values()), rest
 
     def _read_batch(self, batch: dict[str, Tensor], count: Callable[[str], None]) -> None:
         """The batched reads of one file. Into the model's own tensors, a failure after some
@@ -208,19 +211,30 @@ class LocalWriter:
 
     def _write_one(self, w: Write, staging: Staging) -> None:
         target = self.current(w.target)
+        if w.region is not None:  # a part of the target: materialise it once, fill the part
+            if target.is_meta:
+                new = torch.empty(target.shape, dtype=target.dtype, device=self.dev)
+                target = replace(target, new, self.owners[id(w.target)])
+                self.replaced[id(w.target)] = target
+            self._read(w.ckpt_key, w.region.of(target), staging)
+            return
         is_fresh = target.is_meta
         if is_fresh:
             target = torch.empty(target.shape, dtype=target.dtype, device=self.dev)
         if w.value is not None:
             target.copy_(w.value)
-        elif target.is_cuda and _on_host(self.source.resident(w.ckpt_key)):
-            staging.read_into(self.source, w.ckpt_key, target)
         else:
-            self.source.read_into(w.ckpt_key, target)
+            self._read(w.ckpt_key, target, staging)
         if is_fresh:
             self.replaced[id(w.target)] = replace(
                 self.current(w.target), target, self.owners[id(w.target)]
             )
+
+    def _read(self, key: str, out: Tensor, staging: Staging) -> None:
+        if out.is_cuda and _on_host(self.source.resident(key)):
+            staging.read_into(self.source, key, out)
+        else:
+            self.source.read_into(key, out)
 
     def materialise(self, module: nn.Module) -> None:
         """Real (empty) memory for a module's own loading to copy into."""

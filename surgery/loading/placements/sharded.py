@@ -138,7 +138,7 @@ class ShardedWriter:
     @torch.no_grad()
     def write(self, writes: Sequence[Write]) -> None:
         source = self.source
-        reads = {(w.key, w.ckpt_key): w.target for w in writes if w.value is None}
+        reads = {(w.key, w.ckpt_key): w.target for w in writes if w.value is None and not w.region}
         if reads and source.collective_reads:
             # One collective read of the model's own tensors under their checkpoint names:
             # the source reads each rank's shards straight into them and casts dtypes.
@@ -146,6 +146,7 @@ class ShardedWriter:
         else:
             for (_, ckey), target in reads.items():
                 _read_local(source, ckey, target)
+        _write_regions(source, [w for w in writes if w.region is not None])
         for w in writes:
             if w.value is not None:
                 _copy_full(w.target, w.value)
@@ -185,6 +186,39 @@ def _read_local(source: CheckpointSource, ckey: str, target: Tensor) -> None:
     full = source.read(ckey).to(target.dtype)
     part = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
     local.copy_(part.to_local())
+
+
+def _write_regions(source: CheckpointSource, writes: list[Write]) -> None:
+    """Checkpoint tensors that fill regions of model tensors (experts of a stacked tensor):
+    each rank reads only the part of each that falls in its own shard, nothing for the
+    experts another rank holds. A shard that is not one block gets its full tensor built
+    from every region, then cut (collective: every rank has the same writes)."""
+    dtensor = _dtensor_type()
+    whole: dict[int, tuple[Tensor, Tensor]] = {}  # id(target) -> (target, full-size value)
+    for w in writes:
+        target, region = w.target, w.region
+        if region is None:
+            continue
+        if not isinstance(target, dtensor):
+            source.read_into(w.ckpt_key, region.of(target))
+            continue
+        local = target.to_local()
+        box = _local_box(target)
+        if box is None or box[1] != tuple(local.shape):
+            if id(target) not in whole:
+                whole[id(target)] = (target, torch.empty(target.shape, dtype=target.dtype))
+            source.read_into(w.ckpt_key, region.of(whole[id(target)][1]))
+            continue
+        offset, extent = region.box(target.shape)
+        lo = [max(o, b) for o, b in zip(offset, box[0], strict=True)]
+        hi = [min(o + n, b + m) for o, n, b, m in zip(offset, extent, *box, strict=True)]
+        if any(h <= lo_ for lo_, h in zip(lo, hi, strict=True)):
+            continue  # none of it on this rank
+        part = local[tuple(slice(a - b, h - b) for a, h, b in zip(lo, hi, box[0], strict=True))]
+        within = tuple(a - o for a, o in zip(lo[1:], offset[1:], strict=True))  # in the ckpt's
+        source.read_region_into(w.ckpt_key, within, part.select(0, 0))
+    for target, value in whole.values():
+        _copy_full(target, value)
 
 
 def _copy_full(target: Tensor, value: Tensor) -> None:
