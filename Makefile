@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint docs docs-serve bench bench-scale
+.PHONY: demo test test-all test-fast lint docs docs-serve bench bench-scale
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -15,6 +15,10 @@ demo: $(STAMP)
 	$(VENV)/bin/python recipes/resnet18_head.py
 
 test: $(STAMP)
+	$(VENV)/bin/python -m pytest -m "not demo" --durations=20
+
+# test plus the full recipe demo (what `make demo` runs, about 2 minutes on its own)
+test-all: $(STAMP)
 	$(VENV)/bin/python -m pytest --durations=20
 
 # test-fast: no slow tests and none that spawn processes (ranks, scripts, a fresh venv)

@@ -236,6 +236,7 @@ def test_short_demo_transfer_beats_scratch(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.demo
 def test_full_demo_transfer_beats_scratch(tmp_path):
     out = run_ok("--workdir", str(tmp_path), "--out", str(tmp_path / "ft.safetensors"))
     assert_transfer_beats_scratch(out)
