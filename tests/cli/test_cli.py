@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -468,3 +469,24 @@ def test_convert_bad_options_exit_2_and_write_nothing(extra, message, tiny_vits,
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not Path("out").exists()
+
+
+@pytest.mark.distributed
+def test_output_piped_into_head_ends_without_a_traceback(tmp_path):
+    # `surgery inspect big.safetensors --json | head -c 100`: head leaves while surgery
+    # still writes (far more than a pipe holds); that is no error worth a traceback.
+    from safetensors.torch import save_file
+
+    save_file(
+        {f"layer.{i}.weight": torch.zeros(1) for i in range(4000)}, tmp_path / "big.safetensors"
+    )
+    done = subprocess.run(
+        f"{shlex.quote(sys.executable)} -m surgery inspect big.safetensors --json | head -c 100",
+        shell=True,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert len(done.stdout) == 100, done.stdout
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
