@@ -806,19 +806,21 @@ def check_args(args) -> None:
 
 
 def as_flags(error: Exception) -> str:
-    """The library's advice names Python arguments; here they are this script's options."""
-    message = str(error)
+    """The library's advice names Python arguments (each a ``surgery.Fix`` in the message);
+    here they are worded as this script's options."""
+    if not isinstance(error, surgery.SurgeryError):
+        return str(error)
     names = getattr(error, "globals", None) or []
-    allow = " ".join(f"--allow-global {n}" for n in names) or "--allow-global MODULE.NAME for each"
-    message = re.sub(r"allow_globals=\[\.\.\.\] naming (them|it)", allow, message)
-    message = re.sub(
-        r"allow_globals names '([^']*)', which cannot be found; give 'package\.module\.Name' "
-        r"of an installed class \(or pass the class itself\)",
-        r"--allow-global \1: no such class; give MODULE.NAME of a class Python can import "
-        r"(its module installed or on PYTHONPATH)",
-        message,
-    )
-    return message.replace("trust_pickle=True", "--trust-pickle")
+
+    def flag(fix) -> str:
+        if fix.option == "trust_pickle":
+            return "--trust-pickle"
+        if fix.option == "allow_globals":
+            given = fix.value if isinstance(fix.value, (list, tuple)) else names
+            return " ".join(f"--allow-global {n}" for n in given) or "--allow-global MODULE.NAME"
+        return str(fix)
+
+    return error.render(flag)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -40,6 +40,8 @@ def _flag(fix: Fix) -> str:
         return "--no-prefix" if value is None else ""  # "auto" is the default here
     if option == "trust_pickle":
         return "--trust-pickle"
+    if option == "allow_globals" and value is not UNSET:
+        return " ".join(f"--allow-global {name}" for name in value)
     if option == "allow_globals":
         return "--allow-global MODULE.NAME for each"
     return str(fix)

@@ -10,7 +10,7 @@ import importlib
 from collections.abc import Iterable
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import Advice, Fix, UsageError
 
 __all__ = ["allowed_from"]
 
@@ -60,6 +60,9 @@ def _resolve(spec: str) -> Any:
             break
         return obj
     raise UsageError(
-        f"allow_globals names {spec!r}, which cannot be found; give 'package.module.Name' of an "
-        "installed class (or pass the class itself)"
+        Advice(
+            Fix("allow_globals", (spec,), shown=f"allow_globals=[{spec!r}]"),
+            ": no such class; give MODULE.NAME of a class Python can import (its module "
+            "installed or on PYTHONPATH), or pass the class itself",
+        )
     )

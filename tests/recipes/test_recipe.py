@@ -623,5 +623,6 @@ def test_allow_global_admits_a_class_the_weights_hold(tiny_folder, tmp_path):
     line = run_fails(*args, "--allow-global", "recipe_hparams.NoSuchConfig", env=env)
     assert line == (
         "resnet18_head: error: --allow-global recipe_hparams.NoSuchConfig: no such class; give "
-        "MODULE.NAME of a class Python can import (its module installed or on PYTHONPATH)"
+        "MODULE.NAME of a class Python can import (its module installed or on PYTHONPATH), or "
+        "pass the class itself"
     )
