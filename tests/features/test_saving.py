@@ -192,50 +192,24 @@ def test_without_huggingface_hub_the_same_files_are_written(limit, tmp_path, mon
     assert _files(tmp_path / "hub") == _files(tmp_path / "fallback")
 
 
+def _hf(name: str):
+    """A tiny transformers model from ``support.hf`` (the configs every conversion test uses)."""
+    pytest.importorskip("transformers")
+    from support import hf
+
+    return getattr(hf, name)()
+
+
 def _mixtral():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.MixtralConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-    )
-    return transformers.MixtralForCausalLM(cfg), torch.randint(0, 64, (1, 7))
+    return _hf("tiny_mixtral"), torch.randint(0, 64, (1, 7))
 
 
 def _qwen_moe():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.Qwen2MoeConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        shared_expert_intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=4,
-        num_experts_per_tok=2,
-    )
-    return transformers.Qwen2MoeForCausalLM(cfg), torch.randint(0, 64, (1, 7))
+    return _hf("tiny_qwen_moe"), torch.randint(0, 64, (1, 7))
 
 
 def _vit():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-        num_labels=10,
-    )
-    return transformers.ViTForImageClassification(cfg), torch.randn(2, 3, 32, 32)
+    return _hf("tiny_vit_classifier"), torch.randn(2, 3, 32, 32)
 
 
 @pytest.mark.parametrize("build", [_mixtral, _qwen_moe, _vit], ids=["mixtral", "qwen2_moe", "vit"])
