@@ -154,6 +154,10 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.step()
         if rank == 0:
             print(f"step {step}: loss {loss.item():.4f}")
+    # Leave together: once every rank passed the barrier, no collective is still running on
+    # gloo's worker threads, which would otherwise release its tensors while the interpreter
+    # exits and abort it (pytorch#190489).
+    dist.barrier()
     dist.destroy_process_group()
 
 

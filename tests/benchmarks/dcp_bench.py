@@ -81,6 +81,7 @@ def _save_rank(world: int, rank: int, store: str, folder: str, layers: int, widt
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     dcp.save(model.state_dict(), checkpoint_id=os.path.join(folder, "dcp"))
+    dist.barrier()  # no collective left on gloo's threads at exit (pytorch#190489)
     dist.destroy_process_group()
     print("{}")
 
@@ -141,6 +142,7 @@ def _rank(
         pairs.append((t1 - t0, time.perf_counter() - t1))
     # check a value against the checkpoint (outside the timed and measured region)
     w = model[0].weight.full_tensor()
+    dist.barrier()  # no collective left on gloo's threads at exit (pytorch#190489)
     dist.destroy_process_group()
     print(
         json.dumps(
