@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -117,12 +116,6 @@ def natural_key(key: str) -> tuple:
     return tuple((0, int(p), "") if _is_index(p) else (1, 0, p) for p in key.split("."))
 
 
-def _shards(source: CheckpointSource) -> dict[str, int]:
-    """Tensors per file of a checkpoint read from several files (by file name, in order)."""
-    counts = Counter(Path(f).name for f in source.files.values())
-    return dict(sorted(counts.items())) if len(counts) > 1 else {}
-
-
 def _inspect(source: CheckpointSource, depth: int) -> dict:
     specs = source.specs
     # A format that keeps no order (a safetensors header is sorted by dtype, then name) is
@@ -142,7 +135,7 @@ def _inspect(source: CheckpointSource, depth: int) -> dict:
         "bytes": nbytes,
         "dtypes": dict(dtypes),
         "notes": source.notes,
-        "shards": _shards(source),
+        "shards": source.data_files(),
         "ordered": source.ordered,
         "keys": {
             k: {"shape": list(s), "dtype": str(d).removeprefix("torch.")}

@@ -9,6 +9,7 @@ The loader plans on ``specs`` alone, so tensors it skips are never read.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -182,6 +183,18 @@ class CheckpointSource:
         the same shape, strides and dtype (a tied model saved with ``torch.save``), known from
         how the checkpoint stores them, never by comparing values. ``False`` when unknown."""
         return a == b
+
+    def data_files(self) -> dict[str, int]:
+        """Tensors per data file, by file name in name order, for a checkpoint read from
+        several files (a sharded index, a DCP folder: a tensor split over files counts in
+        each); empty for one file. From headers alone, nothing read.
+
+        Example:
+            >>> open_source("runs/hf").data_files()  # doctest: +SKIP
+            {'model-00001-of-00002.safetensors': 180, 'model-00002-of-00002.safetensors': 111}
+        """
+        counts = Counter(os.path.basename(f) for f in self.files.values())
+        return dict(sorted(counts.items())) if len(counts) > 1 else {}
 
     def _read_run_into(self, key: str, start: int, out: Tensor) -> bool:
         """Fill ``out`` from the elements of ``key`` stored from element ``start`` on, when

@@ -177,6 +177,17 @@ class DCPSource(CheckpointSource):
             for i, c in enumerate(md.state_dict_metadata[name].chunks)
         ]
 
+    def data_files(self) -> dict[str, int]:
+        """Tensors per ``.distcp`` file of this entry, from the metadata (each rank writes
+        its own file, so a sharded tensor counts in every file holding a chunk of it)."""
+        names = set(self._names.values())
+        held: dict[str, set[str]] = {}
+        for index, info in self._layout.metadata.storage_data.items():
+            if index.fqn in names:
+                held.setdefault(Path(info.relative_path).name, set()).add(index.fqn)
+        counts = {f: len(held[f]) for f in sorted(held)}
+        return counts if len(counts) > 1 else {}
+
     def close(self) -> None:
         self._files.close()
 

@@ -415,6 +415,26 @@ def test_inspect_says_how_many_shards_a_folder_has(tmp_path, r18_imagenet, capsy
     assert info["shards"] == {}
 
 
+def test_inspect_says_how_many_files_a_dcp_folder_has(tmp_path, capsys):
+    """A DCP folder written in two files: each file's tensors, as DCP's own metadata says."""
+    import torch.distributed.checkpoint as dcp
+
+    sd = {f"layer{i}.weight": torch.randn(64, 64) for i in range(6)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(sd, storage_writer=dcp.FileSystemWriter(tmp_path, thread_count=2), no_dist=True)
+        metadata = dcp.FileSystemReader(tmp_path).read_metadata()  # the oracle (our own file)
+    held: dict[str, set[str]] = {}
+    for index, info in metadata.storage_data.items():
+        held.setdefault(info.relative_path, set()).add(index.fqn)
+    counts = {name: len(held[name]) for name in sorted(held)}
+    assert len(counts) == 2 and sum(counts.values()) == 6
+    res = run_cli(capsys, "inspect", str(tmp_path))
+    shards = ", ".join(f"{name} ({n} tensors)" for name, n in counts.items())
+    assert res.code == 0 and f"shards:     2 files: {shards}" in res.out
+    assert json.loads(run_cli(capsys, "inspect", str(tmp_path), "--json").out)["shards"] == counts
+
+
 # --------------------------------------------------------------------------- notebook
 
 
