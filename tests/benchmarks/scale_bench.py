@@ -5,8 +5,10 @@ downloads) and removes it afterwards unless ``--dir`` names a folder to keep it 
 
     .venv/bin/python tests/benchmarks/scale_bench.py                      # tiny, < 1 minute
     .venv/bin/python tests/benchmarks/scale_bench.py --params 1.1e9       # TinyLlama shape, 2.2 GB
-    .venv/bin/python tests/benchmarks/scale_bench.py --params 7e9         # Llama-2-7B shape, 14 GB:
-                                                     # needs ~40 GB RAM and ~30 GB of disk
+    .venv/bin/python tests/benchmarks/scale_bench.py --params 7e9 \
+        --ways plain:safetensors,surgery-assign:safetensors --dir /big/disk/ckpt
+                        # Llama-2-7B shape, 13.5 GB per layout, 27 GB of disk; on 24 GB of RAM
+                        # run one layout's ways at a time (docs/performance.md)
     .venv/bin/python tests/benchmarks/scale_bench.py --read-speed         # raw readinto GB/s too
 
 The checkpoint (bf16, vocabulary 32000, untied head) is written twice: by ``save_pretrained``
