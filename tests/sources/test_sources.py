@@ -78,10 +78,11 @@ def test_source_protocol_public_members():
     shares (two keys that are one tensor of the checkpoint), check_reads (every file a load
     will read is there in full, before the first write), read_many_into (many keys at once,
     collectively where a source can), resident (the device a tensor already lies on), mapped
-    (the tensor as it lies in the file's mapping, for assign=True)."""
+    (the tensor as it lies in the file's mapping, for assign=True), data_files (tensors per
+    file of a checkpoint in several files, for surgery inspect)."""
     methods = {n for n, v in vars(CheckpointSource).items() if callable(v) and n[0] != "_"}
     expected = {"read", "read_into", "read_region_into", "close", "shares", "check_reads"}
-    expected |= {"read_many_into", "resident", "mapped"}
+    expected |= {"read_many_into", "resident", "mapped", "data_files"}
     assert methods == expected
     assert CheckpointSource("x").specs == {}
 
