@@ -393,6 +393,25 @@ def _apply_bn_unfreeze(
 # --------------------------------------------------------------------------- public API
 
 
+def _checked(
+    model: object,
+    action: str,
+    selectors: tuple[Selector, ...],
+    bn: object,
+    allowed: tuple[str, ...],
+    optimizer: object = None,
+) -> nn.Module:
+    """The arguments of ``freeze``/``freeze_except``/``unfreeze`` checked, in the order their
+    errors are raised; the model with the names as written (a compiled model's own)."""
+    require_module(model, action)
+    model = written_model(model)
+    if optimizer is not None:
+        require_optimizer(optimizer, action)
+    _check_bn(bn, allowed, action)
+    _check_selectors(selectors, action)
+    return model
+
+
 def _check_bn(bn: object, allowed: tuple[str, ...], action: str) -> None:
     if bn not in allowed:
         raise UsageError(
@@ -465,10 +484,7 @@ def freeze(model: nn.Module, *selectors: Selector, bn: str = "eval") -> FreezeSu
         >>> len(s.bn_eval)  # bn1 and the 14 BatchNorms of layer1-3
         15
     """
-    require_module(model, "freeze")
-    model = written_model(model)  # a compiled model: the names as written
-    _check_bn(bn, _FREEZE_BN, "freeze")
-    _check_selectors(selectors, "freeze")
+    model = _checked(model, "freeze", selectors, bn, _FREEZE_BN)
     index = ModelIndex(model)
     sel = select(model, selectors, action="freeze", index=index)
     frozen = _flip(sel.params, trainable=False)
@@ -492,10 +508,7 @@ def freeze_except(model: nn.Module, *selectors: Selector, bn: str = "eval") -> F
         >>> s.trainable_params == sum(p.numel() for p in model.layer4.parameters()) + 5130
         True
     """
-    require_module(model, "freeze_except")
-    model = written_model(model)  # a compiled model: the names as written
-    _check_bn(bn, _FREEZE_BN, "freeze_except")
-    _check_selectors(selectors, "freeze_except")
+    model = _checked(model, "freeze_except", selectors, bn, _FREEZE_BN)
     index = ModelIndex(model)
     keep = select(model, selectors, action="freeze_except", index=index)
     rest = [p for _, p in index.params if id(p) not in keep.ids]
@@ -542,12 +555,7 @@ def unfreeze(
         >>> s.optimizer_groups, len(opt.param_groups), sched.base_lrs
         (['unfreeze layer4'], 2, [0.1, 0.01])
     """
-    require_module(model, "unfreeze")
-    model = written_model(model)  # a compiled model: the names as written
-    if optimizer is not None:
-        require_optimizer(optimizer, "unfreeze")
-    _check_bn(bn, _UNFREEZE_BN, "unfreeze")
-    _check_selectors(selectors, "unfreeze")
+    model = _checked(model, "unfreeze", selectors, bn, _UNFREEZE_BN, optimizer)
     if optimizer is None and (lr is not None or weight_decay is not None or scheduler):
         raise UsageError("unfreeze: lr, weight_decay and scheduler apply only with optimizer=.")
     index = ModelIndex(model)
