@@ -105,25 +105,11 @@ def test_tied_module_stored_once_as_huggingface_hub_records_it(tmp_path):
 
 
 def _gpt2():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(
-        vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2, tie_word_embeddings=True
-    )
-    return transformers.GPT2LMHeadModel(cfg)
+    return _hf("tiny_gpt2", tie=True)
 
 
 def _llama():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-    )
-    return transformers.LlamaForCausalLM(cfg)
+    return _hf("tiny_llama", tie=True)
 
 
 @pytest.mark.parametrize("layout", ["model", "checkpoint"])
@@ -192,12 +178,12 @@ def test_without_huggingface_hub_the_same_files_are_written(limit, tmp_path, mon
     assert _files(tmp_path / "hub") == _files(tmp_path / "fallback")
 
 
-def _hf(name: str):
+def _hf(name: str, **kwargs):
     """A tiny transformers model from ``support.hf`` (the configs every conversion test uses)."""
     pytest.importorskip("transformers")
     from support import hf
 
-    return getattr(hf, name)()
+    return getattr(hf, name)(**kwargs)
 
 
 def _mixtral():

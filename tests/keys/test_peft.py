@@ -165,23 +165,16 @@ def test_a_full_peft_state_dict_loads_by_its_own_names(tmp_path):
 
 
 def test_llama_with_lora_computes_what_the_base_computes(tmp_path):
+    from support import hf
+
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    src = transformers.LlamaForCausalLM(cfg).eval()
+    src = hf.tiny_llama().eval()
     src.save_pretrained(tmp_path / "llama")
     torch.manual_seed(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(
-            transformers.LlamaForCausalLM(cfg),
+            hf.tiny_llama(),
             peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4),
         ).eval()
     report = surgery.load_partial(pm, tmp_path / "llama")

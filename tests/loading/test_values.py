@@ -141,29 +141,21 @@ def test_base_checkpoint_into_a_peft_model_with_one_lora_layer(tmp_path, form):
 # --------------------------------------------------------------------------- tied parameters
 
 
-def _gpt2(tie: bool, seed: int) -> nn.Module:
-    transformers = pytest.importorskip("transformers")
+def _tiny(name: str, tie: bool, seed: int) -> nn.Module:
+    """``support.hf``'s tiny ``name`` (transformers), seeded, its head tied or not."""
+    pytest.importorskip("transformers")
+    from support import hf
+
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(
-        n_layer=1, n_head=2, n_embd=8, vocab_size=32, n_positions=16, tie_word_embeddings=tie
-    )
-    cfg.bos_token_id = cfg.eos_token_id = 0
-    return transformers.GPT2LMHeadModel(cfg)
+    return getattr(hf, name)(tie=tie)
+
+
+def _gpt2(tie: bool, seed: int) -> nn.Module:
+    return _tiny("tiny_gpt2", tie, seed)
 
 
 def _llama(tie: bool, seed: int) -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=tie,
-    )
-    return transformers.LlamaForCausalLM(cfg)
+    return _tiny("tiny_llama", tie, seed)
 
 
 class TiedHead(nn.Module):
