@@ -19,7 +19,7 @@ from torch import nn
 
 import surgery
 
-from support import run_cli, save_as
+from support import assert_load_refused, run_cli, save_as
 
 # --------------------------------------------------------------------------- verify
 
@@ -164,11 +164,7 @@ class EdgeNet(nn.Module):
 
 def _refused(path, model: nn.Module) -> str:
     """The message of a trusted load that cannot find a class; the model left as it was."""
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(surgery.CheckpointError) as e:
-        surgery.load_partial(model, path, trust_pickle=True)
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    return str(e.value)
+    return str(assert_load_refused(model, path, error=surgery.CheckpointError, trust_pickle=True))
 
 
 def test_a_pickled_model_whose_class_is_not_importable_says_how_to_make_it(tmp_path, monkeypatch):
@@ -261,11 +257,7 @@ def _mlp(width: int) -> nn.Sequential:
 
 
 def _refused_load(model: nn.Module, path, **kw) -> str:
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(surgery.LoadError) as e:
-        surgery.load_partial(model, path, **kw)
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    return str(e.value)
+    return str(assert_load_refused(model, path, error=surgery.LoadError, **kw))
 
 
 def test_names_that_match_with_other_shapes_say_so(tmp_path):

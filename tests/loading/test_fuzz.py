@@ -15,8 +15,6 @@ under atheris for longer.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import pickle
 import resource
@@ -32,8 +30,9 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 import surgery
-from surgery import cli
 from surgery.errors import SurgeryError
+
+from support import OUTSIDE, check_entry_points
 
 hypothesis = pytest.importorskip("hypothesis")
 st = pytest.importorskip("hypothesis.strategies")
@@ -91,7 +90,7 @@ def _originals() -> dict[str, bytes]:
         }
         torch.save(training, folder / "train.pth")
         # Outside the checkpoint's folder: values no load may ever bring in.
-        save_file({k: torch.full_like(v, 7) for k, v in _state().items()}, folder / "o")
+        save_file({k: torch.full_like(v, OUTSIDE) for k, v in _state().items()}, folder / "o")
         return {
             "m.safetensors": (folder / "m.safetensors").read_bytes(),
             "m.pth": (folder / "m.pth").read_bytes(),
@@ -115,7 +114,7 @@ def _dcp_originals() -> dict[str, bytes]:
         warnings.simplefilter("ignore")
         for name, sd in [
             ("", _state()),
-            ("out/", {k: torch.full_like(v, 7) for k, v in _state().items()}),
+            ("out/", {k: torch.full_like(v, OUTSIDE) for k, v in _state().items()}),
         ]:
             folder = Path(d) / (name or "ckpt")
             writer = dcp.FileSystemWriter(str(folder), thread_count=2)
@@ -137,24 +136,9 @@ def _baseline() -> None:
 
 
 def _check(path: Path) -> None:
-    """The three entry points on ``path``: success or SurgeryError, nothing written on a
-    refusal, and nothing read from outside the checkpoint's folder (the value 7)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with contextlib.suppress(SurgeryError):
-            sd = surgery.read_checkpoint(path)
-            assert not any(bool((t == 7).any()) for t in sd.values()), "read outside the folder"
-        model = Small()
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        try:
-            surgery.load_partial(model, path, strict=False)
-        except SurgeryError:
-            for k, v in model.state_dict().items():
-                assert torch.equal(v, before[k]), f"{k} changed by a refused load"
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = cli.main(["inspect", str(path)])
-        assert code in (0, 2), err.getvalue()
+    """The three entry points on ``path`` (``support.check_entry_points``), and the peak
+    memory they needed."""
+    check_entry_points(path, Small())
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - _BASELINE_KB
     assert grown < _MAX_GROWTH_KB, f"peak memory grew by {grown // 1024} MB"
 

@@ -27,6 +27,8 @@ from surgery import cli
 from surgery.errors import CheckpointError, LoadError, SurgeryError, UnsafeCheckpointError
 from surgery.sources import torchformat
 
+from support import assert_load_refused
+
 apply_module = importlib.import_module("surgery.loading.placements.local")
 
 
@@ -43,13 +45,7 @@ def values() -> dict[str, torch.Tensor]:
 
 def assert_refused(ckpt: object, match: str | None = None, **kwargs: object) -> SurgeryError:
     """load_partial raises a SurgeryError naming ``match`` and leaves the model unchanged."""
-    model = Two()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(SurgeryError, match=match) as info:
-        surgery.load_partial(model, ckpt, **kwargs)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
-    return info.value
+    return assert_load_refused(Two(), ckpt, match, **kwargs)
 
 
 def rewrite_zip(src: Path, dst: Path, edit) -> None:

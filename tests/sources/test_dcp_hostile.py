@@ -31,6 +31,8 @@ import surgery
 from surgery import cli
 from surgery.errors import CheckpointError, SurgeryError, UnsafeCheckpointError
 
+from support import assert_load_refused
+
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata  # noqa: E402
 
@@ -78,12 +80,7 @@ def assert_refused(ckpt: object, match: str | None = None, **kwargs: object) -> 
     with torch.no_grad():
         model.a.copy_(torch.full((4, 3), -1.0))
         model.b.copy_(torch.full((5,), -2.0))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(SurgeryError, match=match) as info:
-        surgery.load_partial(model, ckpt, **kwargs)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
-    return info.value
+    return assert_load_refused(model, ckpt, match, **kwargs)
 
 
 # --------------------------------------------------------------------------- code execution

@@ -30,7 +30,7 @@ from surgery.errors import CheckpointError, SurgeryError, UnsafeCheckpointError,
 from surgery.sources.torchfile import load_object
 from surgery.sources.torchformat import read_torch
 
-from support import SmallCNN, assert_same_state, snapshot
+from support import SmallCNN, assert_load_refused, assert_same_state, snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -438,12 +438,7 @@ class Two(nn.Module):
 
 
 def assert_refused(path: Path, match: str | None = None) -> SurgeryError:
-    model = Two()
-    before = snapshot(model)
-    with pytest.raises(SurgeryError, match=match) as err:
-        surgery.load_partial(model, path)
-    assert_same_state(model, before)
-    return err.value
+    return assert_load_refused(Two(), path, match)
 
 
 def test_crafted_file_loads_when_sound(tmp_path):
